@@ -267,3 +267,40 @@ def test_cli_measure_on_cpu(tmp_path: Path, embedded_model_dir: Path, capsys: py
     assert measured["adapters"] == measured["gradients"] > 0
     assert measured["optimizer"] == 2 * measured["adapters"]
     assert "estimated vs measured" in out
+
+
+@pytest.mark.parametrize("compute", ["bf16", "fp32"])
+def test_quantized_stack_is_what_the_estimate_counts(tmp_path: Path, tiny_llama_dir: Path, compute: str) -> None:
+    """The real nf4 + LoRA + VeLoRA stack in a GPU's compute dtype (bf16 runs on CPU too, slowly): the frozen
+    embeddings and norms stay in that dtype (prepare_model_for_kbit_training's fp32 upcast is undone), so the
+    residual stream - and every activation saved for backward - is bf16, and the meter equals the estimate."""
+    from velora_cli.meter import ActivationMeter
+    from velora_cli.models import build_training_model
+    from velora_cli.recipe import validate_recipe
+
+    recipe = validate_recipe({
+        "model": {"name": str(tiny_llama_dir), "quantization": "nf4", "compute_dtype": compute},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.05},
+        "velora": {"layers": ["v", "d"], "num_groups": 8},
+        "data": {"path": str(tmp_path / "unused.json")},
+        "output": {"dir": str(tmp_path / "run")},
+    })  # fmt: skip
+    model, _, _ = build_training_model(recipe, torch.device("cpu"))
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[compute]
+    frozen = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad and p.is_floating_point()}
+    assert frozen and set(frozen.values()) == {dtype}, frozen  # embeddings + norms; 4-bit weights are uint8
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}  # PEFT's fp32 adapters
+
+    model.train()
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    with ActivationMeter(model) as meter:
+        out = model(input_ids=ids, labels=ids, output_hidden_states=True)
+    assert {h.dtype for h in out.hidden_states} == {dtype}
+    out.loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+
+    arch = mm.arch_for(model=str(tiny_llama_dir))
+    s = mm.Settings(
+        batch=2, seq=32, compute=compute, device="cpu", lora_r=4, lora_dropout=0.05, velora=VELORA["vd"], num_groups=8
+    )
+    assert mm.activations(arch, s).meter_view == pytest.approx(meter.total_bytes, rel=1e-3)

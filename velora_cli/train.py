@@ -385,8 +385,8 @@ class FinetuneSession:
         return float(self.trainer.evaluate()["eval_loss"])
 
     def training_arguments(self) -> TrainingArguments:
-        t, r = self.recipe.train, self.recipe
-        compute = next(p.dtype for p in self.model.parameters() if p.is_floating_point() and not p.requires_grad)
+        t = self.recipe.train
+        compute = self._compute()
         has_eval = self.val_set is not None and t.eval_steps is not None
         return TrainingArguments(
             output_dir=str(self.run_dir),
@@ -410,8 +410,10 @@ class FinetuneSession:
             save_steps=t.save_steps,
             save_total_limit=t.save_total_limit,
             report_to=list(t.report_to) or "none",
-            bf16=self.device.type == "cuda" and compute == torch.bfloat16 and r.model.quantization == "none",
-            fp16=self.device.type == "cuda" and compute == torch.float16 and r.model.quantization == "none",
+            # No bf16 autocast: the frozen base already runs in bf16 and PEFT runs the fp32 adapters in fp32 (it casts
+            # their input), the layout the memory model counts. fp16 needs the flag for its gradient scaler.
+            bf16=False,
+            fp16=self.device.type == "cuda" and compute == torch.float16,
             train_sampling_strategy="group_by_length" if t.group_by_length else "random",
             include_num_input_tokens_seen="non_padding",
             use_cpu=self.device.type == "cpu",

@@ -87,6 +87,26 @@ def test_training_writes_a_complete_run_directory(tmp_path: Path, tiny_llama_dir
     assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["model"]["name"] == str(tiny_llama_dir)
 
 
+def test_evaluating_before_training_does_not_change_training(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """`velora finetune` scores the validation split and the held-out tasks before training. That must leave the
+    run exactly as if it had not: the same batches and dropout masks (global RNG untouched) and gradients still
+    flowing through the nf4 layers (bitsandbytes repacks them for an autograd-less CPU kernel after an eval-mode
+    forward unless told not to)."""
+    data = tiny_recipe(tiny_llama_dir, tmp_path / "evaluated", max_steps=2, save_steps=10)
+    data["eval"] = {"heldout": {"enabled": True, "path": str(DEMO_DATA), "limit": 2}}
+    run_pipeline(write_recipe(tmp_path, data), overrides=[], stages="train")
+
+    plain = validate_recipe(tiny_recipe(tiny_llama_dir, tmp_path / "plain", max_steps=2, save_steps=10))
+    session = FinetuneSession(plain, tmp_path / "plain")
+    session.setup()
+    session.save(session.train(display=False))
+
+    evaluated, direct = adapter_weights(tmp_path / "evaluated"), adapter_weights(tmp_path / "plain")
+    assert any(v.abs().sum() > 0 for k, v in direct.items() if "lora_B" in k)
+    for name, tensor in direct.items():
+        assert torch.equal(evaluated[name], tensor), name
+
+
 class CrashAt(TrainerCallback):
     """Simulates a crash (kill -9, power loss) right after step `step`."""
 

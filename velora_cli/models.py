@@ -197,6 +197,19 @@ def restore_dtypes(model: torch.nn.Module, dtypes: dict[str, torch.dtype]) -> No
             param.data = param.data.to(dtypes[name])
 
 
+def disable_cpu_4bit_repacking(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes' Linear4bit on its autograd path on CPU.
+
+    On a CPU with AVX512-BF16, the first eval-mode forward of a Linear4bit repacks its weight for an inference
+    kernel, and from then on every forward - training ones too - goes through that kernel, which has no autograd:
+    gradients stop flowing through the frozen layer to the adapters below it, silently (bitsandbytes 0.50.2).
+    An evaluation before or during training would break a CPU run; CUDA never repacks.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -238,6 +251,7 @@ def build_training_model(recipe, device: torch.device, tokenizer=None):
         # rules out flash attention. Undo that, as QLoRA's reference code does for embeddings/lm_head and
         # torchtune does for the whole base: RMSNorm computes in fp32 internally whatever its weight's dtype.
         restore_dtypes(model, loaded_dtypes)
+        disable_cpu_4bit_repacking(model)
     elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()

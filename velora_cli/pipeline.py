@@ -99,7 +99,7 @@ def _heldout_records(recipe: Recipe, session) -> list[dict[str, str]]:
 
 def stage_train(recipe: Recipe, run_dir: Path, resume: bool, summary: dict[str, Any], out: Console) -> None:
     from velora_cli.heldout import exact_match
-    from velora_cli.train import FinetuneSession, is_main_process
+    from velora_cli.train import FinetuneSession, is_main_process, rng_preserved
 
     session = FinetuneSession(recipe, run_dir)
     plan = session.setup()
@@ -118,11 +118,12 @@ def stage_train(recipe: Recipe, run_dir: Path, resume: bool, summary: dict[str, 
 
     before: dict[str, Any] = {}
     if fresh:
-        # Every rank evaluates: under DDP the Trainer splits the validation rows and gathers the losses.
-        before["eval_loss"] = session.evaluate_loss()
-        if records and is_main_process():
-            out.print(f"[bold]held-out exact match before training[/] ({len(records)} tasks)...")
-            before["heldout"] = score_heldout()
+        with rng_preserved():  # training must not depend on whether (or what) was evaluated first
+            # Every rank evaluates: under DDP the Trainer splits the validation rows and gathers the losses.
+            before["eval_loss"] = session.evaluate_loss()
+            if records and is_main_process():
+                out.print(f"[bold]held-out exact match before training[/] ({len(records)} tasks)...")
+                before["heldout"] = score_heldout()
     elif "before" in summary.get("train", {}):
         before = summary["train"]["before"]
     result = session.train(resume=resume)

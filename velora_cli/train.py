@@ -10,9 +10,11 @@ order and DDP under torchrun. This module adds what it lacks for this tool:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import random
 import shutil
 import signal
 import time
@@ -36,6 +38,22 @@ from velora_cli.recipe import Recipe, dump_recipe
 from velora_cli.velora import load_velora_state_dict, velora_layers, velora_state_dict
 
 STAGING = ".staging"
+
+
+@contextlib.contextmanager
+def rng_preserved():
+    """Run a block without moving the Python, NumPy and torch (CPU + CUDA) random streams.
+
+    The evaluation before training draws from them (the Trainer's eval loop), which would otherwise make a
+    fresh run's batch order and dropout masks depend on whether a validation split or held-out set exists.
+    """
+    import numpy as np
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
+        yield
+    random.setstate(py_state)
+    np.random.set_state(np_state)
 
 
 def world_size() -> int:

@@ -3,7 +3,7 @@
 The model is exact bookkeeping, not rules of thumb:
 - weights: parameter counts from the model config (built on the meta device), with bitsandbytes' real storage
   layout for 4-bit (packed nibbles + blockwise absmax, double-quantised or not) and 8-bit (int8 + per-row scale);
-  embeddings, lm_head and norms stay in the compute dtype;
+  embeddings, lm_head and norms stay in the compute dtype (models.build_training_model undoes PEFT's fp32 upcast);
 - adapters, gradients, optimizer: PEFT creates LoRA weights in fp32; AdamW keeps two fp32 moments, the
   bitsandbytes 8-bit variants two uint8 states + fp32 absmax per 256-block (fp32 below 4096 elements);
 - activations: per decoder layer and per op, what autograd saves for backward in this stack

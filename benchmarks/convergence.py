@@ -140,7 +140,8 @@ def print_table(rows: list[dict[str, Any]], untrained: float, args: argparse.Nam
         act_ratio = act / base["activation_bytes_per_token"] if act and base["activation_bytes_per_token"] else None
         print(
             f"| {r['config']} | {r['eval_loss']:.4f} | {loss_diff:+.2f}% | {r['train_loss']:.4f} "
-            f"| {human_bytes(act) if act else '-'} | {act_ratio:.3f}x "
+            # The meter is off under gradient checkpointing (it cannot see inside checkpointed regions).
+            f"| {human_bytes(act) if act else 'not metered'} | {f'{act_ratio:.3f}x' if act_ratio else '-'} "
             f"| {r['tokens_per_second']:.1f} | {r['tokens_per_second'] / base['tokens_per_second']:.2f}x "
             f"| {r['load_before']:.1f} / {r['load_after']:.1f} |"
         )

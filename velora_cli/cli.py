@@ -180,8 +180,11 @@ class _DropBitsandbytesKernelHubNotice(logging.Filter):
         return "kernels-community" not in record.getMessage()
 
 
+# Once, at import: main() runs many times in one process under the tests, and filters would pile up.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropBitsandbytesKernelHubNotice())
+
+
 def main(argv: list[str] | None = None) -> None:
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropBitsandbytesKernelHubNotice())
     try:
         # standalone_mode=False so usage errors reach us and print as one line instead of a boxed panel.
         result = app(args=argv, standalone_mode=False)

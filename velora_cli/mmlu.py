@@ -50,8 +50,6 @@ from __future__ import annotations
 import csv
 import difflib
 import json
-import os
-import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -706,19 +704,6 @@ def load_eval_model(reference: str | Path, quantization: str = "none") -> tuple[
 # ------------------------------------------------------------------------------------------------------ CLI
 
 
-def _write_jsonl_atomic(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for row in rows:
-                handle.write(json.dumps(row) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def print_results(result: dict[str, Any], console: Any = None) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -761,7 +746,7 @@ def run_eval_command(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from velora_cli.rundir import MMLU_FILE, is_run_dir, latest_run
+    from velora_cli.rundir import MMLU_FILE, is_run_dir, latest_run, write_json_atomic, write_text_atomic
 
     if not mmlu:
         raise UsageError("velora eval: choose a benchmark; --mmlu (5-shot MMLU) is the one eval supports")
@@ -798,10 +783,8 @@ def run_eval_command(
     if json_path is None and is_run_dir(run_dir) and not wanted and not limit and split == "test":
         json_path = run_dir / MMLU_FILE  # a complete evaluation of a run is kept with it
     if json_path is not None:
-        from velora_cli.rundir import write_json_atomic
-
         write_json_atomic(json_path, result)
         console.print(f"results: {json_path}")
     if save_predictions is not None:
-        _write_jsonl_atomic(save_predictions, [asdict(p) for p in predictions])
+        write_text_atomic(save_predictions, "".join(json.dumps(asdict(p)) + "\n" for p in predictions))
         console.print(f"predictions: {save_predictions}")

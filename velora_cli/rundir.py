@@ -74,15 +74,18 @@ def latest_run(root: Path = Path("runs")) -> Path:
     return max(runs, key=lambda p: (p / ADAPTER_CONFIG).stat().st_mtime)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temporary file beside `path` and rename it, so readers never see half a file."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path` and rename it, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False)
-            handle.write("\n")
+            handle.write(text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")

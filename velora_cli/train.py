@@ -18,7 +18,7 @@ import random
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -251,10 +251,9 @@ class TrainResult:
     velora_saved_bytes_per_token: float
     peak_memory: dict[str, Any]
     seconds: float
-    history: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in self.__dict__.items() if k != "history"}
+        out = dict(self.__dict__)
         out["run_dir"] = str(self.run_dir)
         return out
 
@@ -355,7 +354,7 @@ class FinetuneSession:
         train_rows, val_rows = split_validation(loaded.records, d.val_set_size, self.recipe.train.seed)
         if d.val_path:
             val_rows = load_records(d.val_path, "validation", d.skip_bad_rows).records
-        self.train_records, self.val_records, self.skipped = train_rows, val_rows, loaded.skipped
+        self.val_records, self.skipped = val_rows, loaded.skipped
         self.train_set = tokenize_records(train_rows, self.tokenizer, d)
         self.val_set = tokenize_records(val_rows, self.tokenizer, d) if val_rows else None
 
@@ -363,8 +362,9 @@ class FinetuneSession:
         t = self.recipe.train
         if t.max_steps:
             return t.max_steps
-        per_epoch = math.ceil(len(self.train_set) / (t.micro_batch_size * world_size()))
-        return max(1, math.ceil(per_epoch / self.gradient_accumulation() * t.epochs))
+        # The Trainer's own count: whole optimizer steps per epoch (a partial accumulation still steps), times epochs.
+        batches = math.ceil(len(self.train_set) / (t.micro_batch_size * world_size()))
+        return math.ceil(t.epochs * max(1, math.ceil(batches / self.gradient_accumulation())))
 
     def setup(self) -> Plan:
         from transformers import set_seed
@@ -495,7 +495,6 @@ class FinetuneSession:
             velora_saved_bytes_per_token=saving,
             peak_memory=memory_stats(self.device).as_dict(),
             seconds=seconds,
-            history=monitor.history,
         )
 
     def _compute(self) -> torch.dtype:

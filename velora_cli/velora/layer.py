@@ -107,7 +107,7 @@ class VeloraLinear(nn.Linear):
         else:
             direction = mean
         direction = _unit(direction)
-        if not self.initialized and self.init in ("batch_average_once", "svd"):
+        if self.init in ("batch_average_once", "svd"):  # reached only before the first update
             _share_rank0(direction)
         self.set_projection(direction)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from velora_cli.meter import UNATTRIBUTED, ActivationMeter
+from velora_cli.velora.meter import UNATTRIBUTED, ActivationMeter
 
 
 class Toy(nn.Module):

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from torch import nn
 
 from velora_cli.errors import RecipeError, UsageError
-from velora_cli.meter import ActivationMeter
+from velora_cli.velora.meter import ActivationMeter
 from velora_cli.recipe import VeloraSection
 from velora_cli.velora import (
     VeloraConfig,

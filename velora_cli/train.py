@@ -32,7 +32,7 @@ from velora_cli.device import default_device, dtype_name
 from velora_cli.display import TrainingDisplay
 from velora_cli.errors import RecipeError, TrainingAborted, UsageError
 from velora_cli.memstats import human_bytes, memory_stats, reset_peak
-from velora_cli.meter import ActivationMeter
+from velora_cli.velora.meter import ActivationMeter
 from velora_cli.models import build_training_model
 from velora_cli.recipe import Recipe, dump_recipe
 from velora_cli.velora import load_velora_state_dict, velora_layers, velora_state_dict

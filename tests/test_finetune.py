@@ -99,7 +99,8 @@ def test_evaluating_before_training_does_not_change_training(tmp_path: Path, tin
     plain = validate_recipe(tiny_recipe(tiny_llama_dir, tmp_path / "plain", max_steps=2, save_steps=10))
     session = FinetuneSession(plain, tmp_path / "plain")
     session.setup()
-    session.save(session.train(display=False))
+    session.train(display=False)
+    session.save()
 
     evaluated, direct = adapter_weights(tmp_path / "evaluated"), adapter_weights(tmp_path / "plain")
     assert any(v.abs().sum() > 0 for k, v in direct.items() if "lora_B" in k)
@@ -122,11 +123,13 @@ def test_interrupted_and_resumed_run_ends_with_the_same_adapter(tmp_path: Path, 
     straight = validate_recipe(tiny_recipe(tiny_llama_dir, tmp_path / "straight", max_steps=6, save_steps=3))
     session = FinetuneSession(straight, tmp_path / "straight")
     session.setup()
-    session.save(session.train(display=False))
+    session.train(display=False)
+    session.save()
 
     crashed = validate_recipe(tiny_recipe(tiny_llama_dir, tmp_path / "crashed", max_steps=6, save_steps=3))
-    first = FinetuneSession(crashed, tmp_path / "crashed", extra_callbacks=[CrashAt(5)])
+    first = FinetuneSession(crashed, tmp_path / "crashed")
     first.setup()
+    first.trainer.add_callback(CrashAt(5))
     with pytest.raises(RuntimeError, match="simulated crash"):
         first.train(display=False)
     assert [p.name for p in (tmp_path / "crashed").glob("checkpoint-*")] == ["checkpoint-3"]
@@ -135,7 +138,7 @@ def test_interrupted_and_resumed_run_ends_with_the_same_adapter(tmp_path: Path, 
     resumed = FinetuneSession(crashed, tmp_path / "crashed")
     resumed.setup()
     result = resumed.train(resume=True, display=False)
-    resumed.save(result)
+    resumed.save()
     assert result.steps == 6
 
     a, b = adapter_weights(tmp_path / "straight"), adapter_weights(tmp_path / "crashed")
@@ -162,8 +165,9 @@ class DivergeAfter(TrainerCallback):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, tiny_llama_dir: Path) -> None:
     recipe = validate_recipe(tiny_recipe(tiny_llama_dir, tmp_path / "run", max_steps=6, save_steps=1))
-    session = FinetuneSession(recipe, tmp_path / "run", extra_callbacks=[DivergeAfter(2)])
+    session = FinetuneSession(recipe, tmp_path / "run")
     session.setup()
+    session.trainer.add_callback(DivergeAfter(2))
     with pytest.raises(TrainingAborted, match=r"loss became (nan|inf) at step 3; training stopped") as info:
         session.train(display=False)
     assert f"last good checkpoint: {tmp_path / 'run' / 'checkpoint-2'}" in str(info.value)
@@ -247,7 +251,7 @@ def test_embedded_model_trains_with_nf4_and_velora(tmp_path: Path, embedded_mode
     assert len(session.compressed) == 60  # v_proj and down_proj of 30 layers
     assert type(session.model.base_model.model.model.layers[0].self_attn.v_proj.base_layer).__name__ == "Linear4bit"
     result = session.train(display=False)
-    session.save(result)
+    session.save()
     assert result.steps == 2 and result.train_loss is not None and result.train_loss == result.train_loss
     assert result.activation_bytes_per_token and result.velora_saved_bytes_per_token > 0
     assert any(v.abs().sum() > 0 for k, v in adapter_weights(tmp_path / "run").items() if "lora_B" in k)

@@ -109,8 +109,8 @@ VELORA = {"off": (), "vd": ("v_proj", "down_proj"), "all": mm.LLAMA_PROJECTIONS}
 def _meter_bytes(base, velora: tuple[str, ...], dropout: float, batch: int, seq: int) -> tuple[int, object]:
     from peft import LoraConfig, get_peft_model
 
-    from velora_cli.velora.meter import ActivationMeter
     from velora_cli.velora import VeloraConfig, apply_velora
+    from velora_cli.velora.meter import ActivationMeter
 
     cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=list(mm.LLAMA_PROJECTIONS))
     model = get_peft_model(base, cfg)
@@ -274,9 +274,9 @@ def test_quantized_stack_is_what_the_estimate_counts(tmp_path: Path, tiny_llama_
     """The real nf4 + LoRA + VeLoRA stack in a GPU's compute dtype (bf16 runs on CPU too, slowly): the frozen
     embeddings and norms stay in that dtype (prepare_model_for_kbit_training's fp32 upcast is undone), so the
     residual stream - and every activation saved for backward - is bf16, and the meter equals the estimate."""
-    from velora_cli.velora.meter import ActivationMeter
     from velora_cli.models import build_training_model
     from velora_cli.recipe import validate_recipe
+    from velora_cli.velora.meter import ActivationMeter
 
     recipe = validate_recipe({
         "model": {"name": str(tiny_llama_dir), "quantization": "nf4", "compute_dtype": compute},

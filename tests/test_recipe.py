@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from velora_cli.errors import RecipeError
-from velora_cli.recipe import apply_overrides, expand_layer_names, load_recipe
+from velora_cli.recipe import VeloraSection, apply_overrides, expand_layer_names, load_recipe, validate_recipe
 
 BASE = {"data": {"path": "train.json"}}
 
@@ -37,7 +37,11 @@ BAD_RECIPES = [
         "model.quantization='nf3': Input should be 'nf4', 'fp4', 'int8' or 'none'",
     ),
     (with_section("lora", dropout=1.5), "lora.dropout=1.5: Input should be less than 1"),
-    (with_section("velora", num_groups=0), "velora.num_groups=0: Input should be greater than 0"),
+    (with_section("velora", num_groups=0), "velora.num_groups=0: must be a positive integer"),
+    (with_section("velora", num_groups="many"), "velora.num_groups='many': must be an integer"),
+    (with_section("velora", num_groups={"v": 8}), "velora.num_groups: no count for layer 'down_proj'"),
+    (with_section("velora", scale=float("inf")), "velora.scale=inf: must be finite and > 0"),
+    (with_section("velora", ema_decay=1.0), "velora.ema_decay=1.0: must be in (0, 1)"),
     (with_section("velora", num_groups=8, subtoken_size=16), "set either num_groups or subtoken_size, not both"),
     (with_section("velora", init="mean"), "velora.init='mean': Input should be"),
     (
@@ -94,3 +98,26 @@ def test_overrides_are_typed_and_validated(tmp_path: Path) -> None:
 def test_missing_recipe_file(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="recipe not found"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def test_velora_section_becomes_the_engine_config() -> None:
+    cfg = VeloraSection(layers=["vd"], subtoken_size=16, init="ema", scale=0.1).to_config()
+    assert cfg.patterns == ["v_proj", "down_proj"] and cfg.subtoken_size == 16 and cfg.num_groups is None
+    assert cfg.subtoken_size_for(64, "x") == 16 and cfg.init == "ema" and cfg.scale == 0.1
+    assert VeloraSection().to_config().num_groups == 32
+    per_type = VeloraSection(layers=["v", "d"], num_groups={"v": 64, "d": 86}).to_config()
+    assert per_type.groups_for("model.layers.0.mlp.down_proj") == 86
+
+
+def test_shape_errors_from_the_engine_name_the_recipe_field(tiny_llama_dir: Path) -> None:
+    """A grouping that does not divide a layer's depth is the engine's ValueError, reported as the recipe's field."""
+    import torch
+
+    from velora_cli.models import build_training_model
+
+    recipe = validate_recipe(
+        {"model": {"name": str(tiny_llama_dir), "quantization": "none"}, "data": {"path": "x.json"},
+         "velora": {"layers": ["v"], "num_groups": 5}}
+    )  # fmt: skip
+    with pytest.raises(RecipeError, match=r"^velora\.num_groups=5: layer .*v_proj has input depth 64"):
+        build_training_model(recipe, torch.device("cpu"))

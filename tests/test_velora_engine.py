@@ -12,11 +12,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from velora_cli.errors import RecipeError, UsageError
-from velora_cli.velora.meter import ActivationMeter
-from velora_cli.recipe import VeloraSection
 from velora_cli.velora import (
+    ActivationMeter,
     VeloraConfig,
+    VeloraConfigError,
     VeloraLinear,
     apply_velora,
     load_velora_state_dict,
@@ -323,10 +322,10 @@ def test_state_dict_round_trip(tiny_lora) -> None:
     bad = dict(state)
     key = next(k for k in bad if k.endswith("velora_v"))
     bad[key] = torch.ones(3)
-    with pytest.raises(UsageError, match=r"velora_v has shape \(3,\), expected \(16,\)"):
+    with pytest.raises(ValueError, match=r"velora_v has shape \(3,\), expected \(16,\)"):
         load_velora_state_dict(resumed, bad)
     del bad[key]
-    with pytest.raises(UsageError, match="missing"):
+    with pytest.raises(ValueError, match="missing"):
         load_velora_state_dict(resumed, bad)
 
 
@@ -347,22 +346,31 @@ def test_full_fine_tuning_mode(tiny_llama_dir: Path) -> None:
 
 def test_errors_name_the_field_layer_and_depth(tiny_lora) -> None:
     model = tiny_lora()
-    message = r"velora\.num_groups=5: layer .*layers\.0\.self_attn\.v_proj has input depth 64"
-    with pytest.raises(RecipeError, match=message):
+    message = r"^num_groups=5: layer .*layers\.0\.self_attn\.v_proj has input depth 64"
+    with pytest.raises(VeloraConfigError, match=message) as info:
         apply_velora(model, VeloraConfig(layers=["v"], num_groups=5))
-    with pytest.raises(RecipeError, match=r"velora\.subtoken_size=48: layer .*down_proj has input depth 128"):
+    assert info.value.field == "num_groups"
+    with pytest.raises(VeloraConfigError, match=r"^subtoken_size=48: layer .*down_proj has input depth 128"):
         apply_velora(model, VeloraConfig(layers=["d"], subtoken_size=48))
-    with pytest.raises(RecipeError, match=r"velora\.layers=\['w_proj'\]: no PEFT LoRA layer matches"):
+    with pytest.raises(VeloraConfigError, match=r"^layers=\['w_proj'\]: no PEFT LoRA layer matches"):
         apply_velora(model, VeloraConfig(layers=["w_proj"]))
-    with pytest.raises(RecipeError, match="velora.init='pca'"):
+    with pytest.raises(ValueError, match="^init='pca': must be one of"):
         VeloraConfig(init="pca")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="^num_groups='8': must be an integer"):
+        VeloraConfig(num_groups="8")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="^scale=nan: must be finite and > 0"):
+        VeloraConfig(scale=float("nan"))
 
 
-def test_from_recipe() -> None:
-    cfg = VeloraConfig.from_recipe(VeloraSection(layers=["vd"], subtoken_size=16, init="ema", scale=0.1))
-    assert cfg.patterns == ["v_proj", "down_proj"] and cfg.subtoken_size == 16 and cfg.num_groups is None
-    assert cfg.subtoken_size_for(64, "x") == 16 and cfg.init == "ema" and cfg.scale == 0.1
-    assert VeloraConfig.from_recipe(VeloraSection()).num_groups == 32
+def test_per_layer_type_group_counts(tiny_lora) -> None:
+    """The official pre-training scripts give one count per layer type (`--num_groups 64,86`)."""
+    model = tiny_lora()
+    config = VeloraConfig(layers=["v", "d"], num_groups={"v": 16, "d": 8})
+    apply_velora(model, config)
+    layers = {n.split(".")[-3]: m for n, m in model.named_modules() if isinstance(m, VeloraLinear)}
+    assert layers["v_proj"].num_groups == 16 and layers["down_proj"].num_groups == 8
+    with pytest.raises(VeloraConfigError, match="^num_groups: no count for layer 'down_proj'"):
+        VeloraConfig(layers=["v", "d"], num_groups={"v": 16})
 
 
 # ---------------------------------------------------------------------------------------------- bitsandbytes
@@ -457,3 +465,124 @@ def test_cuda_autocast_and_dropout_replay() -> None:
     gx_ref = torch.autograd.grad(y_ref, x, g)[0]
     assert y.dtype == torch.bfloat16 and gw.dtype == torch.float32 and layer.velora_v.device.type == "cuda"
     assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
+
+
+# ---------------------------------------------------------------------------------------- checkpointing
+
+
+class _Block(nn.Module):
+    def __init__(self, init: str) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.velora = VeloraLinear(nn.Linear(64, 32), subtoken_size=16, init=init, dropout_p=0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.velora(x))
+
+
+def _train_block(init: str, checkpointing: str | None, batches: int = 3):
+    """Micro-batches through one VeLoRA layer, optionally gradient-checkpointed; returns what a test compares."""
+    from torch.utils.checkpoint import checkpoint
+
+    block = _Block(init)
+    updates, seeds, grads = [], [], []
+    original = block.velora.set_projection
+
+    def counting(v: torch.Tensor, initialized: bool = True) -> None:
+        updates.append(v.clone())
+        original(v, initialized)
+
+    block.velora.set_projection = counting  # type: ignore[method-assign]
+    torch.manual_seed(11)
+    for i in range(batches):
+        x = (torch.randn(2, 5, 64) + i).requires_grad_(True)
+        seed_state = torch.get_rng_state()
+        if checkpointing is None:
+            out = block(x)
+        else:
+            out = checkpoint(block, x, use_reentrant=checkpointing == "reentrant")
+        seeds.append(seed_state)
+        block.velora.weight.grad = None
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        grads.append((block.velora.weight.grad.clone(), x.grad.clone()))
+    return block, updates, grads
+
+
+@pytest.mark.parametrize("init", ["batch_average", "ema"])
+@pytest.mark.parametrize("checkpointing", ["reentrant", "non_reentrant"])
+def test_gradient_checkpointing_updates_v_once_and_replays_the_same_mask(init: str, checkpointing: str) -> None:
+    plain_block, plain_updates, plain_grads = _train_block(init, None)
+    block, updates, grads = _train_block(init, checkpointing)
+    assert len(updates) == len(plain_updates) == 3  # once per micro-batch, not once per forward run
+    for ours, theirs in zip(updates, plain_updates):
+        assert torch.equal(ours, theirs)
+    # Same v and the same dropout mask in the recompute as in the first run: the gradients are the uncheckpointed
+    # ones, which test_weight_grad_is_closed_form_projection ties to g^T proj_v(dropout(x)).
+    for (gw, gx), (pw, px) in zip(grads, plain_grads):
+        torch.testing.assert_close(gw, pw, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(gx, px, rtol=1e-6, atol=1e-7)
+
+
+def test_checkpointed_weight_grad_is_the_closed_form() -> None:
+    """Under non-reentrant checkpointing: grad_W == g^T (z_p v^T) for the dropped-out input of the first run."""
+    from torch.utils.checkpoint import checkpoint
+
+    from velora_cli.velora import function
+
+    layer = VeloraLinear(nn.Linear(64, 32, bias=False), subtoken_size=16, init="batch_average_once", dropout_p=0.25)
+    layer.train()
+    seeds: list[int] = []
+    draw = function.draw_dropout_seed
+
+    def recording() -> int:
+        seeds.append(draw())
+        return seeds[-1]
+
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    g = torch.randn(3, 7, 32)
+    import velora_cli.velora.layer as layer_module
+
+    original, layer_module.draw_dropout_seed = layer_module.draw_dropout_seed, recording
+    try:
+        checkpoint(layer, x, use_reentrant=False).backward(g)
+    finally:
+        layer_module.draw_dropout_seed = original
+    assert len(seeds) == 2 and seeds[0] == seeds[1]  # the recompute drew the first run's seed again
+    dropped = x.detach() * dropout_mask(x.shape, 0.25, seeds[0], x.device, x.dtype)
+    x_hat = reconstruct_subtokens(project_subtokens(dropped, layer.velora_v), layer.velora_v)
+    expected = g.reshape(-1, 32).t() @ x_hat.reshape(-1, 64)
+    torch.testing.assert_close(layer.weight.grad, expected, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------- saving figure
+
+
+def test_saving_figure_counts_fp32_adapter_inputs_on_a_bf16_model(tiny_llama_dir: Path) -> None:
+    """PEFT casts a LoRA layer's input to the adapter's dtype (fp32) on a bf16 base: the figure the panel and
+    summary.json show must be what the meter sees VeLoRA remove, not a bf16-sized guess."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from velora_cli.velora import velora_saving_per_token
+
+    def model_with(velora: bool):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
+        model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=LORA_TARGETS))
+        if velora:
+            apply_velora(model, VeloraConfig(layers=["vd"], num_groups=8))
+        return model.train()
+
+    ids = torch.randint(5, 400, (2, 16), generator=torch.Generator().manual_seed(1))
+    measured = {}
+    for velora in (False, True):
+        model = model_with(velora)
+        assert next(p for n, p in model.named_parameters() if "lora_A" in n).dtype == torch.float32
+        with ActivationMeter(model) as meter:
+            model(input_ids=ids, labels=ids)
+        measured[velora] = meter.per_token(ids.numel())
+    figure = velora_saving_per_token(model)
+    assert figure == pytest.approx(measured[False] - measured[True], rel=1e-6)
+    # 2 layers x (v: D=64, d: D=128) x (input + dropout mask, fp32) - 8 projections each; layer 0's v_proj
+    # input is the frozen embedding's output, which needs no gradient, so its dropout keeps no mask.
+    assert figure == 2 * ((64 + 64 - 8) * 4 + (128 + 128 - 8) * 4) - 64 * 4

@@ -526,8 +526,8 @@ def real_weight_bytes(model: torch.nn.Module) -> int:
 def measure_training(recipe: Any, s: Settings, steps: int = 2) -> dict[str, int]:
     """Run `steps` real training steps on the available device; return measured bytes per component."""
     from velora_cli.device import default_device
-    from velora_cli.velora.meter import ActivationMeter
     from velora_cli.models import build_training_model
+    from velora_cli.velora.meter import ActivationMeter
 
     if recipe.train.gradient_checkpointing:
         # saved-tensor hooks cannot see inside non-reentrant checkpointed regions and made memory grow without bound

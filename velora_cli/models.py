@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from velora_cli.errors import UsageError
+from velora_cli.device import compute_dtype
+from velora_cli.errors import RecipeError, UsageError
+from velora_cli.velora import VeloraConfigError, apply_velora
 
 EMBEDDED_MODELS = {
     # name -> (python package, file inside it)
@@ -95,10 +97,6 @@ class ModelSource:
 
     reference: str  # as the user wrote it
     path: str  # local directory or hub id
-
-    @property
-    def is_local(self) -> bool:
-        return Path(self.path).is_dir()
 
 
 def resolve_model(reference: str) -> ModelSource:
@@ -222,9 +220,6 @@ def build_training_model(recipe, device: torch.device, tokenizer=None):
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from velora_cli.device import compute_dtype
-    from velora_cli.errors import RecipeError
-
     source = resolve_model(recipe.model.name)
     tokenizer = tokenizer or load_tokenizer(source, recipe.model.trust_remote_code)
     compute = compute_dtype(recipe.model.compute_dtype, device)
@@ -271,7 +266,8 @@ def build_training_model(recipe, device: torch.device, tokenizer=None):
         raise RecipeError(f"lora.target_modules={recipe.lora.target_modules}: {first_line(exc)}") from None
     compressed: list[str] = []
     if recipe.velora.enabled:
-        from velora_cli.velora import VeloraConfig, apply_velora
-
-        compressed = apply_velora(model, VeloraConfig.from_recipe(recipe.velora))
+        try:
+            compressed = apply_velora(model, recipe.velora.to_config(), mode="lora")
+        except VeloraConfigError as exc:
+            raise RecipeError(f"velora.{exc}") from None
     return model, tokenizer, compressed

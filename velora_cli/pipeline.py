@@ -131,7 +131,7 @@ def stage_train(recipe: Recipe, run_dir: Path, resume: bool, summary: dict[str, 
         raise TrainingInterrupted(
             f"interrupted at step {result.steps}; checkpoint saved in {run_dir}. Run the same command again to resume."
         )
-    session.save(result)
+    session.save()
     if not is_main_process():
         return
     after: dict[str, Any] = {"eval_loss": result.eval_loss}

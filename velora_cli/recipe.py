@@ -15,30 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from velora_cli.errors import RecipeError
 from velora_cli.models import DEFAULT_MODEL
-
-# LLaMA-family projection names by the letters the VeLoRA paper uses (q,k,v,o,g,u,d).
-LAYER_LETTERS = {
-    "q": "q_proj",
-    "k": "k_proj",
-    "v": "v_proj",
-    "o": "o_proj",
-    "g": "gate_proj",
-    "u": "up_proj",
-    "d": "down_proj",
-}
-
-
-def expand_layer_names(names: list[str]) -> list[str]:
-    """Letters (q,k,v,o,g,u,d, or a run such as "vd") become module names; anything else is kept as given."""
-    out: list[str] = []
-    for name in names:
-        if name in LAYER_LETTERS:
-            out.append(LAYER_LETTERS[name])
-        elif name and all(ch in LAYER_LETTERS for ch in name) and len(set(name)) == len(name):
-            out.extend(LAYER_LETTERS[ch] for ch in name)
-        else:
-            out.append(name)
-    return list(dict.fromkeys(out))
+from velora_cli.velora.config import (
+    DEFAULT_NUM_GROUPS,
+    INIT_TYPES,
+    VeloraConfig,
+    VeloraConfigError,
+    expand_layer_names,
+)
 
 
 class Section(BaseModel):
@@ -68,19 +51,33 @@ class LoraSection(Section):
 class VeloraSection(Section):
     enabled: bool = True
     layers: list[str] = Field(default_factory=lambda: ["v", "d"], min_length=1)
-    num_groups: int | None = Field(None, gt=0)  # sub-tokens per token (D/M)
-    subtoken_size: int | None = Field(None, gt=0)  # M; alternative to num_groups
-    init: Literal["batch_average_once", "batch_average", "ema", "random", "svd"] = "batch_average_once"
-    ema_decay: float = Field(0.99, gt=0, lt=1)
-    scale: float = Field(1.0, gt=0)
+    # sub-tokens per token (D/M); one count, or one per layer type ({v: 64, d: 86}, as the official scripts)
+    num_groups: Any = None  # int | {layer: int}; the engine checks types and values
+    subtoken_size: Any = None  # int: M, an alternative to num_groups
+    init: Literal[INIT_TYPES] = "batch_average_once"  # type: ignore[valid-type]
+    ema_decay: float = 0.99
+    scale: float = 1.0
 
     @model_validator(mode="after")
-    def _one_grouping(self) -> VeloraSection:
-        if self.num_groups is not None and self.subtoken_size is not None:
-            raise ValueError("set either num_groups or subtoken_size, not both")
+    def _engine_accepts(self) -> VeloraSection:
+        """The engine's own config checks every field; its errors name the field, here under `velora.`."""
         if self.num_groups is None and self.subtoken_size is None:
-            self.__dict__["num_groups"] = 32
+            self.__dict__["num_groups"] = DEFAULT_NUM_GROUPS
+        self.to_config()
         return self
+
+    def to_config(self) -> VeloraConfig:
+        try:
+            return VeloraConfig(
+                layers=list(self.layers),
+                num_groups=self.num_groups,
+                subtoken_size=self.subtoken_size,
+                init=self.init,
+                ema_decay=self.ema_decay,
+                scale=self.scale,
+            )
+        except VeloraConfigError as exc:
+            raise ValueError(str(exc)) from exc
 
     @property
     def module_names(self) -> list[str]:
@@ -217,6 +214,10 @@ def _format_error(source: str, error: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{source}: missing required field {dotted!r}"
     message = error["msg"].removeprefix("Value error, ")
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, ValueError) and isinstance(cause.__cause__, VeloraConfigError):
+        # The engine names its own field ("num_groups=0: ..."); put it under this section's path.
+        return f"{source}: {dotted}.{cause.__cause__}"
     if "input" in error and kind not in ("model_type",) and not isinstance(error["input"], dict):
         where = f"{dotted}={error['input']!r}" if dotted else "recipe"
         return f"{source}: {where}: {message}"

@@ -2,7 +2,8 @@
 
 The Trainer brings gradient accumulation, schedulers, optimizer/RNG checkpointing, resume with the same data
 order and DDP under torchrun. This module adds what it lacks for this tool:
-- checkpoints written atomically (staged, then renamed) and carrying the VeLoRA projection vectors;
+- the VeLoRA projection vectors in every checkpoint (the engine's VeloraCallback), and resume only from
+  checkpoints that were written completely;
 - a non-finite loss stops the run before its backward pass, so the last checkpoint stays good;
 - Ctrl-C saves a checkpoint and exits cleanly; CUDA OOM is explained with the memory estimate;
 - the live display, metrics.jsonl, and the activation bytes measured on the first step.
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import rotate_checkpoints
+from transformers.trainer import TRAINER_STATE_NAME
 
 from velora_cli import rundir
 from velora_cli.data import load_records, make_collator, split_validation, tokenize_records
@@ -32,10 +33,15 @@ from velora_cli.device import default_device, dtype_name
 from velora_cli.display import TrainingDisplay
 from velora_cli.errors import RecipeError, TrainingAborted, UsageError
 from velora_cli.memstats import human_bytes, memory_stats, reset_peak
-from velora_cli.velora.meter import ActivationMeter
 from velora_cli.models import build_training_model
 from velora_cli.recipe import Recipe, dump_recipe
-from velora_cli.velora import load_velora_state_dict, velora_layers, velora_state_dict
+from velora_cli.velora import (
+    VECTORS_FILE,
+    ActivationMeter,
+    VeloraCallback,
+    save_velora_vectors,
+    velora_saving_per_token,
+)
 
 STAGING = ".staging"
 
@@ -64,85 +70,73 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-# ------------------------------------------------------------------------------------------------ trainer
+# ------------------------------------------------------------------------------------------------ guards
 
 
-class VeloraTrainer(Trainer):
-    """Trainer with atomic checkpoints that include VeLoRA vectors, a finite-loss guard and a first-step meter."""
+class StepGuard(TrainerCallback):
+    """Hooks on the model's forward, so the stock Trainer needs no subclass: the first training forward is
+    measured with the ActivationMeter (what this configuration keeps for backward), and a non-finite loss stops
+    the run before its backward pass, so no checkpoint ever holds the weights it would produce."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._staging_root: Path | None = None
-        self.activation_bytes_per_token: float | None = None
+    def __init__(self, run_dir: Path, measure: bool, velora: bool) -> None:
+        self.run_dir = run_dir
+        self.velora = velora
         # The meter cannot see inside non-reentrant checkpointed regions, and wrapping them in its
         # saved-tensor hooks made host memory grow without bound (17 GB on SmolLM2 at 4 x 128 tokens).
-        self.measure_activations = not getattr(self.model, "is_activation_checkpointing", False)
+        self.measure = measure
+        self.activation_bytes_per_token: float | None = None
+        self._meter: ActivationMeter | None = None
+        self._tokens = 0
+        self._step = 0
+        self._handles: list[Any] = []
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.measure_activations and self.activation_bytes_per_token is None and model.training:
-            # Measured once, on the real first batch: what this configuration keeps for backward.
-            with ActivationMeter(model) as meter:
-                result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            self.activation_bytes_per_token = meter.per_token(int(inputs["attention_mask"].sum()))
-        else:
-            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = result[0] if return_outputs else result
-        if model.training and not torch.isfinite(loss.detach()).all():
-            last = rundir.checkpoints(Path(self.args.output_dir))
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._handles = [
+            model.register_forward_pre_hook(self._before, with_kwargs=True),
+            model.register_forward_hook(self._after, always_call=True),
+        ]
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._step = state.global_step + 1
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.remove()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _before(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.measure and self.activation_bytes_per_token is None and module.training and torch.is_grad_enabled():
+            mask = kwargs.get("attention_mask")
+            self._tokens = int(mask.sum()) if mask is not None else int(kwargs["input_ids"].numel())
+            self._meter = ActivationMeter(module).__enter__()
+
+    def _after(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if self._meter is not None:
+            meter, self._meter = self._meter, None
+            meter.__exit__(None, None, None)
+            if output is not None:
+                self.activation_bytes_per_token = meter.per_token(self._tokens)
+        loss = getattr(output, "loss", None)
+        if module.training and loss is not None and not torch.isfinite(loss.detach()).all():
+            last = resumable_checkpoints(self.run_dir, self.velora)
             kept = f"last good checkpoint: {last[-1]}" if last else "no checkpoint was written yet"
             raise TrainingAborted(
-                f"loss became {loss.item()} at step {self.state.global_step + 1}; training stopped ({kept}). "
+                f"loss became {loss.item()} at step {self._step}; training stopped ({kept}). "
                 "Lower train.learning_rate or check the data."
             )
-        return result
-
-    def _get_output_dir(self, trial) -> str:
-        return str(self._staging_root) if self._staging_root is not None else super()._get_output_dir(trial)
-
-    def _save_checkpoint(self, model, trial) -> None:
-        """Write checkpoint-N into a staging dir, add the VeLoRA vectors, then rename it into place."""
-        run_dir = Path(self.args.output_dir)
-        name = f"checkpoint-{self.state.global_step}"
-        self._staging_root = run_dir / STAGING
-        if self.args.should_save:
-            shutil.rmtree(self._staging_root / name, ignore_errors=True)
-        self.accelerator.wait_for_everyone()
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._staging_root = None
-        self.accelerator.wait_for_everyone()  # every rank has written its RNG state
-        if self.args.should_save:
-            staged = run_dir / STAGING / name
-            save_velora_vectors(self.accelerator.unwrap_model(model), staged)
-            target = run_dir / name
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staged, target)
-            rotate_checkpoints(
-                output_dir=str(run_dir),
-                save_total_limit=self.args.save_total_limit,
-                best_model_checkpoint=self.state.best_model_checkpoint,
-            )
-        self.accelerator.wait_for_everyone()
 
 
-def save_velora_vectors(model: torch.nn.Module, directory: Path) -> None:
-    from safetensors.torch import save_file
-
-    state = velora_state_dict(model)
-    if state:
-        save_file(state, str(directory / rundir.VELORA_VECTORS))
-
-
-def load_velora_vectors(model: torch.nn.Module, directory: Path) -> bool:
-    from safetensors.torch import load_file
-
-    path = directory / rundir.VELORA_VECTORS
-    if not path.is_file() or not velora_layers(model):
-        return False
-    load_velora_state_dict(model, load_file(str(path)))
-    return True
+def resumable_checkpoints(run_dir: Path, velora: bool = False) -> list[Path]:
+    """Checkpoints a run can resume from, oldest first. The Trainer writes trainer_state.json last and the
+    VeloraCallback adds the projection vectors after it, so a checkpoint killed half-way lacks one of them."""
+    return [
+        path
+        for path in rundir.checkpoints(run_dir)
+        if (path / TRAINER_STATE_NAME).is_file() and (not velora or (path / VECTORS_FILE).is_file())
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- callbacks
@@ -151,11 +145,11 @@ def load_velora_vectors(model: torch.nn.Module, directory: Path) -> bool:
 class RunMonitor(TrainerCallback):
     """Turns Trainer logs into records (throughput, memory) for metrics.jsonl and the display."""
 
-    def __init__(self, metrics_path: Path, display: TrainingDisplay | None, device: torch.device, trainer_ref):
+    def __init__(self, metrics_path: Path, display: TrainingDisplay | None, device: torch.device, guard: StepGuard):
         self.metrics_path = metrics_path
         self.display = display
         self.device = device
-        self.trainer_ref = trainer_ref
+        self.guard = guard
         self.last_time = time.monotonic()
         self.last_tokens = 0
         self.last_step = 0
@@ -195,9 +189,8 @@ class RunMonitor(TrainerCallback):
         stats = memory_stats(self.device)
         record["memory_bytes"] = stats.as_dict()
         record["memory"] = stats.short()
-        trainer = self.trainer_ref()
-        if trainer is not None and trainer.activation_bytes_per_token is not None:
-            record["activation_bytes_per_token"] = trainer.activation_bytes_per_token
+        if self.guard.activation_bytes_per_token is not None:
+            record["activation_bytes_per_token"] = self.guard.activation_bytes_per_token
         self.history.append(record)
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps({k: v for k, v in record.items() if k != "memory"}) + "\n")
@@ -308,27 +301,14 @@ class Plan:
         ]
 
 
-def velora_saving_per_token(model: torch.nn.Module, dtype: torch.dtype) -> float:
-    """Bytes per token VeLoRA avoids storing: each compressed layer would keep its D-wide input (and, with
-    dropout, a D-wide mask of the same dtype on CPU / bool on CUDA) but keeps D/M projections instead."""
-    elem = torch.finfo(dtype).bits // 8
-    saved = 0.0
-    for layer in velora_layers(model).values():
-        depth = layer.in_features
-        mask = 0 if layer.dropout_p == 0 else depth * (1 if layer.weight.is_cuda else elem)
-        saved += depth * elem + mask - depth / layer.subtoken_size * elem
-    return saved
-
-
 class FinetuneSession:
     """setup() builds data, model and trainer (validating everything before writing anything);
     train() runs or resumes; save() writes the adapter and its companions atomically into the run dir."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, extra_callbacks: list[TrainerCallback] | None = None):
+    def __init__(self, recipe: Recipe, run_dir: Path):
         self.recipe = recipe
         self.run_dir = run_dir
         self.device = default_device()
-        self.extra_callbacks = extra_callbacks or []
         self.model = self.tokenizer = self.trainer = None
         self.train_set = self.val_set = None
         self.plan: Plan | None = None
@@ -385,13 +365,15 @@ class FinetuneSession:
             compressed_layers=self.compressed,
         )
         self.interrupt = InterruptHandler()
-        self.trainer = VeloraTrainer(
+        measure = not getattr(self.model, "is_activation_checkpointing", False)
+        self.guard = StepGuard(self.run_dir, measure=measure, velora=bool(self.compressed))
+        self.trainer = Trainer(
             model=self.model,
             args=self.training_arguments(),
             train_dataset=self.train_set,
             eval_dataset=self.val_set,
             data_collator=make_collator(self.tokenizer, on_gpu=self.device.type == "cuda"),
-            callbacks=[self.interrupt, *self.extra_callbacks],
+            callbacks=[VeloraCallback(), self.guard, self.interrupt],
         )
         self.trainer.remove_callback(PrinterCallback)  # RunMonitor and the display report instead
         return self.plan
@@ -445,14 +427,14 @@ class FinetuneSession:
 
     # -- train
     def train(self, resume: bool = True, display: bool = True) -> TrainResult:
-        import weakref
-
         assert self.plan is not None, "call setup() first"
-        resume_from = None
-        checkpoints = rundir.checkpoints(self.run_dir) if resume else []
-        if checkpoints:
-            resume_from = checkpoints[-1]
-            load_velora_vectors(self.model, resume_from)
+        checkpoints = resumable_checkpoints(self.run_dir, bool(self.compressed)) if resume else []
+        resume_from = checkpoints[-1] if checkpoints else None
+        if resume and is_main_process():
+            # A checkpoint killed half-way cannot be resumed from, and the Trainer's rotation would count it.
+            for path in self.run_dir.glob("checkpoint-*"):
+                if rundir.CHECKPOINT_RE.match(path.name) and path not in checkpoints:
+                    shutil.rmtree(path, ignore_errors=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not checkpoints:
             (self.run_dir / rundir.METRICS_FILE).unlink(missing_ok=True)  # a fresh run starts a fresh log
@@ -465,9 +447,9 @@ class FinetuneSession:
                 notes["VeLoRA"] = f"{len(self.compressed)} layers compressed"
             viewer = TrainingDisplay(self.recipe.name or self.run_dir.name, self.plan.steps, notes)
         interrupt = self.interrupt
-        monitor = RunMonitor(self.run_dir / rundir.METRICS_FILE, viewer, self.device, weakref.ref(self.trainer))
+        monitor = RunMonitor(self.run_dir / rundir.METRICS_FILE, viewer, self.device, self.guard)
         self.trainer.add_callback(monitor)
-        saving = velora_saving_per_token(self.model, self._compute())
+        saving = velora_saving_per_token(self.model)  # predicted from dtypes now; measured after training
         if viewer and saving:
             viewer.notes["VeLoRA saves"] = f"{human_bytes(saving)}/token of activations"
         reset_peak(self.device)
@@ -491,8 +473,8 @@ class FinetuneSession:
             train_loss=losses[-1] if losses else float(output.training_loss),
             eval_loss=eval_loss,
             tokens_per_second=sum(speeds) / len(speeds) if speeds else None,
-            activation_bytes_per_token=self.trainer.activation_bytes_per_token,
-            velora_saved_bytes_per_token=saving,
+            activation_bytes_per_token=self.guard.activation_bytes_per_token,
+            velora_saved_bytes_per_token=velora_saving_per_token(self.model),
             peak_memory=memory_stats(self.device).as_dict(),
             seconds=seconds,
         )
@@ -511,7 +493,7 @@ class FinetuneSession:
         )
 
     # -- save
-    def save(self, result: TrainResult) -> None:
+    def save(self) -> None:
         """Adapter, tokenizer, resolved recipe, VeLoRA vectors: staged, then renamed into the run dir."""
         if not is_main_process():
             return

@@ -233,7 +233,7 @@ def test_gradient_checkpointing_trains_without_the_meter(tmp_path: Path, tiny_ll
     recipe = validate_recipe(tiny_recipe(tiny_llama_dir, tmp_path / "run", max_steps=2, gradient_checkpointing=True))
     session = FinetuneSession(recipe, tmp_path / "run")
     session.setup()
-    assert session.model.is_activation_checkpointing and not session.trainer.measure_activations
+    assert session.model.is_activation_checkpointing and not session.guard.measure
     result = session.train(display=False)
     assert result.steps == 2 and result.activation_bytes_per_token is None
 

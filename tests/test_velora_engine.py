@@ -485,7 +485,7 @@ def _train_block(init: str, checkpointing: str | None, batches: int = 3):
     from torch.utils.checkpoint import checkpoint
 
     block = _Block(init)
-    updates, seeds, grads = [], [], []
+    updates, grads = [], []
     original = block.velora.set_projection
 
     def counting(v: torch.Tensor, initialized: bool = True) -> None:
@@ -496,12 +496,10 @@ def _train_block(init: str, checkpointing: str | None, batches: int = 3):
     torch.manual_seed(11)
     for i in range(batches):
         x = (torch.randn(2, 5, 64) + i).requires_grad_(True)
-        seed_state = torch.get_rng_state()
         if checkpointing is None:
             out = block(x)
         else:
             out = checkpoint(block, x, use_reentrant=checkpointing == "reentrant")
-        seeds.append(seed_state)
         block.velora.weight.grad = None
         (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
         grads.append((block.velora.weight.grad.clone(), x.grad.clone()))
@@ -514,11 +512,11 @@ def test_gradient_checkpointing_updates_v_once_and_replays_the_same_mask(init: s
     plain_block, plain_updates, plain_grads = _train_block(init, None)
     block, updates, grads = _train_block(init, checkpointing)
     assert len(updates) == len(plain_updates) == 3  # once per micro-batch, not once per forward run
-    for ours, theirs in zip(updates, plain_updates):
+    for ours, theirs in zip(updates, plain_updates, strict=True):
         assert torch.equal(ours, theirs)
     # Same v and the same dropout mask in the recompute as in the first run: the gradients are the uncheckpointed
     # ones, which test_weight_grad_is_closed_form_projection ties to g^T proj_v(dropout(x)).
-    for (gw, gx), (pw, px) in zip(grads, plain_grads):
+    for (gw, gx), (pw, px) in zip(grads, plain_grads, strict=True):
         torch.testing.assert_close(gw, pw, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(gx, px, rtol=1e-6, atol=1e-7)
 

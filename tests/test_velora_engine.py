@@ -496,10 +496,7 @@ def _train_block(init: str, checkpointing: str | None, batches: int = 3):
     torch.manual_seed(11)
     for i in range(batches):
         x = (torch.randn(2, 5, 64) + i).requires_grad_(True)
-        if checkpointing is None:
-            out = block(x)
-        else:
-            out = checkpoint(block, x, use_reentrant=checkpointing == "reentrant")
+        out = block(x) if checkpointing is None else checkpoint(block, x, use_reentrant=checkpointing == "reentrant")
         block.velora.weight.grad = None
         (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
         grads.append((block.velora.weight.grad.clone(), x.grad.clone()))

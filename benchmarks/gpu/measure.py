@@ -444,7 +444,7 @@ def measure_config(w: Workload, cfg: Config, args: argparse.Namespace, save_adap
     if save_adapter is not None:
         model.save_pretrained(save_adapter)
         row["adapter_saved_to"] = str(save_adapter)
-    del model, optimizer, trainable, batches
+    model = optimizer = trainable = batches = None  # free before the next configuration is built
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -508,7 +508,8 @@ def estimate_requests(args: argparse.Namespace) -> dict[str, Any]:
                 f"train.gradient_checkpointing={'true' if cfg.gradient_checkpointing else 'false'}",
             ]  # fmt: skip
             if cfg.velora:
-                sets += ["velora.enabled=true", f"velora.layers=[{','.join(cfg.velora)}]", f"velora.num_groups={NUM_GROUPS}"]
+                layers = ",".join(cfg.velora)
+                sets += ["velora.enabled=true", f"velora.layers=[{layers}]", f"velora.num_groups={NUM_GROUPS}"]
             else:
                 sets += ["velora.enabled=false"]
             sets += list(cfg.estimate_set)
@@ -526,9 +527,11 @@ def start_estimates(args: argparse.Namespace) -> subprocess.Popen | None:
     (args.work / "estimates").mkdir(parents=True, exist_ok=True)
     req_path = args.work / "estimate_requests.json"
     req_path.write_text(json.dumps(requests, indent=2), encoding="utf-8")
-    cmd = [sys.executable, str(REPO / "benchmarks" / "gpu" / "estimates.py"), str(req_path), str(args.out / "estimates.json")]
+    script = REPO / "benchmarks" / "gpu" / "estimates.py"
+    cmd = [sys.executable, str(script), str(req_path), str(args.out / "estimates.json")]
     log("$ " + " ".join(cmd) + " (background)")
-    return subprocess.Popen(cmd, cwd=REPO, env=sub_env(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pipe = subprocess.PIPE
+    return subprocess.Popen(cmd, cwd=REPO, env=sub_env(args), stdout=pipe, stderr=subprocess.STDOUT, text=True)
 
 
 def collect_estimates(proc: subprocess.Popen | None, args: argparse.Namespace, results: Results) -> dict[str, Any]:
@@ -606,7 +609,8 @@ def checkpoint_stage(args: argparse.Namespace) -> dict[str, Any]:
     tok = train_tokenizer(ckpt, SHAPES[shape]["vocab_size"])
     args.ckpt = ckpt
     size = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
-    return {"path": str(ckpt), "shape": shape, "weights_bytes": size, "save_s": round(saved_s, 1), "tokenizer_vocab": len(tok)}
+    return {"path": str(ckpt), "shape": shape, "weights_bytes": size, "save_s": round(saved_s, 1),
+            "tokenizer_vocab": len(tok)}  # fmt: skip
 
 
 def builder_check_stage(args: argparse.Namespace) -> dict[str, Any]:
@@ -736,7 +740,8 @@ def export_stage(args: argparse.Namespace) -> dict[str, Any]:
     )
     (run_dir / "recipe.yaml").write_text(recipe, encoding="utf-8")
     merged = args.work / "merged-1b"
-    cmd = [sys.executable, "-m", "velora_cli", "export", str(run_dir), "--out", str(merged), "--dtype", "bf16", "--force"]
+    cmd = [sys.executable, "-m", "velora_cli", "export", str(run_dir), "--out", str(merged), "--dtype", "bf16"]
+    cmd.append("--force")
     res = run_cmd(cmd, args, timeout=args.sub_timeout)
     if res["rc"] != 0:
         res["error"] = f"velora export exited {res['rc']}"
@@ -871,7 +876,8 @@ def main() -> int:
         "settings": {"lora_r": LORA_R, "lora_alpha": LORA_ALPHA, "lora_dropout": LORA_DROPOUT, "targets": TARGETS,
                      "num_groups": NUM_GROUPS, "optimizer": "AdamW (torch)", "lr": LR, "dtype": "bf16",
                      "quantization": "nf4 + double quant", "warmup_steps": args.warmup, "timed_steps": args.steps},
-        "workloads": {w.key: {"shape": w.shape, "batch": w.batch, "seq": w.seq, **SHAPES[w.shape]} for w in args.workloads},
+        "workloads": {w.key: {"shape": w.shape, "batch": w.batch, "seq": w.seq, **SHAPES[w.shape]}
+                      for w in args.workloads},
         "configs": [c.name for c in CONFIGS],
         "stages": {},
     })  # fmt: skip

@@ -29,13 +29,15 @@ test: lint
 clean:
 	rm -rf $(VENV) runs .pytest_cache
 
-# Wheels the GPU machine's image lacks (it has torch 2.11, transformers 5.17, peft, accelerate, typer, rich, pyyaml,
-# safetensors, psutil, numpy; no network there), for benchmarks/gpu/run.sh: CPython 3.12, manylinux x86_64.
-# bitsandbytes' wheel carries its CUDA 11.8-13.2 kernels (the image's torch is cu130). pydantic needs
-# typing-extensions >= 4.16 (run.sh installs it only if the image's is older). datasets and gguf are not needed:
-# velora imports them lazily, on paths (hub datasets, GGUF models) the script does not take.
+# Wheels the GPU machine's image lacks (it has torch 2.11, transformers 5.17, accelerate 1.15, safetensors 0.8,
+# pyyaml, psutil, numpy, and peft / typer / rich of unlisted versions; no network there), for
+# benchmarks/gpu/run.sh: CPython 3.12, manylinux x86_64. run.sh installs each only where the image's is missing or
+# older. bitsandbytes' wheel carries its CUDA 11.8-13.2 kernels (the image's torch is cu130). pydantic (and
+# typer 0.29) need typing-extensions >= 4.16. peft, typer and rich are the versions the tests run against
+# (1.3 MB together). datasets and gguf are not needed: velora imports them lazily, on paths (hub datasets, GGUF
+# models) the script does not take.
 GPU_WHEELS := bitsandbytes==0.50.2 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
-	typing-inspection==0.4.5 typing-extensions==4.16.0
+	typing-inspection==0.4.5 typing-extensions==4.16.0 peft==0.21.2 typer==0.29.2 rich==15.0.0
 GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
 	manylinux2014_x86_64 manylinux1_x86_64
 

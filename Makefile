@@ -34,9 +34,9 @@ clean:
 # benchmarks/gpu/run.sh: CPython 3.12, manylinux x86_64. run.sh installs each only where the image's is missing or
 # older. bitsandbytes' wheel carries its CUDA 11.8-13.2 kernels (the image's torch is cu130). pydantic (and
 # typer 0.29) need typing-extensions >= 4.16. peft, typer and rich are the versions the tests run against
-# (1.3 MB together). transformers: the image's 5.17 lacks the 2D boolean logits_to_keep (5.21+) that the cached
-# MMLU scorer uses; 5.24 is the tested one (12 MB; its huggingface-hub and tokenizers ranges hold the image's
-# 1.33 / 0.23.2). datasets and gguf are not needed: velora imports them lazily, on paths (hub datasets, GGUF
+# (1.3 MB together). transformers: the image's 5.17 is below pyproject's floor of 5.23 (the cached MMLU scorer's
+# 2D boolean logits_to_keep, train.py's is_activation_checkpointing); 5.24 is the tested one (12 MB; its
+# huggingface-hub and tokenizers ranges hold the image's 1.33 / 0.23.2). datasets and gguf are not needed: velora imports them lazily, on paths (hub datasets, GGUF
 # models) the script does not take.
 GPU_WHEELS := bitsandbytes==0.50.2 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
 	typing-inspection==0.4.5 typing-extensions==4.16.0 peft==0.21.2 typer==0.29.2 rich==15.0.0 transformers==5.24.0

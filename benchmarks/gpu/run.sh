@@ -22,6 +22,7 @@ SITE=${VELORA_GPU_SITE:-/tmp/velora-gpu-site}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 exec > >(tee -a "$OUT/run.log") 2>&1
+TEE_PID=$!
 echo "== velora GPU truth: $(date -u +%FT%TZ) repo $REPO commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo '?')"
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
@@ -65,4 +66,6 @@ started=$(date +%s)
 "$PY" "$REPO/benchmarks/gpu/measure.py" "$OUT" "$@"
 rc=$?
 echo "== measure.py exited $rc after $(( $(date +%s) - started )) s; results: $OUT/results.json, $OUT/results.md"
+exec >&- 2>&-  # let tee finish writing run.log before the caller collects OUT
+wait "$TEE_PID" 2>/dev/null
 exit $rc

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean gpu-wheels
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -28,3 +28,26 @@ test: lint
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# Wheels the GPU machine's image lacks (it has torch 2.11, transformers 5.17, accelerate 1.15, safetensors 0.8,
+# pyyaml, psutil, numpy, and peft / typer / rich of unlisted versions; no network there), for
+# benchmarks/gpu/run.sh: CPython 3.12, manylinux x86_64. run.sh installs each only where the image's is missing or
+# older. bitsandbytes' wheel carries its CUDA 11.8-13.2 kernels (the image's torch is cu130). pydantic (and
+# typer 0.29) need typing-extensions >= 4.16. peft, typer and rich are the versions the tests run against
+# (1.3 MB together). transformers: the image's 5.17 is below pyproject's floor of 5.23 (the cached MMLU scorer's
+# 2D boolean logits_to_keep, train.py's is_activation_checkpointing); 5.24 is the tested one (12 MB; its
+# huggingface-hub and tokenizers ranges hold the image's 1.33 / 0.23.2). datasets and gguf are not needed: velora imports them lazily, on paths (hub datasets, GGUF
+# models) the script does not take.
+GPU_WHEELS := bitsandbytes==0.50.2 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+	typing-inspection==0.4.5 typing-extensions==4.16.0 peft==0.21.2 typer==0.29.2 rich==15.0.0 transformers==5.24.0
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
+	manylinux2014_x86_64 manylinux1_x86_64
+
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(addprefix --platform ,$(GPU_PLATFORMS)) -d .whl $(GPU_WHEELS)
+	@ls -l .whl
+	@echo "wheels: $$(du -cb .whl/*.whl | tail -1 | cut -f1) bytes"
+	@echo "carried in all (working tree that travels + .whl): $$( (git ls-files -z --cached --others --exclude-standard; \
+		find .whl -type f -print0) | du -cb --files0-from=- 2>/dev/null | tail -1 | cut -f1) bytes (limit 67108864)"

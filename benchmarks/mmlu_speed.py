@@ -40,7 +40,7 @@ def main() -> None:
     model, tokenizer, description = mmlu.load_eval_model(args.model)
     data = mmlu.load_mmlu(args.data_dir, subjects=args.subjects.split(","), limit=args.limit, shots=args.shots)
     with torch.inference_mode():  # first-call overheads (allocator, kernels) are paid before timing
-        model(input_ids=torch.tensor([tokenizer("warm up").input_ids]))
+        model(input_ids=torch.tensor([tokenizer("warm up").input_ids], device=model.device))
 
     fast: list[mmlu.Prediction] = []
     slow: list[mmlu.Prediction] = []

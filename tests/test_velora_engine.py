@@ -448,6 +448,7 @@ def test_meter_sees_d_over_m_values_per_token() -> None:
     assert after.by_op() == {"VeloraLinearFunctionBackward": 20 * (d // m) * 4}
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_autocast_and_dropout_replay() -> None:
     device = torch.device("cuda")

@@ -33,9 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from velora_cli.device import compute_dtype  # noqa: E402
-from velora_cli.velora.meter import ActivationMeter  # noqa: E402
 from velora_cli.models import DEFAULT_MODEL, ModelSource, load_base_model, load_tokenizer, resolve_model  # noqa: E402
 from velora_cli.velora import VeloraConfig, apply_velora  # noqa: E402
+from velora_cli.velora.meter import ActivationMeter  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ALPACA = REPO.parent / "shared" / "data" / "instruct" / "alpaca_libre.json"

@@ -18,7 +18,7 @@ from velora_cli.cli import main
 from velora_cli.export import export_run, parse_size
 from velora_cli.models import DEFAULT_MODEL
 from velora_cli.recipe import dump_recipe, validate_recipe
-from velora_cli.rundir import read_recipe, write_json_atomic
+from velora_cli.runs import read_recipe, write_json_atomic
 
 PROMPTS = [
     "The capital of France is",

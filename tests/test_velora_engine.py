@@ -13,7 +13,6 @@ from safetensors import safe_open
 from torch import nn
 
 from velora_cli.errors import RecipeError, UsageError
-from velora_cli.velora.meter import ActivationMeter
 from velora_cli.recipe import VeloraSection
 from velora_cli.velora import (
     VeloraConfig,
@@ -25,6 +24,7 @@ from velora_cli.velora import (
     velora_state_dict,
 )
 from velora_cli.velora.function import draw_dropout_seed, dropout_mask
+from velora_cli.velora.meter import ActivationMeter
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

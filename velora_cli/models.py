@@ -64,6 +64,7 @@ def _gguf_fingerprint(path: Path) -> str:
 
 def convert_gguf(gguf_path: Path) -> Path:
     """Dequantise a GGUF file once into a cached fp32 safetensors checkpoint; return its directory."""
+    # TODO(split): use runs.staged_dir(target) (the one staged-write helper) instead of mkdtemp + os.replace
     target = cache_dir() / "models" / f"{gguf_path.stem}-{_gguf_fingerprint(gguf_path)}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
@@ -275,3 +276,53 @@ def build_training_model(recipe, device: torch.device, tokenizer=None):
 
         compressed = apply_velora(model, VeloraConfig.from_recipe(recipe.velora))
     return model, tokenizer, compressed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Base-model loading for the commands that reload a finished run's base (added by the CLI split; kept in one block
+# at the end so it merges cleanly). TODO(split): build_training_model could load through load_recipe_base too.
+
+
+def load_recipe_base(model_section, device: torch.device, source: ModelSource | None = None):
+    """The base model exactly as a recipe's `model` section trains it (quantisation, compute dtype, attention)."""
+    from velora_cli.device import compute_dtype
+
+    return load_base_model(
+        source or resolve_model(model_section.name),
+        quantization=model_section.quantization,
+        compute=compute_dtype(model_section.compute_dtype, device),
+        double_quant=model_section.double_quant,
+        device=device,
+        trust_remote_code=model_section.trust_remote_code,
+        attn_implementation=model_section.attn_implementation,
+    )
+
+
+def load_unquantized_base(source: ModelSource, config, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The base in `dtype` without quantisation, for merging an adapter into; a pre-quantised checkpoint (e.g. a
+    *-bnb-4bit hub model) is dequantised, since merging into it would round the delta into 4-bit blocks."""
+    if getattr(config, "quantization_config", None) is None:
+        return load_base_model(source, quantization="none", compute=dtype, trust_remote_code=trust_remote_code)
+    # A pre-quantised checkpoint only loads with its own quantisation: load it so, then dequantise (transformers
+    # then drops quantization_config).
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = model.dequantize(dtype=dtype)
+    except (OSError, NotImplementedError, ValueError) as exc:
+        raise UsageError(
+            f"base model {source.reference!r} is pre-quantised and cannot be dequantised: {first_line(exc)}"
+        ) from exc
+    # save_pretrained reverses the weight conversions recorded while loading, and the bitsandbytes deserialiser has
+    # no reverse (NotImplementedError, even after dequantize(); huggingface/transformers PR #45743). The dequantised
+    # weights are plain tensors under their plain names, so such conversions have nothing left to undo.
+    kept = []
+    for conversion in getattr(model, "_weight_conversions", None) or []:
+        try:
+            conversion.reverse_transform()
+        except NotImplementedError:
+            continue
+        kept.append(conversion)
+    model._weight_conversions = kept
+    return model

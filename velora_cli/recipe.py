@@ -6,14 +6,13 @@ misspelt keys), raised as RecipeError (exit code 2) before anything is written.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from velora_cli.errors import RecipeError
+from velora_cli.errors import RecipeError, did_you_mean
 from velora_cli.models import DEFAULT_MODEL
 
 # LLaMA-family projection names by the letters the VeLoRA paper uses (q,k,v,o,g,u,d).
@@ -79,7 +78,10 @@ class VeloraSection(Section):
         if self.num_groups is not None and self.subtoken_size is not None:
             raise ValueError("set either num_groups or subtoken_size, not both")
         if self.num_groups is None and self.subtoken_size is None:
-            self.__dict__["num_groups"] = 32
+            # TODO(split): a module-level import once velora.config no longer imports recipe (engine refactor)
+            from velora_cli.velora.config import DEFAULT_NUM_GROUPS
+
+            self.__dict__["num_groups"] = DEFAULT_NUM_GROUPS
         return self
 
     @property
@@ -192,11 +194,6 @@ class Recipe(Section):
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def _did_you_mean(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _section_fields(loc: tuple[Any, ...]) -> list[str]:
     model: type[BaseModel] = Recipe
     for part in loc:
@@ -212,7 +209,7 @@ def _format_error(source: str, error: dict[str, Any]) -> str:
     dotted = ".".join(str(p) for p in loc)
     kind = error["type"]
     if kind == "extra_forbidden":
-        hint = _did_you_mean(str(loc[-1]), _section_fields(loc[:-1]))
+        hint = did_you_mean(str(loc[-1]), _section_fields(loc[:-1]))
         return f"{source}: unknown field {dotted!r}{hint}"
     if kind == "missing":
         return f"{source}: missing required field {dotted!r}"

@@ -26,16 +26,16 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import rotate_checkpoints
 
-from velora_cli import rundir
+from velora_cli import runs as rundir
 from velora_cli.data import load_records, make_collator, split_validation, tokenize_records
 from velora_cli.device import default_device, dtype_name
-from velora_cli.display import TrainingDisplay
 from velora_cli.errors import RecipeError, TrainingAborted, UsageError
 from velora_cli.memstats import human_bytes, memory_stats, reset_peak
-from velora_cli.velora.meter import ActivationMeter
 from velora_cli.models import build_training_model
 from velora_cli.recipe import Recipe, dump_recipe
+from velora_cli.report import TrainingDisplay
 from velora_cli.velora import load_velora_state_dict, velora_layers, velora_state_dict
+from velora_cli.velora.meter import ActivationMeter
 
 STAGING = ".staging"
 
@@ -101,6 +101,7 @@ class VeloraTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial) -> None:
         """Write checkpoint-N into a staging dir, add the VeLoRA vectors, then rename it into place."""
+        # TODO(split): rename into place with runs.staged_dir (the one staged-write helper)
         run_dir = Path(self.args.output_dir)
         name = f"checkpoint-{self.state.global_step}"
         self._staging_root = run_dir / STAGING
@@ -273,6 +274,7 @@ class Plan:
     compressed_layers: list[str]
 
     def lines(self) -> list[tuple[str, str]]:
+        # TODO(split): describe model / LoRA / VeLoRA with runs.RunDescription.of(recipe) (one run description)
         r = self.recipe
         grouping = (
             f"num_groups={r.velora.num_groups}" if r.velora.num_groups else f"subtoken_size={r.velora.subtoken_size}"
@@ -513,6 +515,7 @@ class FinetuneSession:
     # -- save
     def save(self, result: TrainResult) -> None:
         """Adapter, tokenizer, resolved recipe, VeLoRA vectors: staged, then renamed into the run dir."""
+        # TODO(split): stage through runs.staged / runs.staged_dir (the one staged-write helper)
         if not is_main_process():
             return
         staging = self.run_dir / STAGING / "final"

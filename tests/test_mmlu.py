@@ -361,4 +361,13 @@ def test_embedded_model_on_real_mmlu(embedded_model_dir: Path, shared_dir: Path)
     mass = [sum(math.exp(v) for v in p.loglik) for p in preds]
     assert min(mass) > 0.5, mass
     result = summarize(preds, shots=5, split="test")
-    assert result["overall"]["n"] == 8 and 0 <= result["overall"]["acc"] <= 1
+    assert result["overall"]["n"] == 8
+    # The accuracies are the counts of predictions that match the gold letter.
+    assert result["overall"]["acc"] == sum(p.pred == p.gold for p in preds) / 8
+    for subject in subjects:
+        mine = [p for p in preds if p.subject == subject]
+        assert result["subjects"][subject] == {
+            "acc": sum(p.pred == p.gold for p in mine) / 4,
+            "n": 4,
+            "category": category_of(subject),
+        }

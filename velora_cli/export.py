@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -365,8 +366,6 @@ def run_export(
     force: bool = False,
 ) -> None:
     """`velora export`: export, then say what was written."""
-    import typer  # the CLI's own dependency; export_run is also a library call
-
     target = export_run(
         run_dir,
         out,

@@ -17,7 +17,9 @@ import torch
 from rich.console import Console
 
 from velora_cli import report, runs
+from velora_cli.data import load_records
 from velora_cli.errors import RecipeError, UsageError, VeloraError
+from velora_cli.eval.heldout import exact_match
 from velora_cli.memory.arch import arch_for
 from velora_cli.memory.estimate import estimate, settings_from_recipe
 from velora_cli.memstats import human_bytes
@@ -66,8 +68,6 @@ def select_stages(recipe: Recipe, stages: str | None) -> list[str]:
 
 
 def _heldout_records(recipe: Recipe, session) -> list[dict[str, str]]:
-    from velora_cli.data import load_records
-
     h = recipe.eval.heldout
     records = load_records(h.path).records if h.path else list(session.val_records)
     return records[: h.limit]
@@ -77,8 +77,7 @@ def _heldout_records(recipe: Recipe, session) -> list[dict[str, str]]:
 
 
 def stage_train(recipe: Recipe, run_dir: Path, resume: bool, summary: RunSummary, out: Console) -> None:
-    # Training and the held-out scorer pull in transformers' Trainer and peft: only once a stage runs.
-    from velora_cli.eval.heldout import exact_match
+    # transformers' Trainer and peft load only once a stage runs (recipe errors stay fast).
     from velora_cli.train import FinetuneSession, is_main_process, rng_preserved
 
     session = FinetuneSession(recipe, run_dir)

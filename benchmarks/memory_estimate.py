@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from velora_cli import memory_model as mm
+from velora_cli.memory.arch import arch_for
+from velora_cli.memory.estimate import Settings, estimate, paper_accounting
 
 PAPER = {"llama-7b": (32, 5.77, 4.88), "llama-13b": (64, 9.91, 8.48)}  # LoRA r of the official scripts, GB
 VD = ("v_proj", "down_proj")
@@ -19,30 +20,30 @@ def main() -> None:
     print("| " + " | ".join(header) + " |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for preset, (r, _, _) in PAPER.items():
-        arch = mm.arch_for(preset=preset)
+        arch = arch_for(preset=preset)
         for batch in (1, 16):
-            s = mm.Settings(batch=batch, seq=512, lora_r=r, lora_dropout=0.1, num_groups=32)
+            s = Settings(batch=batch, seq=512, lora_r=r, lora_dropout=0.1, num_groups=32)
             cells = []
             for gc in (False, True):
                 for vel in ((), VD):
-                    est = mm.estimate(arch, dataclasses.replace(s, velora=vel, gradient_checkpointing=gc))
+                    est = estimate(arch, dataclasses.replace(s, velora=vel, gradient_checkpointing=gc))
                     cells.append(f"{est.total / 2**30:.2f} GiB")
-            paper = [mm.paper_accounting(arch, r, v, 32, batch * 512)["total"] / 1e9 for v in ((), VD)]
+            paper = [paper_accounting(arch, r, v, 32, batch * 512)["total"] / 1e9 for v in ((), VD)]
             cells.append(f"{paper[0]:.2f} / {paper[1]:.2f} GB")
             print(f"| {preset} r={r} | {batch} x 512 | " + " | ".join(cells) + " |")
     print()
     print("Paper accounting: tokens per step that best reproduce Table 3 (search over multiples of 64)")
     for preset, (r, q_paper, v_paper) in PAPER.items():
-        arch = mm.arch_for(preset=preset)
+        arch = arch_for(preset=preset)
         best = min(
             range(64, 4097, 64),
             key=lambda t: (
-                abs(mm.paper_accounting(arch, r, (), 32, t)["total"] / 1e9 - q_paper)
-                + abs(mm.paper_accounting(arch, r, VD, 32, t)["total"] / 1e9 - v_paper)
+                abs(paper_accounting(arch, r, (), 32, t)["total"] / 1e9 - q_paper)
+                + abs(paper_accounting(arch, r, VD, 32, t)["total"] / 1e9 - v_paper)
             ),
         )
-        q = mm.paper_accounting(arch, r, (), 32, best)["total"] / 1e9
-        v = mm.paper_accounting(arch, r, VD, 32, best)["total"] / 1e9
+        q = paper_accounting(arch, r, (), 32, best)["total"] / 1e9
+        v = paper_accounting(arch, r, VD, 32, best)["total"] / 1e9
         print(f"{preset} r={r}: {best} tokens -> QLoRA {q:.2f} GB, + VeLoRA {v:.2f} GB (paper {q_paper} / {v_paper})")
 
 

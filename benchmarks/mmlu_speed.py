@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-from velora_cli import mmlu
+from velora_cli.eval.command import load_eval_model
+from velora_cli.eval.mmlu_data import load_mmlu
+from velora_cli.eval.scorer import Prediction, score_mmlu
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SUBJECTS = "astronomy,philosophy,high_school_geography,marketing"  # one per category
@@ -37,18 +39,18 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
-    model, tokenizer, description = mmlu.load_eval_model(args.model)
-    data = mmlu.load_mmlu(args.data_dir, subjects=args.subjects.split(","), limit=args.limit, shots=args.shots)
+    model, tokenizer, description = load_eval_model(args.model)
+    data = load_mmlu(args.data_dir, subjects=args.subjects.split(","), limit=args.limit, shots=args.shots)
     with torch.inference_mode():  # first-call overheads (allocator, kernels) are paid before timing
         model(input_ids=torch.tensor([tokenizer("warm up").input_ids], device=model.device))
 
-    fast: list[mmlu.Prediction] = []
-    slow: list[mmlu.Prediction] = []
+    fast: list[Prediction] = []
+    slow: list[Prediction] = []
     seconds = {"fast": 0.0, "reference": 0.0}
     for subject, subject_data in data.items():
         for name, out in (("fast", fast), ("reference", slow)):
             start = time.perf_counter()
-            out += mmlu.score_mmlu(
+            out += score_mmlu(
                 model, tokenizer, {subject: subject_data}, shots=args.shots, batch_size=args.batch_size,
                 reference=name == "reference",
             )  # fmt: skip

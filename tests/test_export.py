@@ -17,8 +17,8 @@ import torch
 from velora_cli.cli import main
 from velora_cli.export import export_run, parse_size
 from velora_cli.models import DEFAULT_MODEL
-from velora_cli.recipe import dump_recipe, validate_recipe
-from velora_cli.rundir import read_recipe, write_json_atomic
+from velora_cli.recipe import dump_recipe, read_run_recipe, validate_recipe
+from velora_cli.runs import write_json_atomic
 
 PROMPTS = [
     "The capital of France is",
@@ -353,7 +353,7 @@ def test_pre_quantised_base_is_dequantised(tiny_llama_dir: Path, tmp_path: Path)
 def _bad_base_run(tiny_run: Path, tmp_path: Path, name: str) -> Path:
     run = tmp_path / "run-bad-base"
     shutil.copytree(tiny_run, run)
-    recipe = read_recipe(run)
+    recipe = read_run_recipe(run)
     recipe.model.name = name
     (run / "recipe.yaml").write_text(dump_recipe(recipe))
     return run

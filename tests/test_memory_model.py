@@ -9,8 +9,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from velora_cli import memory_model as mm
 from velora_cli.cli import main
+from velora_cli.memory.arch import LLAMA_PROJECTIONS, arch_for
+from velora_cli.memory.command import parse_memory
+from velora_cli.memory.estimate import (
+    COMPONENTS,
+    Settings,
+    activations,
+    estimate,
+    largest_fitting,
+    layer_activations,
+    optimizer_bytes,
+    quantized_linear_bytes,
+    weights_bytes,
+)
+from velora_cli.memory.measure import real_weight_bytes
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -46,8 +59,8 @@ def test_weights_line_matches_nf4_footprint_of_llama(preset: str, hidden: int, l
     nf4 = linear_params * (0.5 + 1 / 64 + 4 / (64 * 256))
     bf16 = (2 * 32000 * hidden + (2 * layers + 1) * hidden) * 2
     expected = nf4 + bf16
-    arch = mm.arch_for(preset=preset)
-    got = mm.weights_bytes(arch, mm.Settings(batch=1, seq=1, compute="bf16"))
+    arch = arch_for(preset=preset)
+    got = weights_bytes(arch, Settings(batch=1, seq=1, compute="bf16"))
     assert abs(got - expected) / expected < 0.02
     # And the parameter count is LLaMA's: 6.74B and 13.02B.
     assert arch.total_params == linear_params + 2 * 32000 * hidden + (2 * layers + 1) * hidden
@@ -72,9 +85,9 @@ def smollm2_base(embedded_model_dir: Path):
 
 @pytest.mark.slow
 def test_weights_match_real_nf4_load_of_smollm2(smollm2_nf4, embedded_model_dir: Path) -> None:
-    real = mm.real_weight_bytes(smollm2_nf4)
-    arch = mm.arch_for(model=str(embedded_model_dir))
-    est = mm.weights_bytes(arch, mm.Settings(batch=1, seq=1, compute="fp32", device="cpu"))
+    real = real_weight_bytes(smollm2_nf4)
+    arch = arch_for(model=str(embedded_model_dir))
+    est = weights_bytes(arch, Settings(batch=1, seq=1, compute="fp32", device="cpu"))
     assert arch.total_params == 134_515_008
     assert abs(est - real) / real < 0.001, (est, real)
 
@@ -84,26 +97,25 @@ def test_quantized_linear_layout() -> None:
     n = n_in * n_out
     # double quant: nibbles + uint8 absmax per 64 + fp32 absmax per 256 blocks + offset + 16-entry code + 256-entry map
     assert (
-        mm.quantized_linear_bytes(n_in, n_out, "nf4", True, 2)
-        == n // 2 + n // 64 + (n // 64 // 256) * 4 + 4 + 64 + 1024
+        quantized_linear_bytes(n_in, n_out, "nf4", True, 2) == n // 2 + n // 64 + (n // 64 // 256) * 4 + 4 + 64 + 1024
     )
-    assert mm.quantized_linear_bytes(n_in, n_out, "nf4", False, 2) == n // 2 + n // 64 * 4 + 64
-    assert mm.quantized_linear_bytes(n_in, n_out, "int8", True, 2) == n + n_out * 4
-    assert mm.quantized_linear_bytes(n_in, n_out, "none", True, 2) == 2 * n
+    assert quantized_linear_bytes(n_in, n_out, "nf4", False, 2) == n // 2 + n // 64 * 4 + 64
+    assert quantized_linear_bytes(n_in, n_out, "int8", True, 2) == n + n_out * 4
+    assert quantized_linear_bytes(n_in, n_out, "none", True, 2) == 2 * n
 
 
 def test_optimizer_states() -> None:
     sizes = [8 * 4096, 8 * 4096, 100]
-    assert mm.optimizer_bytes(sizes, "adamw_torch") == 8 * sum(sizes)
+    assert optimizer_bytes(sizes, "adamw_torch") == 8 * sum(sizes)
     # 8-bit: uint8 x2 + fp32 absmax x2 per 256 elements; the 100-element tensor stays fp32 (min_8bit_size).
     expect = 2 * 256 * 4 + 2 * (2 * 32768 + 8 * math.ceil(32768 / 256)) + 8 * 100
-    assert mm.optimizer_bytes(sizes, "paged_adamw_8bit") == expect
+    assert optimizer_bytes(sizes, "paged_adamw_8bit") == expect
 
 
 # ---------------------------------------------------------------------------------------- activations
 
 
-VELORA = {"off": (), "vd": ("v_proj", "down_proj"), "all": mm.LLAMA_PROJECTIONS}
+VELORA = {"off": (), "vd": ("v_proj", "down_proj"), "all": LLAMA_PROJECTIONS}
 
 
 def _meter_bytes(base, velora: tuple[str, ...], dropout: float, batch: int, seq: int) -> tuple[int, object]:
@@ -112,7 +124,7 @@ def _meter_bytes(base, velora: tuple[str, ...], dropout: float, batch: int, seq:
     from velora_cli.velora import VeloraConfig, apply_velora
     from velora_cli.velora.meter import ActivationMeter
 
-    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=list(mm.LLAMA_PROJECTIONS))
+    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=list(LLAMA_PROJECTIONS))
     model = get_peft_model(base, cfg)
     try:
         if velora:
@@ -134,27 +146,27 @@ def _meter_bytes(base, velora: tuple[str, ...], dropout: float, batch: int, seq:
 def test_activation_estimate_matches_meter(smollm2_base, velora: str, dropout: float, shape: tuple[int, int]) -> None:
     batch, seq = shape
     measured, _ = _meter_bytes(smollm2_base, VELORA[velora], dropout, batch, seq)
-    arch = mm.arch_for(preset="smollm2-135m")
-    s = mm.Settings(
+    arch = arch_for(preset="smollm2-135m")
+    s = Settings(
         batch=batch, seq=seq, compute="fp32", device="cpu", lora_dropout=dropout, velora=VELORA[velora], num_groups=32
     )
-    est = mm.activations(arch, s).meter_view
+    est = activations(arch, s).meter_view
     assert abs(est - measured) / measured < 0.05, (est, measured)
 
 
 @pytest.mark.slow
 def test_nf4_base_saves_the_same(smollm2_nf4) -> None:
     measured, _ = _meter_bytes(smollm2_nf4, VELORA["vd"], 0.05, 1, 32)
-    arch = mm.arch_for(preset="smollm2-135m")
-    s = mm.Settings(batch=1, seq=32, compute="fp32", device="cpu", lora_dropout=0.05, velora=VELORA["vd"])
-    assert mm.activations(arch, s).meter_view == pytest.approx(measured, rel=1e-6)
+    arch = arch_for(preset="smollm2-135m")
+    s = Settings(batch=1, seq=32, compute="fp32", device="cpu", lora_dropout=0.05, velora=VELORA["vd"])
+    assert activations(arch, s).meter_view == pytest.approx(measured, rel=1e-6)
 
 
 @pytest.mark.slow
 def test_per_layer_terms_explain_the_meter(smollm2_base) -> None:
     """One middle decoder layer's bytes = the difference between two and three layers, per token, per setting."""
     layers = smollm2_base.model.layers
-    arch = mm.arch_for(preset="smollm2-135m")
+    arch = arch_for(preset="smollm2-135m")
     try:
         for velora in ("off", "vd"):
             for dropout in (0.0, 0.05):
@@ -163,24 +175,22 @@ def test_per_layer_terms_explain_the_meter(smollm2_base) -> None:
                     smollm2_base.model.layers = layers[:n]
                     totals.append(_meter_bytes(smollm2_base, VELORA[velora], dropout, 2, 32)[0])
                 per_token = (totals[1] - totals[0]) / 64
-                s = mm.Settings(
-                    batch=2, seq=32, compute="fp32", device="cpu", lora_dropout=dropout, velora=VELORA[velora]
-                )
-                assert sum(mm.layer_activations(arch, s).values()) == pytest.approx(per_token, rel=1e-6)
+                s = Settings(batch=2, seq=32, compute="fp32", device="cpu", lora_dropout=dropout, velora=VELORA[velora])
+                assert sum(layer_activations(arch, s).values()) == pytest.approx(per_token, rel=1e-6)
     finally:
         smollm2_base.model.layers = layers
 
 
 def test_velora_and_checkpointing_shrink_activations() -> None:
-    arch = mm.arch_for(preset="llama-7b")
-    base = mm.Settings(batch=4, seq=512, velora=())
-    plain = mm.estimate(arch, base)
-    vel = mm.estimate(arch, mm.Settings(batch=4, seq=512))
-    gc = mm.estimate(arch, mm.Settings(batch=4, seq=512, velora=(), gradient_checkpointing=True))
+    arch = arch_for(preset="llama-7b")
+    base = Settings(batch=4, seq=512, velora=())
+    plain = estimate(arch, base)
+    vel = estimate(arch, Settings(batch=4, seq=512))
+    gc = estimate(arch, Settings(batch=4, seq=512, velora=(), gradient_checkpointing=True))
     assert vel.components["activations"] < plain.components["activations"]
     assert gc.components["activations"] < vel.components["activations"]
     # weights do not depend on the batch; activations scale linearly with it
-    double = mm.estimate(arch, mm.Settings(batch=8, seq=512, velora=()))
+    double = estimate(arch, Settings(batch=8, seq=512, velora=()))
     assert double.components["weights"] == plain.components["weights"]
     assert double.components["activations"] == pytest.approx(2 * plain.components["activations"], rel=1e-3)
 
@@ -197,14 +207,14 @@ def test_cli_gpu_mem_json_and_fit(tmp_path: Path, capsys: pytest.CaptureFixture[
     )  # fmt: skip
     assert code == 0, err
     data = json.loads(out_json.read_text())
-    assert set(data["components"]) == set(mm.COMPONENTS)
+    assert set(data["components"]) == set(COMPONENTS)
     assert data["total"] == sum(data["components"].values())
     assert data["settings"]["batch"] == 4 and data["settings"]["seq"] == 512
-    arch = mm.arch_for(preset="llama-7b")
-    s = mm.Settings(batch=4, seq=512)
-    best = mm.largest_fitting(arch, s, 24 * 2**30, "batch")
-    assert mm.estimate(arch, mm.Settings(batch=best, seq=512)).total <= 24 * 2**30
-    assert mm.estimate(arch, mm.Settings(batch=best + 1, seq=512)).total > 24 * 2**30
+    arch = arch_for(preset="llama-7b")
+    s = Settings(batch=4, seq=512)
+    best = largest_fitting(arch, s, 24 * 2**30, "batch")
+    assert estimate(arch, Settings(batch=best, seq=512)).total <= 24 * 2**30
+    assert estimate(arch, Settings(batch=best + 1, seq=512)).total > 24 * 2**30
     assert f"largest micro-batch at seq 512: {best}" in " ".join(out.split())
     assert "QLoRA + VeLoRA" in out and "GC" in out
 
@@ -246,7 +256,7 @@ def test_cli_bad_recipe_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]
 
 @pytest.mark.parametrize(("text", "value"), [("24GiB", 24 * 2**30), ("80GB", 80 * 10**9), ("40960 MiB", 40960 * 2**20)])
 def test_parse_memory(text: str, value: int) -> None:
-    assert mm.parse_memory(text) == value
+    assert parse_memory(text) == value
 
 
 @pytest.mark.slow
@@ -299,8 +309,8 @@ def test_quantized_stack_is_what_the_estimate_counts(tmp_path: Path, tiny_llama_
     out.loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
-    arch = mm.arch_for(model=str(tiny_llama_dir))
-    s = mm.Settings(
+    arch = arch_for(model=str(tiny_llama_dir))
+    s = Settings(
         batch=2, seq=32, compute=compute, device="cpu", lora_r=4, lora_dropout=0.05, velora=VELORA["vd"], num_groups=8
     )
-    assert mm.activations(arch, s).meter_view == pytest.approx(meter.total_bytes, rel=1e-3)
+    assert activations(arch, s).meter_view == pytest.approx(meter.total_bytes, rel=1e-3)

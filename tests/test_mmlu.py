@@ -13,9 +13,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from velora_cli import mmlu
 from velora_cli.cli import main
 from velora_cli.errors import UsageError
+from velora_cli.eval.command import load_eval_model
+from velora_cli.eval.mmlu_data import (
+    SPLITS,
+    SUBJECT_CATEGORIES,
+    UNCATEGORIZED,
+    SubjectData,
+    available_subjects,
+    category_of,
+    load_mmlu,
+    read_csv,
+)
+from velora_cli.eval.mmlu_prompts import build_prompt, prompt_prefix, shots_for
+from velora_cli.eval.scorer import MmluScorer, score_mmlu
+from velora_cli.eval.summary import evaluate_mmlu, summarize
 
 FIXTURE = Path(__file__).resolve().parents[1] / "recipes" / "data" / "mmlu_mini"
 
@@ -32,22 +45,22 @@ def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
 
 @pytest.fixture(scope="module")
 def tiny(tiny_llama_dir: Path):
-    model, tokenizer, _ = mmlu.load_eval_model(tiny_llama_dir)
+    model, tokenizer, _ = load_eval_model(tiny_llama_dir)
     return model, tokenizer
 
 
 @pytest.fixture(scope="module")
-def fixture_data() -> dict[str, mmlu.SubjectData]:
-    return mmlu.load_mmlu(FIXTURE)
+def fixture_data() -> dict[str, SubjectData]:
+    return load_mmlu(FIXTURE)
 
 
 # ------------------------------------------------------------------------------------------ data and prompts
 
 
 def test_prompt_is_byte_for_byte_the_protocol() -> None:
-    data = mmlu.load_mmlu(FIXTURE, subjects=["philosophy"])["philosophy"]
+    data = load_mmlu(FIXTURE, subjects=["philosophy"])["philosophy"]
     question = data.questions[2]  # a quoted CSV field spanning three lines
-    prompt = mmlu.build_prompt("philosophy", mmlu.shots_for(data, question, 2), question)
+    prompt = build_prompt("philosophy", shots_for(data, question, 2), question)
     assert prompt == (
         "The following are multiple choice questions (with answers) about philosophy.\n\n"
         'Which philosopher wrote "Meditations on First Philosophy"?\n'
@@ -58,59 +71,59 @@ def test_prompt_is_byte_for_byte_the_protocol() -> None:
         "This argument is best described as:\n"
         "A. inductive\nB. deductive and valid\nC. circular\nD. invalid\nAnswer:"
     )
-    header = mmlu.prompt_prefix("high_school_geography", [])
+    header = prompt_prefix("high_school_geography", [])
     assert header == "The following are multiple choice questions (with answers) about high school geography.\n\n"
 
 
-def test_local_data_splits_limit_and_shots(fixture_data: dict[str, mmlu.SubjectData]) -> None:
+def test_local_data_splits_limit_and_shots(fixture_data: dict[str, SubjectData]) -> None:
     assert sorted(fixture_data) == ["astronomy", "high_school_geography", "nutrition", "philosophy"]
     assert sum(len(d.questions) for d in fixture_data.values()) == 17
     assert [len(d.shots) for d in fixture_data.values()] == [5, 5, 5, 5]
-    val = mmlu.load_mmlu(FIXTURE, split="validation", subjects=["nutrition"], limit=1)["nutrition"]
+    val = load_mmlu(FIXTURE, split="validation", subjects=["nutrition"], limit=1)["nutrition"]
     assert [(q.question, q.answer) for q in val.questions] == [
         ("Which vitamin is needed for normal blood clotting?", 0)
     ]
     # Evaluating dev itself: a question is never its own shot.
-    dev = mmlu.load_mmlu(FIXTURE, split="dev", subjects=["astronomy"])["astronomy"]
-    assert [s.index for s in mmlu.shots_for(dev, dev.questions[1], 5)] == [0, 2, 3, 4]
+    dev = load_mmlu(FIXTURE, split="dev", subjects=["astronomy"])["astronomy"]
+    assert [s.index for s in shots_for(dev, dev.questions[1], 5)] == [0, 2, 3, 4]
 
 
 def test_category_mapping_covers_the_57_subjects() -> None:
     counts: dict[str, int] = {}
-    for category in mmlu.SUBJECT_CATEGORIES.values():
+    for category in SUBJECT_CATEGORIES.values():
         counts[category] = counts.get(category, 0) + 1
     assert counts == {"STEM": 19, "humanities": 13, "social sciences": 12, "other": 13}
-    assert mmlu.category_of("anatomy") == "STEM"  # lm-eval's choice (the original categories.py: other)
-    assert mmlu.category_of("professional_law") == "humanities"
-    assert mmlu.category_of("my_own_subject") == mmlu.UNCATEGORIZED
+    assert category_of("anatomy") == "STEM"  # lm-eval's choice (the original categories.py: other)
+    assert category_of("professional_law") == "humanities"
+    assert category_of("my_own_subject") == UNCATEGORIZED
 
 
 def test_shared_mmlu_has_exactly_the_mapped_subjects(shared_dir: Path) -> None:
     data_dir = shared_dir / "data" / "mmlu"
-    assert mmlu.available_subjects(data_dir, "test") == sorted(mmlu.SUBJECT_CATEGORIES)
-    assert len(mmlu.read_csv(data_dir / "test" / "professional_law_test.csv", "professional_law")) == 1534
+    assert available_subjects(data_dir, "test") == sorted(SUBJECT_CATEGORIES)
+    assert len(read_csv(data_dir / "test" / "professional_law_test.csv", "professional_law")) == 1534
 
 
 def test_hub_rows_load_like_the_csv_layout(monkeypatch) -> None:
     """cais/mmlu's schema (question, subject, choices, answer index) gives the same questions as the CSV files."""
     import datasets
 
-    local = mmlu.load_mmlu(FIXTURE, split="validation", subjects=["nutrition", "philosophy"])
+    local = load_mmlu(FIXTURE, split="validation", subjects=["nutrition", "philosophy"])
     splits = {"validation": "validation", "dev": "dev"}
     tables = {
         hub: datasets.Dataset.from_list(
             [
                 {"question": q.question, "subject": q.subject, "choices": list(q.choices), "answer": q.answer}
-                for subject in mmlu.SUBJECT_CATEGORIES
-                if (FIXTURE / mmlu.SPLITS[ours] / f"{subject}_{mmlu.SPLITS[ours]}.csv").is_file()
-                for q in mmlu.read_csv(FIXTURE / mmlu.SPLITS[ours] / f"{subject}_{mmlu.SPLITS[ours]}.csv", subject)
+                for subject in SUBJECT_CATEGORIES
+                if (FIXTURE / SPLITS[ours] / f"{subject}_{SPLITS[ours]}.csv").is_file()
+                for q in read_csv(FIXTURE / SPLITS[ours] / f"{subject}_{SPLITS[ours]}.csv", subject)
             ]
         )
         for ours, hub in splits.items()
     }
     calls = []
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append(a) or datasets.DatasetDict(tables))
-    hub = mmlu.load_mmlu(None, split="validation", subjects=["nutrition", "philosophy"])
+    hub = load_mmlu(None, split="validation", subjects=["nutrition", "philosophy"])
     assert calls == [("cais/mmlu", "all")]
     assert hub == local
 
@@ -119,7 +132,7 @@ def test_hub_rows_load_like_the_csv_layout(monkeypatch) -> None:
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(UsageError, match=r"cannot load cais/mmlu from the Hugging Face hub \(Couldn't reach"):
-        mmlu.load_mmlu(None, subjects=["nutrition"])
+        load_mmlu(None, subjects=["nutrition"])
 
 
 # ------------------------------------------------------------------------------------------------- scoring
@@ -128,9 +141,9 @@ def test_hub_rows_load_like_the_csv_layout(monkeypatch) -> None:
 def test_scores_are_next_token_log_likelihoods_of_the_letters(tiny, fixture_data) -> None:
     model, tokenizer = tiny
     data = {"nutrition": fixture_data["nutrition"]}
-    pred = mmlu.score_mmlu(model, tokenizer, data, shots=5)[0]
+    pred = score_mmlu(model, tokenizer, data, shots=5)[0]
     q = data["nutrition"].questions[0]
-    prompt = mmlu.build_prompt("nutrition", data["nutrition"].shots, q)
+    prompt = build_prompt("nutrition", data["nutrition"].shots, q)
     with torch.no_grad():
         logits = model(**tokenizer(prompt, return_tensors="pt")).logits[0, -1]
     logprobs = torch.log_softmax(logits, dim=-1)
@@ -145,8 +158,8 @@ def test_scores_are_next_token_log_likelihoods_of_the_letters(tiny, fixture_data
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 def test_fast_path_matches_the_reference_path(tiny, fixture_data, batch_size: int) -> None:
     model, tokenizer = tiny
-    fast = mmlu.score_mmlu(model, tokenizer, fixture_data, shots=5, batch_size=batch_size)
-    slow = mmlu.score_mmlu(model, tokenizer, fixture_data, shots=5, reference=True)
+    fast = score_mmlu(model, tokenizer, fixture_data, shots=5, batch_size=batch_size)
+    slow = score_mmlu(model, tokenizer, fixture_data, shots=5, reference=True)
     assert [(p.subject, p.index) for p in fast] == [(p.subject, p.index) for p in slow]
     assert [p.pred for p in fast] == [p.pred for p in slow]
     for f, s in zip(fast, slow, strict=True):
@@ -156,9 +169,9 @@ def test_fast_path_matches_the_reference_path(tiny, fixture_data, batch_size: in
 def test_prompts_over_the_context_drop_shots(tiny, fixture_data) -> None:
     model, tokenizer = tiny
     data = fixture_data["astronomy"]
-    full = mmlu.MmluScorer(model, tokenizer).prompts("astronomy", data, 5)
+    full = MmluScorer(model, tokenizer).prompts("astronomy", data, 5)
     limit = min(len(p.ids) for p in full) - 20  # every 5-shot prompt is too long now
-    scorer = mmlu.MmluScorer(model, tokenizer, batch_size=2, max_length=limit)
+    scorer = MmluScorer(model, tokenizer, batch_size=2, max_length=limit)
     prompts = scorer.prompts("astronomy", data, 5)
     assert all(len(p.ids) <= limit for p in prompts)
     assert all(3 <= p.k < 5 for p in prompts)  # a shot or two (30-40 tokens each) go
@@ -173,16 +186,16 @@ def test_prompts_over_the_context_drop_shots(tiny, fixture_data) -> None:
 def test_multi_token_continuations_are_scored_in_full(tiny, fixture_data, monkeypatch) -> None:
     model, tokenizer = tiny
     data = {"philosophy": fixture_data["philosophy"]}
-    single = mmlu.score_mmlu(model, tokenizer, data, shots=2, batch_size=3)
+    single = score_mmlu(model, tokenizer, data, shots=2, batch_size=3)
     # The real continuations plus 3, 2, 1, 0 extra tokens (".") force the continuation-scoring path; rows are
     # batched by length, so the letters come back in a different order than they were built.
     dot = tokenizer(".", add_special_tokens=False).input_ids
-    original = mmlu.MmluScorer.continuations
+    original = MmluScorer.continuations
     monkeypatch.setattr(
-        mmlu.MmluScorer, "continuations", lambda self, p: [c + dot * (3 - j) for j, c in enumerate(original(self, p))]
+        MmluScorer, "continuations", lambda self, p: [c + dot * (3 - j) for j, c in enumerate(original(self, p))]
     )
-    fast = mmlu.score_mmlu(model, tokenizer, data, shots=2, batch_size=3)
-    slow = mmlu.score_mmlu(model, tokenizer, data, shots=2, reference=True)
+    fast = score_mmlu(model, tokenizer, data, shots=2, batch_size=3)
+    slow = score_mmlu(model, tokenizer, data, shots=2, reference=True)
     for s1, f, s in zip(single, fast, slow, strict=True):
         assert f.loglik == pytest.approx(s.loglik, abs=1e-4)
         assert f.loglik[3] == pytest.approx(s1.loglik[3], abs=1e-4)  # " D" alone: the next-token score
@@ -196,7 +209,7 @@ def test_multi_token_continuations_are_scored_in_full(tiny, fixture_data, monkey
 def test_results_schema_and_weighted_means(tiny) -> None:
     model, tokenizer = tiny
     model.train()
-    result = mmlu.evaluate_mmlu(model, tokenizer, data_dir=FIXTURE, subjects=None, limit=None, batch_size=4)
+    result = evaluate_mmlu(model, tokenizer, data_dir=FIXTURE, subjects=None, limit=None, batch_size=4)
     assert model.training  # left as it was given
     model.eval()
     assert {"overall", "categories", "subjects", "shots", "model", "split"} <= set(result)
@@ -249,18 +262,18 @@ def test_run_dir_loads_base_plus_adapter(tiny_llama_dir: Path, tmp_path: Path, t
     (run_dir / "recipe.yaml").write_text(
         f"model:\n  name: {tiny_llama_dir}\n  quantization: none\ndata:\n  path: train.json\n"
     )
-    model, tokenizer, description = mmlu.load_eval_model(run_dir)
+    model, tokenizer, description = load_eval_model(run_dir)
     assert isinstance(model, PeftModel)
     assert "LoRA adapter on" in description
     data = {"nutrition": fixture_data["nutrition"]}
-    tuned = mmlu.score_mmlu(model, tokenizer, data, shots=1)
-    expected = mmlu.score_mmlu(peft_model.eval(), tokenizer, data, shots=1)
-    plain = mmlu.score_mmlu(tiny[0], tiny[1], data, shots=1)
+    tuned = score_mmlu(model, tokenizer, data, shots=1)
+    expected = score_mmlu(peft_model.eval(), tokenizer, data, shots=1)
+    plain = score_mmlu(tiny[0], tiny[1], data, shots=1)
     assert [v for p in tuned for v in p.loglik] == pytest.approx([v for p in expected for v in p.loglik], abs=1e-5)
     changes = [abs(a - b) for t, p in zip(tuned, plain, strict=True) for a, b in zip(t.loglik, p.loglik, strict=True)]
     assert max(changes) > 1e-3
     with pytest.raises(UsageError, match="trained on a none base"):
-        mmlu.load_eval_model(run_dir, "nf4")
+        load_eval_model(run_dir, "nf4")
 
     # A complete evaluation of a run is kept with it.
     code, _, err = _cli(["eval", "--mmlu", "--model", str(run_dir), "--data-dir", str(FIXTURE), "--shots", "1"], capsys)
@@ -270,10 +283,10 @@ def test_run_dir_loads_base_plus_adapter(tiny_llama_dir: Path, tmp_path: Path, t
 
 
 def test_four_bit_base_loads_and_scores(tiny_llama_dir: Path, fixture_data) -> None:
-    model, tokenizer, description = mmlu.load_eval_model(tiny_llama_dir, "nf4")
+    model, tokenizer, description = load_eval_model(tiny_llama_dir, "nf4")
     assert description.endswith("(nf4)")
     assert any(type(m).__name__ == "Linear4bit" for m in model.modules())
-    preds = mmlu.score_mmlu(model, tokenizer, {"nutrition": fixture_data["nutrition"]}, shots=1)
+    preds = score_mmlu(model, tokenizer, {"nutrition": fixture_data["nutrition"]}, shots=1)
     assert len(preds) == 4 and all(math.isfinite(v) for p in preds for v in p.loglik)
 
 
@@ -329,8 +342,8 @@ def test_missing_dev_file_is_named(tmp_path: Path) -> None:
     data_dir = _bad_data(tmp_path, "Q?,a,b,c,d,B\n")
     (data_dir / "dev" / "anatomy_dev.csv").unlink()
     with pytest.raises(UsageError, match=r"dev/anatomy_dev.csv: file not found; the few-shot examples come from it"):
-        mmlu.load_mmlu(data_dir)
-    assert mmlu.load_mmlu(data_dir, shots=0)["anatomy"].questions[0].answer == 1
+        load_mmlu(data_dir)
+    assert load_mmlu(data_dir, shots=0)["anatomy"].questions[0].answer == 1
 
 
 # ------------------------------------------------------------------------------------------------ real MMLU
@@ -338,14 +351,23 @@ def test_missing_dev_file_is_named(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_embedded_model_on_real_mmlu(embedded_model_dir: Path, shared_dir: Path) -> None:
-    model, tokenizer, _ = mmlu.load_eval_model(embedded_model_dir)
+    model, tokenizer, _ = load_eval_model(embedded_model_dir)
     data_dir = shared_dir / "data" / "mmlu"
     subjects = ["marketing", "high_school_geography"]
-    data = mmlu.load_mmlu(data_dir, subjects=subjects, limit=4)
-    preds = mmlu.score_mmlu(model, tokenizer, data, shots=5, batch_size=4)
+    data = load_mmlu(data_dir, subjects=subjects, limit=4)
+    preds = score_mmlu(model, tokenizer, data, shots=5, batch_size=4)
     assert len(preds) == 8 and all(p.shots == 5 for p in preds)
     # A real model that understands the format puts most of its next-token mass on the four letters.
     mass = [sum(math.exp(v) for v in p.loglik) for p in preds]
     assert min(mass) > 0.5, mass
-    result = mmlu.summarize(preds, shots=5, split="test")
-    assert result["overall"]["n"] == 8 and 0 <= result["overall"]["acc"] <= 1
+    result = summarize(preds, shots=5, split="test")
+    assert result["overall"]["n"] == 8
+    # The accuracies are the counts of predictions that match the gold letter.
+    assert result["overall"]["acc"] == sum(p.pred == p.gold for p in preds) / 8
+    for subject in subjects:
+        mine = [p for p in preds if p.subject == subject]
+        assert result["subjects"][subject] == {
+            "acc": sum(p.pred == p.gold for p in mine) / 4,
+            "n": 4,
+            "category": category_of(subject),
+        }

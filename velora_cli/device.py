@@ -34,3 +34,13 @@ def compute_dtype(requested: str = "auto", device: torch.device | None = None) -
 
 def dtype_name(dtype: torch.dtype) -> str:
     return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def world_size() -> int:
+    """Processes in this run (torchrun sets WORLD_SIZE; 1 otherwise)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0: the process that writes files and prints."""
+    return int(os.environ.get("RANK", "0")) == 0

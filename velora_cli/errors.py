@@ -1,6 +1,12 @@
-"""The error types every command raises; the CLI turns them into one line and an exit code."""
+"""The error types every command raises, and the did-you-mean hint their messages share.
+
+The CLI turns a VeloraError into one line on stderr and its exit code; nothing here imports the rest of velora_cli.
+"""
 
 from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
 
 
 class VeloraError(Exception):
@@ -25,3 +31,9 @@ class DataError(UsageError):
 
 class TrainingAborted(VeloraError):
     """Training stopped for a reason the user must look at (non-finite loss, out of memory)."""
+
+
+def did_you_mean(word: str, options: Iterable[str], cutoff: float = 0.6) -> str:
+    """' (did you mean 'x'?)' for the closest of `options` to a misspelt `word`, or '' when none is close."""
+    close = difflib.get_close_matches(word, list(options), n=1, cutoff=cutoff)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -28,29 +28,32 @@ into place at the end; with --force the old export is only moved away once the n
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from velora_cli.device import DTYPES, dtype_name
 from velora_cli.errors import UsageError, VeloraError
-from velora_cli.memstats import parse_bytes
-from velora_cli.models import ModelSource, first_line, load_base_model, load_config, resolve_model
-from velora_cli.rundir import (
+from velora_cli.memstats import human_bytes, parse_bytes
+from velora_cli.models import ModelSource, first_line, load_config, load_unquantized_base, resolve_model
+from velora_cli.recipe import read_run_recipe
+from velora_cli.runs import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     MMLU_FILE,
     RECIPE_FILE,
     SUMMARY_FILE,
+    RunDescription,
+    RunSummary,
     adapter_dir,
-    read_recipe,
+    staged_dir,
 )
 
 DEFAULT_DIR = "merged"
@@ -91,14 +94,8 @@ class _Steps:
 
 
 @contextmanager
-def _steps(progress: Any, total: int) -> Iterator[_Steps]:
-    """Use the caller's rich Progress (the pipeline's display) or show our own on stderr."""
-    if progress is not None:
-        yield _Steps(progress, total)
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
+def _steps(total: int) -> Iterator[_Steps]:
+    """A progress display on stderr (on a terminal only) whose task says which step the export is in."""
     console = Console(stderr=True)
     own = Progress(
         SpinnerColumn(),
@@ -147,51 +144,7 @@ def _check_target(target: Path, run_dir: Path, force: bool) -> None:
         raise UsageError(f"--out {target}: directory exists and is not empty; pass --force to replace it")
 
 
-def _install(staging: Path, target: Path) -> None:
-    """Move the finished export into place; an existing target is moved aside first and deleted last."""
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}-old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        if old is not None:
-            os.replace(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # ------------------------------------------------------------------------------------------------- merging
-
-
-def _load_base(source: ModelSource, config, dtype: torch.dtype, trust_remote_code: bool):
-    if getattr(config, "quantization_config", None) is None:
-        return load_base_model(source, quantization="none", compute=dtype, trust_remote_code=trust_remote_code)
-    # A pre-quantised checkpoint (e.g. a *-bnb-4bit hub model) only loads with its own quantisation. Merging into
-    # it would round the delta into 4-bit blocks, so dequantise first (transformers then drops quantization_config).
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, trust_remote_code=trust_remote_code)
-        model = model.dequantize(dtype=dtype)
-    except (OSError, NotImplementedError, ValueError) as exc:
-        raise UsageError(
-            f"base model {source.reference!r} is pre-quantised and cannot be dequantised: {first_line(exc)}"
-        ) from exc
-    # save_pretrained reverses the weight conversions recorded while loading, and the bitsandbytes deserialiser has
-    # no reverse (NotImplementedError, even after dequantize(); huggingface/transformers PR #45743). The dequantised
-    # weights are plain tensors under their plain names, so such conversions have nothing left to undo.
-    kept = []
-    for conversion in getattr(model, "_weight_conversions", None) or []:
-        try:
-            conversion.reverse_transform()
-        except NotImplementedError:
-            continue
-        kept.append(conversion)
-    model._weight_conversions = kept
-    return model
 
 
 def _load_adapter(model, adapter_path: Path):
@@ -279,18 +232,17 @@ def model_card(
         front.append(f"base_model: {base}")
     front += ["tags:", "- velora", "- lora", "- qlora" if quantised else "- peft", "---"]
     where = "the final adapter" if adapter_path == run_dir else f"`{adapter_path.name}`"
-    velora = recipe.velora
+    description = RunDescription.of(recipe)
+    velora = description.velora
     lines = [
         *front,
         "",
         f"# {name}",
         "",
-        f"Base model: `{base}`. LoRA r={recipe.lora.r}, alpha={recipe.lora.alpha:g} on "
-        f"{', '.join(recipe.lora.module_names)}; trained "
+        f"Base model: `{base}`. LoRA {description.lora.text()}; trained "
         + ("on the unquantised base" if not quantised else f"with the base quantised to {recipe.model.quantization}")
         + (
-            f" and VeLoRA activation compression on {', '.join(velora.module_names)}"
-            f" (init {velora.init}, {velora.num_groups or 'M=' + str(velora.subtoken_size)} groups)."
+            f" and VeLoRA activation compression on {', '.join(velora.layers)} (init {velora.init}, {velora.grouping})."
             if velora.enabled
             else "."
         ),
@@ -329,9 +281,9 @@ def model_card(
                 "The adapter was trained against the quantised base and merged into the unquantised one (the usual "
                 "QLoRA deployment), so outputs match the adapter applied to the full-precision base.",
             ]
-    summary = _read_json(run_dir / SUMMARY_FILE)
+    summary = RunSummary.load(run_dir)
     if summary is not None:
-        lines += ["", "## Training summary", "", _table(summary, SUMMARY_FILE)]
+        lines += ["", "## Training summary", "", _table(summary.as_dict(), SUMMARY_FILE)]
     mmlu = _read_json(run_dir / MMLU_FILE)
     if mmlu is not None:
         lines += ["", "## Evaluation: MMLU", "", _table(mmlu, MMLU_FILE)]
@@ -351,12 +303,10 @@ def export_run(
     max_shard_size: str | int = "5GB",
     adapter_only: bool = False,
     force: bool = False,
-    progress: Any = None,
 ) -> Path:
     """Export a run's adapter (merged into its base, or as is with `adapter_only`); return the export dir.
 
-    `progress` is an optional rich Progress to report into (the pipeline's display); without it the export
-    shows its own on stderr. Every input problem raises UsageError before anything is written.
+    Every input problem raises UsageError before anything is written.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -366,7 +316,7 @@ def export_run(
     adapter_path = adapter_dir(run_dir, checkpoint)
     if not (adapter_path / ADAPTER_WEIGHTS).is_file():
         raise UsageError(f"{adapter_path}: {ADAPTER_WEIGHTS} missing beside {ADAPTER_CONFIG}")
-    recipe = read_recipe(run_dir)
+    recipe = read_run_recipe(run_dir)
     target = Path(out) if out is not None else default_out(run_dir, checkpoint, adapter_only)
     _check_target(target, run_dir, force)
     trust = recipe.model.trust_remote_code
@@ -374,41 +324,34 @@ def export_run(
     source = resolve_model(recipe.model.name)
     base_config = load_config(source, trust_remote_code=trust)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-staging-", dir=target.parent))
-    try:
-        with _quiet_transformers(), _steps(progress, total=2 if adapter_only else 5) as steps:
-            if adapter_only:
-                steps.start(f"copying adapter from {adapter_path}")
-                for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-                    shutil.copy2(adapter_path / name, staging / name)
-            else:
-                steps.start(f"loading {recipe.model.name} ({dtype})")
-                model = _load_base(source, base_config, torch_dtype, trust)
-                steps.start(f"loading adapter from {adapter_path}")
-                peft_model = _load_adapter(model, adapter_path)
-                steps.start("merging LoRA into the base weights")
-                merged = _merge(peft_model, adapter_path)
-                merged.config.use_cache = True
-                steps.start(f"saving {dtype} safetensors")
-                merged.save_pretrained(staging, max_shard_size=shard_bytes)
-                del merged, peft_model, model
-            steps.start("saving tokenizer and model card")
-            _save_tokenizer([adapter_path, run_dir], source, staging, trust)
-            card = model_card(
-                recipe=recipe,
-                recipe_text=(run_dir / RECIPE_FILE).read_text(encoding="utf-8"),
-                run_dir=run_dir,
-                adapter_path=adapter_path,
-                dtype=None if adapter_only else dtype_name(torch_dtype),
-                adapter_only=adapter_only,
-            )
-            (staging / "README.md").write_text(card, encoding="utf-8")
-            steps.finish()
-        _install(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with staged_dir(target) as staging, _quiet_transformers(), _steps(total=2 if adapter_only else 5) as steps:
+        if adapter_only:
+            steps.start(f"copying adapter from {adapter_path}")
+            for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+                shutil.copy2(adapter_path / name, staging / name)
+        else:
+            steps.start(f"loading {recipe.model.name} ({dtype})")
+            model = load_unquantized_base(source, base_config, torch_dtype, trust)
+            steps.start(f"loading adapter from {adapter_path}")
+            peft_model = _load_adapter(model, adapter_path)
+            steps.start("merging LoRA into the base weights")
+            merged = _merge(peft_model, adapter_path)
+            merged.config.use_cache = True
+            steps.start(f"saving {dtype} safetensors")
+            merged.save_pretrained(staging, max_shard_size=shard_bytes)
+            del merged, peft_model, model
+        steps.start("saving tokenizer and model card")
+        _save_tokenizer([adapter_path, run_dir], source, staging, trust)
+        card = model_card(
+            recipe=recipe,
+            recipe_text=(run_dir / RECIPE_FILE).read_text(encoding="utf-8"),
+            run_dir=run_dir,
+            adapter_path=adapter_path,
+            dtype=None if adapter_only else dtype_name(torch_dtype),
+            adapter_only=adapter_only,
+        )
+        (staging / "README.md").write_text(card, encoding="utf-8")
+        steps.finish()
     return target
 
 
@@ -423,10 +366,6 @@ def run_export(
     force: bool = False,
 ) -> None:
     """`velora export`: export, then say what was written."""
-    import typer
-
-    from velora_cli.memstats import human_bytes
-
     target = export_run(
         run_dir,
         out,

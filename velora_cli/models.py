@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +22,7 @@ import torch
 
 from velora_cli.device import compute_dtype
 from velora_cli.errors import RecipeError, UsageError
+from velora_cli.runs import staged_dir
 from velora_cli.velora import VeloraConfigError, apply_velora
 
 EMBEDDED_MODELS = {
@@ -72,22 +71,14 @@ def convert_gguf(gguf_path: Path) -> Path:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with staged_dir(target) as staging:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
-        )
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
         # The dequantised weights are ordinary fp32 tensors; drop the GGUF quantizer so they save as such.
         del model.config.quantization_config
         model.hf_quantizer = None
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
@@ -218,20 +209,11 @@ def build_training_model(recipe, device: torch.device, tokenizer=None):
 
     Returns (model, tokenizer, names of the VeLoRA-compressed layers).
     """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
 
     source = resolve_model(recipe.model.name)
     tokenizer = tokenizer or load_tokenizer(source, recipe.model.trust_remote_code)
-    compute = compute_dtype(recipe.model.compute_dtype, device)
-    model = load_base_model(
-        source,
-        quantization=recipe.model.quantization,
-        compute=compute,
-        double_quant=recipe.model.double_quant,
-        device=device,
-        trust_remote_code=recipe.model.trust_remote_code,
-        attn_implementation=recipe.model.attn_implementation,
-    )
+    model = load_recipe_base(recipe.model, device, source)
     checkpointing = recipe.train.gradient_checkpointing
     if recipe.model.quantization != "none":
         loaded_dtypes = {name: p.dtype for name, p in model.named_parameters()}
@@ -252,6 +234,18 @@ def build_training_model(recipe, device: torch.device, tokenizer=None):
         model.enable_input_require_grads()
     if checkpointing:
         model.config.use_cache = False
+    model, compressed = attach_adapters(model, recipe)
+    return model, tokenizer, compressed
+
+
+def attach_adapters(model, recipe):
+    """PEFT LoRA and then VeLoRA on a base model, as the recipe says; errors name the recipe field.
+
+    Also run on a weightless meta-device model by `finetune --dry-run`, so shapes are checked by the very code
+    that trains. Returns (PEFT model, names of the VeLoRA-compressed layers).
+    """
+    from peft import LoraConfig, get_peft_model
+
     lora = LoraConfig(
         r=recipe.lora.r,
         lora_alpha=recipe.lora.alpha,
@@ -270,4 +264,47 @@ def build_training_model(recipe, device: torch.device, tokenizer=None):
             compressed = apply_velora(model, recipe.velora.to_config(), mode="lora")
         except VeloraConfigError as exc:
             raise RecipeError(f"velora.{exc}") from None
-    return model, tokenizer, compressed
+    return model, compressed
+
+
+def load_recipe_base(model_section, device: torch.device, source: ModelSource | None = None):
+    """The base model exactly as a recipe's `model` section trains it (quantisation, compute dtype, attention)."""
+    return load_base_model(
+        source or resolve_model(model_section.name),
+        quantization=model_section.quantization,
+        compute=compute_dtype(model_section.compute_dtype, device),
+        double_quant=model_section.double_quant,
+        device=device,
+        trust_remote_code=model_section.trust_remote_code,
+        attn_implementation=model_section.attn_implementation,
+    )
+
+
+def load_unquantized_base(source: ModelSource, config, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The base in `dtype` without quantisation, for merging an adapter into; a pre-quantised checkpoint (e.g. a
+    *-bnb-4bit hub model) is dequantised, since merging into it would round the delta into 4-bit blocks."""
+    if getattr(config, "quantization_config", None) is None:
+        return load_base_model(source, quantization="none", compute=dtype, trust_remote_code=trust_remote_code)
+    # A pre-quantised checkpoint only loads with its own quantisation: load it so, then dequantise (transformers
+    # then drops quantization_config).
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = model.dequantize(dtype=dtype)
+    except (OSError, NotImplementedError, ValueError) as exc:
+        raise UsageError(
+            f"base model {source.reference!r} is pre-quantised and cannot be dequantised: {first_line(exc)}"
+        ) from exc
+    # save_pretrained reverses the weight conversions recorded while loading, and the bitsandbytes deserialiser has
+    # no reverse (NotImplementedError, even after dequantize(); huggingface/transformers PR #45743). The dequantised
+    # weights are plain tensors under their plain names, so such conversions have nothing left to undo.
+    kept = []
+    for conversion in getattr(model, "_weight_conversions", None) or []:
+        try:
+            conversion.reverse_transform()
+        except NotImplementedError:
+            continue
+        kept.append(conversion)
+    model._weight_conversions = kept
+    return model

@@ -6,15 +6,15 @@ misspelt keys), raised as RecipeError (exit code 2) before anything is written.
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from velora_cli.errors import RecipeError
+from velora_cli.errors import RecipeError, UsageError, did_you_mean
 from velora_cli.models import DEFAULT_MODEL
+from velora_cli.runs import RECIPE_FILE
 from velora_cli.velora.config import (
     DEFAULT_NUM_GROUPS,
     INIT_TYPES,
@@ -189,11 +189,6 @@ class Recipe(Section):
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def _did_you_mean(word: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
 def _section_fields(loc: tuple[Any, ...]) -> list[str]:
     model: type[BaseModel] = Recipe
     for part in loc:
@@ -209,7 +204,7 @@ def _format_error(source: str, error: dict[str, Any]) -> str:
     dotted = ".".join(str(p) for p in loc)
     kind = error["type"]
     if kind == "extra_forbidden":
-        hint = _did_you_mean(str(loc[-1]), _section_fields(loc[:-1]))
+        hint = did_you_mean(str(loc[-1]), _section_fields(loc[:-1]))
         return f"{source}: unknown field {dotted!r}{hint}"
     if kind == "missing":
         return f"{source}: missing required field {dotted!r}"
@@ -279,6 +274,14 @@ def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
         return Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(_format_error(source, exc.errors()[0])) from None
+
+
+def read_run_recipe(run_dir: Path) -> Recipe:
+    """The resolved recipe a run was trained with (RUN_DIR/recipe.yaml)."""
+    path = run_dir / RECIPE_FILE
+    if not path.is_file():
+        raise UsageError(f"{run_dir}: {RECIPE_FILE} missing; is this a velora run directory?")
+    return load_recipe(path)
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -12,32 +12,28 @@ order and DDP under torchrun. This module adds what it lacks for this tool:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
 import shutil
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer import TRAINER_STATE_NAME
+from transformers import PrinterCallback, Trainer, TrainingArguments
 
-from velora_cli import rundir
+from velora_cli import runs
+from velora_cli.callbacks import InterruptHandler, RunMonitor, StepGuard
 from velora_cli.data import load_records, make_collator, split_validation, tokenize_records
-from velora_cli.device import default_device, dtype_name
-from velora_cli.display import TrainingDisplay
+from velora_cli.device import default_device, dtype_name, is_main_process, world_size
 from velora_cli.errors import RecipeError, TrainingAborted, UsageError
 from velora_cli.memstats import human_bytes, memory_stats, reset_peak
 from velora_cli.models import build_training_model
 from velora_cli.recipe import Recipe, dump_recipe
+from velora_cli.report import TrainingDisplay
 from velora_cli.velora import (
-    VECTORS_FILE,
-    ActivationMeter,
     VeloraCallback,
     save_velora_vectors,
     velora_saving_per_token,
@@ -60,173 +56,6 @@ def rng_preserved():
         yield
     random.setstate(py_state)
     np.random.set_state(np_state)
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-# ------------------------------------------------------------------------------------------------ guards
-
-
-class StepGuard(TrainerCallback):
-    """Hooks on the model's forward, so the stock Trainer needs no subclass: the first training forward is
-    measured with the ActivationMeter (what this configuration keeps for backward), and a non-finite loss stops
-    the run before its backward pass, so no checkpoint ever holds the weights it would produce."""
-
-    def __init__(self, run_dir: Path, measure: bool, velora: bool) -> None:
-        self.run_dir = run_dir
-        self.velora = velora
-        # The meter cannot see inside non-reentrant checkpointed regions, and wrapping them in its
-        # saved-tensor hooks made host memory grow without bound (17 GB on SmolLM2 at 4 x 128 tokens).
-        self.measure = measure
-        self.activation_bytes_per_token: float | None = None
-        self._meter: ActivationMeter | None = None
-        self._tokens = 0
-        self._step = 0
-        self._handles: list[Any] = []
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._handles = [
-            model.register_forward_pre_hook(self._before, with_kwargs=True),
-            model.register_forward_hook(self._after, always_call=True),
-        ]
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._step = state.global_step + 1
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.remove()
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def _before(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.measure and self.activation_bytes_per_token is None and module.training and torch.is_grad_enabled():
-            mask = kwargs.get("attention_mask")
-            self._tokens = int(mask.sum()) if mask is not None else int(kwargs["input_ids"].numel())
-            self._meter = ActivationMeter(module).__enter__()
-
-    def _after(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        if self._meter is not None:
-            meter, self._meter = self._meter, None
-            meter.__exit__(None, None, None)
-            if output is not None:
-                self.activation_bytes_per_token = meter.per_token(self._tokens)
-        loss = getattr(output, "loss", None)
-        if module.training and loss is not None and not torch.isfinite(loss.detach()).all():
-            last = resumable_checkpoints(self.run_dir, self.velora)
-            kept = f"last good checkpoint: {last[-1]}" if last else "no checkpoint was written yet"
-            raise TrainingAborted(
-                f"loss became {loss.item()} at step {self._step}; training stopped ({kept}). "
-                "Lower train.learning_rate or check the data."
-            )
-
-
-def resumable_checkpoints(run_dir: Path, velora: bool = False) -> list[Path]:
-    """Checkpoints a run can resume from, oldest first. The Trainer writes trainer_state.json last and the
-    VeloraCallback adds the projection vectors after it, so a checkpoint killed half-way lacks one of them."""
-    return [
-        path
-        for path in rundir.checkpoints(run_dir)
-        if (path / TRAINER_STATE_NAME).is_file() and (not velora or (path / VECTORS_FILE).is_file())
-    ]
-
-
-# ---------------------------------------------------------------------------------------------- callbacks
-
-
-class RunMonitor(TrainerCallback):
-    """Turns Trainer logs into records (throughput, memory) for metrics.jsonl and the display."""
-
-    def __init__(self, metrics_path: Path, display: TrainingDisplay | None, device: torch.device, guard: StepGuard):
-        self.metrics_path = metrics_path
-        self.display = display
-        self.device = device
-        self.guard = guard
-        self.last_time = time.monotonic()
-        self.last_tokens = 0
-        self.last_step = 0
-        self.history: list[dict[str, Any]] = []
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.last_time, self.last_tokens, self.last_step = (
-            time.monotonic(),
-            state.num_input_tokens_seen,
-            state.global_step,
-        )
-        if self.display and state.is_world_process_zero:
-            self.display.step = state.global_step
-            self.display.start()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.display and state.is_world_process_zero:
-            self.display.tick(state.global_step)
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        record: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
-        for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
-            if key in logs:
-                record[key] = float(logs[key])
-        now = time.monotonic()
-        if "loss" in logs and state.global_step > self.last_step:
-            elapsed = max(now - self.last_time, 1e-9)
-            tokens = state.num_input_tokens_seen - self.last_tokens
-            steps = state.global_step - self.last_step
-            record["tokens_per_second"] = tokens / elapsed  # num_input_tokens_seen is already summed over ranks
-            record["samples_per_second"] = (
-                steps * args.train_batch_size * args.gradient_accumulation_steps * world_size() / elapsed
-            )
-            self.last_time, self.last_tokens, self.last_step = now, state.num_input_tokens_seen, state.global_step
-        stats = memory_stats(self.device)
-        record["memory_bytes"] = stats.as_dict()
-        record["memory"] = stats.short()
-        if self.guard.activation_bytes_per_token is not None:
-            record["activation_bytes_per_token"] = self.guard.activation_bytes_per_token
-        self.history.append(record)
-        with self.metrics_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({k: v for k, v in record.items() if k != "memory"}) + "\n")
-        if self.display:
-            self.display.update(record)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.display and state.is_world_process_zero:
-            self.display.stop()
-
-
-class InterruptHandler(TrainerCallback):
-    """Ctrl-C (SIGINT) or SIGTERM: finish the current step, save a checkpoint, stop cleanly."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def _request(self, signum, frame) -> None:
-        if self.requested:  # a second Ctrl-C means "now"
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._request)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.requested:
-            control.should_save = True
-            control.should_training_stop = True
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
 
 
 # ------------------------------------------------------------------------------------------------ session
@@ -428,16 +257,16 @@ class FinetuneSession:
     # -- train
     def train(self, resume: bool = True, display: bool = True) -> TrainResult:
         assert self.plan is not None, "call setup() first"
-        checkpoints = resumable_checkpoints(self.run_dir, bool(self.compressed)) if resume else []
+        checkpoints = runs.resumable_checkpoints(self.run_dir, bool(self.compressed)) if resume else []
         resume_from = checkpoints[-1] if checkpoints else None
         if resume and is_main_process():
             # A checkpoint killed half-way cannot be resumed from, and the Trainer's rotation would count it.
             for path in self.run_dir.glob("checkpoint-*"):
-                if rundir.CHECKPOINT_RE.match(path.name) and path not in checkpoints:
+                if runs.CHECKPOINT_RE.match(path.name) and path not in checkpoints:
                     shutil.rmtree(path, ignore_errors=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if not checkpoints:
-            (self.run_dir / rundir.METRICS_FILE).unlink(missing_ok=True)  # a fresh run starts a fresh log
+            (self.run_dir / runs.METRICS_FILE).unlink(missing_ok=True)  # a fresh run starts a fresh log
         viewer = None
         if display and is_main_process():
             notes = {
@@ -447,7 +276,7 @@ class FinetuneSession:
                 notes["VeLoRA"] = f"{len(self.compressed)} layers compressed"
             viewer = TrainingDisplay(self.recipe.name or self.run_dir.name, self.plan.steps, notes)
         interrupt = self.interrupt
-        monitor = RunMonitor(self.run_dir / rundir.METRICS_FILE, viewer, self.device, self.guard)
+        monitor = RunMonitor(self.run_dir / runs.METRICS_FILE, viewer, self.device, self.guard)
         self.trainer.add_callback(monitor)
         saving = velora_saving_per_token(self.model)  # predicted from dtypes now; measured after training
         if viewer and saving:
@@ -495,6 +324,7 @@ class FinetuneSession:
     # -- save
     def save(self) -> None:
         """Adapter, tokenizer, resolved recipe, VeLoRA vectors: staged, then renamed into the run dir."""
+        # Not one staged rename: the files join an existing directory (checkpoints, metrics), so each is renamed in.
         if not is_main_process():
             return
         staging = self.run_dir / STAGING / "final"
@@ -503,7 +333,7 @@ class FinetuneSession:
         model = self.trainer.accelerator.unwrap_model(self.model) if self.trainer else self.model
         model.save_pretrained(staging)
         self.tokenizer.save_pretrained(staging)
-        (staging / rundir.RECIPE_FILE).write_text(dump_recipe(self.recipe), encoding="utf-8")
+        (staging / runs.RECIPE_FILE).write_text(dump_recipe(self.recipe), encoding="utf-8")
         save_velora_vectors(model, staging)
         for item in staging.iterdir():
             target = self.run_dir / item.name

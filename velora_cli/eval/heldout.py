@@ -9,11 +9,10 @@ bitsandbytes 4-bit model dequantises every weight on every forward).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from velora_cli.data import IGNORE_INDEX, make_collator, tokenize_record
+from velora_cli.runs import HeldoutScore
 
 
 @torch.no_grad()
@@ -26,9 +25,9 @@ def exact_match(
     cutoff_len: int = 512,
     system_prompt: str | None = None,
     batch_size: int = 16,
-) -> dict[str, Any]:
-    """{"exact_match", "loss" (mean cross-entropy over answer tokens), "n", "examples": the first few
-    (instruction, expected, greedy answer prefix, correct)}."""
+) -> HeldoutScore:
+    """Exact match, loss (mean cross-entropy over answer tokens), n, and the first few examples (instruction,
+    expected, greedy answer prefix, correct)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -66,9 +65,7 @@ def exact_match(
                                      "correct": bool(hits[i])})  # fmt: skip
     finally:
         model.train(was_training)
-    return {
-        "exact_match": correct / max(1, len(records)),
-        "loss": loss_sum / max(1, loss_tokens),
-        "n": len(records),
-        "examples": examples,
-    }
+    return HeldoutScore(
+        exact_match=correct / max(1, len(records)), loss=loss_sum / max(1, loss_tokens), n=len(records),
+        examples=examples,
+    )  # fmt: skip

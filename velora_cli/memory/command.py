@@ -1,0 +1,101 @@
+"""`velora memory-estimate`: resolve what to estimate, estimate it, optionally measure it, report and save.
+
+Owns turning the command line (a recipe, or --model / --preset with --set / --batch / --seq shortcuts, and
+--gpu-mem) into a Recipe, an Arch and Settings; it leaves the arithmetic to memory.estimate, the real run to
+memory.measure and the tables to report.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from velora_cli import report
+from velora_cli.device import default_device
+from velora_cli.errors import UsageError
+from velora_cli.memory.arch import arch_for, preset_config
+from velora_cli.memory.estimate import (
+    Estimate,
+    estimate,
+    largest_fitting,
+    paper_totals,
+    settings_from_recipe,
+    to_json,
+    variants,
+)
+from velora_cli.memory.measure import measure_training
+from velora_cli.memstats import parse_bytes
+from velora_cli.recipe import Recipe, apply_overrides, load_recipe, validate_recipe
+from velora_cli.runs import write_json_atomic
+
+
+def parse_memory(text: str, what: str = "--gpu-mem") -> int:
+    """'24GiB' -> bytes. GiB/MiB (and bare G/M) are binary, GB/MB decimal."""
+    return parse_bytes(text or "", what, "24GiB, 80GB or 40960MiB")
+
+
+def _default_recipe(model: str | None) -> Recipe:
+    data: dict[str, Any] = {"data": {"path": "unused.json"}}
+    if model:
+        data["model"] = {"name": model}
+    return Recipe.model_validate(data)
+
+
+def resolve_inputs(
+    recipe: Path | None, model: str | None, preset: str | None, overrides: list[str], batch: int | None, seq: int | None
+):
+    """(recipe, arch): from a recipe file, or the recipe defaults with --model/--preset; CLI shortcuts applied."""
+    if model and preset:
+        raise UsageError("give either --model or --preset, not both")
+    if preset is not None:
+        preset_config(preset)  # fails early with a did-you-mean
+    extra = list(overrides)
+    if batch is not None:
+        extra.append(f"train.micro_batch_size={batch}")
+        extra.append(f"train.batch_size={batch}")  # keep batch_size a multiple; accumulation does not change memory
+    if seq is not None:
+        extra.append(f"data.cutoff_len={seq}")
+    if recipe is not None:
+        rec = load_recipe(recipe, extra)
+    else:
+        rec = _default_recipe(model)
+        data = apply_overrides(rec.model_dump(mode="json"), extra)
+        rec = validate_recipe(data, source="--set")
+    if preset is not None:
+        return rec, arch_for(preset=preset)
+    return rec, arch_for(model=model or rec.model.name, trust_remote_code=rec.model.trust_remote_code)
+
+
+def run_memory_estimate(
+    *,
+    recipe: Path | None,
+    model: str | None,
+    preset: str | None,
+    overrides: list[str],
+    batch: int | None,
+    seq: int | None,
+    gpu_mem: str | None,
+    measure: bool,
+    json_path: Path | None,
+) -> Estimate:
+    budget = parse_memory(gpu_mem) if gpu_mem is not None else None
+    rec, arch = resolve_inputs(recipe, model, preset, overrides, batch, seq)
+    s = settings_from_recipe(rec, device="cuda")
+    velora_layers = tuple(rec.velora.module_names)
+    est = estimate(arch, s)
+    largest = None
+    if budget is not None:
+        largest = (largest_fitting(arch, s, budget, "batch"), largest_fitting(arch, s, budget, "seq", limit=1 << 18))
+    report.print_estimate(est, variants(arch, s, velora_layers), budget, largest, paper_totals(arch, s, velora_layers))
+    if measure:
+        if preset is not None:
+            raise UsageError("--measure needs real weights: use a recipe or --model, not --preset")
+        run_s = settings_from_recipe(rec, device=default_device().type)
+        measured = measure_training(rec, run_s)
+        run_est = estimate(arch, run_s)
+        report.print_measured(run_est, measured)
+        est.measured = {k: v for k, v in measured.items() if k != "by_op"}
+        est.measured["estimated_saved_for_backward"] = int(run_est.act.meter_view)
+    if json_path is not None:
+        write_json_atomic(json_path, to_json(est))
+    return est

@@ -46,4 +46,4 @@ def test_bad_model_references_fail_with_one_line(reference: str, message: str) -
 
 def test_hub_ids_pass_through_unchanged() -> None:
     source = resolve_model("huggyllama/llama-7b")
-    assert source.path == "huggyllama/llama-7b" and not source.is_local
+    assert source.path == "huggyllama/llama-7b" and not Path(source.path).exists()

@@ -1,0 +1,218 @@
+"""apply_lean: put the chunked loss, lean ops, selective recompute and offload into a loaded causal LM, in place.
+
+Model patching is kept apart from the ops (ops.py, loss.py) and the module forwards (modules.py), as Liger Kernel
+keeps `monkey_patch.py` apart from its kernels. Everything is instance-level (the model's own modules get new
+`forward`s; its classes, weights, parameter names and adapters do not change), so it composes with PEFT LoRA
+(the projections stay whatever they are: LoRA layers, VeLoRA A's, bitsandbytes 4-bit bases) and can be undone
+with `remove_lean` or re-applied with other settings (each call starts from the unpatched model).
+
+Supported: transformers' LlamaForCausalLM and the classes built from the same blocks (Mistral, Qwen2, Qwen3:
+`model.layers[i].mlp.{gate,up,down}_proj` with SiLU, RMSNorm computed like LlamaRMSNorm, a bias-free lm_head and
+ForCausalLMLoss), bare or inside a PeftModel. Anything else raises a ValueError naming its class: a look-alike
+with another norm (Gemma's 1 + w) or a fused gate_up_proj (Phi-3) would silently compute something else.
+
+Saved-for-backward tensors each technique removes (per token, per decoder layer unless said otherwise; b = bytes
+per element of the activations, H hidden, I intermediate, V vocabulary, L layers):
+
+- loss="chunked": the fp32 log-softmax (4V) and, in bf16/fp16, nothing else of the logits (their fp32 copy is
+  never saved by the stock path either); the lm_head input (bH, the final norm's output) is replaced by the saved
+  hidden gradient (bH + 8 for its row index) for tokens whose label counts, and nothing for ignored tokens. Once
+  per model, not per layer. A trainable lm_head adds a V x H weight gradient (its dtype) per step.
+- lean_ops: per RMSNorm (2 per layer + the final one): the normalised h (bH), and in bf16/fp16 the fp32 copy of x
+  (4H) becomes x itself (bH); keeps x and 1/rms (4 bytes). Per MLP: silu(gate) (bI).
+- checkpointing every:K: a checkpointed layer keeps only its input (bH) instead of everything the layer saves;
+  ceil(L / K) layers. all = every:1. mlp: per layer, everything the MLP saves except its input (which the
+  gate/up projections save anyway): gate, up, silu(gate) or the product, LoRA/VeLoRA intermediates of gate, up
+  and down; recompute costs one more MLP forward per layer.
+- offload: every saved tensor of the decoder stack of at least 1 KiB (checkpointed inputs included) moves to
+  pinned CPU memory; GPU memory keeps none of it between forward and backward (CUDA only).
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import nn
+
+from velora_cli.velora.lean import modules
+from velora_cli.velora.lean.loss import Backend, select_backend
+from velora_cli.velora.lean.recompute import (
+    Recompute,
+    apply_recompute,
+    check_offload_device,
+    offloaded,
+    parse_checkpointing,
+    restore_forward,
+    set_forward,
+)
+
+SUPPORTED_MODELS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+_CHECKPOINTED = "_lean_checkpointed"  # set on decoder layers whose checkpointing apply_lean turned on
+
+
+@dataclass
+class LeanReport:
+    """What apply_lean changed."""
+
+    model_class: str
+    loss: str
+    loss_backend: str | None
+    chunk_size: int | None
+    lean_ops: bool
+    ops_backend: str | None
+    norms_patched: int
+    mlps_patched: int
+    checkpointing: str
+    offload: bool
+    changes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return f"{self.model_class}: " + ("; ".join(self.changes) if self.changes else "unchanged")
+
+
+def find_causal_lm(model: nn.Module) -> nn.Module:
+    """The transformers causal LM inside `model` (itself, or under PeftModel / DDP wrappers)."""
+    current = model
+    for _ in range(6):
+        if type(current).__name__ in SUPPORTED_MODELS:
+            return current
+        if hasattr(current, "get_base_model"):  # peft.PeftModel
+            current = current.get_base_model()
+        elif isinstance(getattr(current, "module", None), nn.Module):  # DistributedDataParallel
+            current = current.module
+        else:
+            break
+    raise ValueError(
+        f"apply_lean: {type(current).__name__} is not supported; lean memory techniques know "
+        f"{', '.join(SUPPORTED_MODELS)} (LLaMA-family blocks)"
+    )
+
+
+def _check_structure(lm: nn.Module) -> None:
+    config = lm.config
+    name = type(lm).__name__
+    if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
+        raise ValueError(f"apply_lean: {name} uses hidden_act={config.hidden_act!r}; the SwiGLU op needs silu")
+    for index, layer in enumerate(lm.model.layers):
+        for attr in ("gate_proj", "up_proj", "down_proj"):
+            if not hasattr(layer.mlp, attr):
+                raise ValueError(f"apply_lean: {name} layer {index} MLP has no {attr}")
+
+
+def _check_head(lm: nn.Module) -> None:
+    head = lm.lm_head
+    if hasattr(head, "base_layer") and hasattr(head, "lora_A"):
+        raise ValueError("apply_lean: loss='chunked' does not support LoRA on lm_head; use loss='full'")
+    inner = getattr(head, "original_module", head)
+    if getattr(inner, "bias", None) is not None:
+        raise ValueError("apply_lean: loss='chunked' needs a bias-free lm_head")
+    if type(inner).__name__ == "Linear8bitLt":
+        raise ValueError("apply_lean: loss='chunked' does not support an 8-bit lm_head; use loss='full'")
+    loss_fn = getattr(lm, "loss_function", None)
+    if loss_fn is not None and getattr(loss_fn, "__name__", "") != "ForCausalLMLoss":
+        raise ValueError(f"apply_lean: {type(lm).__name__} uses the loss {loss_fn!r}, not ForCausalLMLoss")
+    if getattr(lm.config, "final_logit_softcapping", None):
+        raise ValueError("apply_lean: loss='chunked' does not implement final_logit_softcapping")
+
+
+def _liger_ops_usable(lm: nn.Module) -> bool:
+    from velora_cli.velora.lean.loss import _installed
+
+    devices = {p.device.type for p in lm.parameters()}
+    return devices == {"cuda"} and _installed("liger_kernel")
+
+
+def remove_lean(model: nn.Module) -> int:
+    """Undo apply_lean (forwards and the per-layer checkpointing it set); returns the number of modules restored."""
+    lm = find_causal_lm(model)
+    restored = 0
+    for module in lm.modules():
+        restored += restore_forward(module)
+        if module.__dict__.pop(_CHECKPOINTED, False):
+            module.gradient_checkpointing = False
+    if hasattr(lm, modules.LOSS_SETTINGS):
+        delattr(lm, modules.LOSS_SETTINGS)
+    return restored
+
+
+def apply_lean(
+    model: nn.Module,
+    *,
+    loss: Literal["chunked", "full"] = "chunked",
+    lean_ops: bool = True,
+    checkpointing: str | bool | None = "none",
+    offload: bool = False,
+    chunk_size: int | None = None,
+    loss_backend: Backend = "auto",
+) -> LeanReport:
+    """Patch `model` (a supported causal LM, or a PeftModel around one) in place; see the module docstring.
+
+    checkpointing: none | all | mlp | every:K. apply_lean owns the per-layer checkpointing switch: it turns
+    transformers' gradient checkpointing off on the layers it does not checkpoint, so call it after
+    `prepare_model_for_kbit_training` / `gradient_checkpointing_enable`, and do not set the Trainer's
+    `gradient_checkpointing` (it would turn every layer back on).
+    """
+    lm = find_causal_lm(model)
+    name = type(lm).__name__
+    # Validate everything before changing anything.
+    if loss not in ("chunked", "full"):
+        raise ValueError(f"apply_lean: loss={loss!r}: expected 'chunked' or 'full'")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"apply_lean: chunk_size={chunk_size!r}: expected a positive integer or None")
+    recompute: Recompute = parse_checkpointing(checkpointing)
+    _check_structure(lm)
+    if loss == "chunked":
+        _check_head(lm)
+    device = next(lm.parameters()).device
+    backend = select_backend(device, loss_backend) if loss == "chunked" else None
+    if offload:
+        check_offload_device(lm)
+
+    remove_lean(lm)
+    changes: list[str] = []
+    norms = mlps = 0
+    ops_backend = None
+    if lean_ops:
+        use_liger = _liger_ops_usable(lm)
+        ops_backend = "liger" if use_liger else "torch"
+        norm_forward = modules.liger_rms_norm_forward if use_liger else modules.rms_norm_forward
+        mlp_forward = modules.liger_swiglu_mlp_forward if use_liger else modules.swiglu_mlp_forward
+        for module in lm.modules():
+            if type(module).__name__ in SUPPORTED_NORMS:
+                set_forward(module, types.MethodType(norm_forward, module))
+                norms += 1
+        for layer in lm.model.layers:
+            set_forward(layer.mlp, types.MethodType(mlp_forward, layer.mlp))
+            mlps += 1
+        changes.append(f"lean RMSNorm on {norms} norms and SwiGLU on {mlps} MLPs ({ops_backend})")
+
+    changes += apply_recompute(lm.model.layers, recompute)
+    for index in recompute.layers(len(lm.model.layers)):
+        lm.model.layers[index].__dict__[_CHECKPOINTED] = True
+
+    if offload:
+        set_forward(lm.model, offloaded(lm.model, lm.model.forward, exclude=lm))
+        changes.append("saved activations of the decoder stack offloaded to pinned CPU memory")
+
+    if loss == "chunked":
+        setattr(lm, modules.LOSS_SETTINGS, {"chunk_size": chunk_size, "backend": loss_backend})
+        set_forward(lm, types.MethodType(modules.causal_lm_forward, lm))
+        size = chunk_size if chunk_size is not None else "auto"
+        changes.append(f"chunked linear cross-entropy ({backend}, chunk {size} tokens); logits None with labels")
+
+    return LeanReport(
+        model_class=name,
+        loss=loss,
+        loss_backend=backend,
+        chunk_size=chunk_size,
+        lean_ops=lean_ops,
+        ops_backend=ops_backend,
+        norms_patched=norms,
+        mlps_patched=mlps,
+        checkpointing=str(recompute),
+        offload=offload,
+        changes=changes,
+    )

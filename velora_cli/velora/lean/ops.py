@@ -2,18 +2,18 @@
 
 Stock HF code builds both from small tensor ops, and autograd keeps every intermediate any of them needs:
 
-- LlamaRMSNorm(x) = w * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype) saves the fp32 copy of x (or x
-  itself in fp32), the per-row rsqrt and the normalised h (the operand of the multiplication by w), i.e.
-  two (tokens x hidden) tensors and a column. RMSNormFunction saves x (its input dtype) and 1/rms (fp32, one number
-  per row) and recomputes h in backward: one (tokens x hidden) tensor less per norm, and in bf16 the saved x
-  is 2 bytes instead of the fp32 copy's 4.
+- LlamaRMSNorm(x) = w * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype) saves the fp32 copy of x (x
+  itself in fp32), the per-row rsqrt and, when w trains, the normalised h (the other operand of `w * h`).
+  RMSNormFunction saves x in its own dtype and 1/rms (fp32, one number per row) and recomputes h in backward:
+  in bf16/fp16 the saved x takes 2 bytes per element instead of the fp32 copy's 4, and a trainable w no longer
+  adds h. (In fp32 with a frozen w, as under LoRA, the stock norm saves the same two tensors already.)
 - silu(gate) * up saves gate (for SiLU), silu(gate) and up (for the product). SwiGLUFunction saves gate and up
   only and recomputes silu(gate) in backward: one (tokens x intermediate) tensor less per MLP.
 
 Backward repeats the stock graph's arithmetic in the same order and dtypes (silu_backward is the same ATen kernel,
 the dtype casts sit where HF's `.to` calls are), so gradients equal the stock modules' up to fp32 round-off.
 Liger Kernel's Triton kernels (`liger_rms_norm`, `liger_swiglu`) save the same tensors; on CUDA, when
-`liger_kernel` is installed and `use_liger=True`, the module forwards in modules.py call them instead.
+`liger_kernel` is installed (and the weights are on CUDA), the module forwards in modules.py call them instead.
 """
 
 from __future__ import annotations

@@ -11,21 +11,27 @@ Supported: transformers' LlamaForCausalLM and the classes built from the same bl
 ForCausalLMLoss), bare or inside a PeftModel. Anything else raises a ValueError naming its class: a look-alike
 with another norm (Gemma's 1 + w) or a fused gate_up_proj (Phi-3) would silently compute something else.
 
-Saved-for-backward tensors each technique removes (per token, per decoder layer unless said otherwise; b = bytes
-per element of the activations, H hidden, I intermediate, V vocabulary, L layers):
+Saved-for-backward tensors each technique removes, for the memory model (b: bytes per activation element, 4 in
+fp32 and 2 in bf16/fp16; H hidden, I intermediate, V vocabulary, L layers, T tokens; LoRA with a frozen base,
+so norm weights and lm_head are frozen; checked byte for byte by tests/test_lean.py in fp32):
 
-- loss="chunked": the fp32 log-softmax (4V) and, in bf16/fp16, nothing else of the logits (their fp32 copy is
-  never saved by the stock path either); the lm_head input (bH, the final norm's output) is replaced by the saved
-  hidden gradient (bH + 8 for its row index) for tokens whose label counts, and nothing for ignored tokens. Once
-  per model, not per layer. A trainable lm_head adds a V x H weight gradient (its dtype) per step.
-- lean_ops: per RMSNorm (2 per layer + the final one): the normalised h (bH), and in bf16/fp16 the fp32 copy of x
-  (4H) becomes x itself (bH); keeps x and 1/rms (4 bytes). Per MLP: silu(gate) (bI).
-- checkpointing every:K: a checkpointed layer keeps only its input (bH) instead of everything the layer saves;
-  ceil(L / K) layers. all = every:1. mlp: per layer, everything the MLP saves except its input (which the
-  gate/up projections save anyway): gate, up, silu(gate) or the product, LoRA/VeLoRA intermediates of gate, up
-  and down; recompute costs one more MLP forward per layer.
+- loss="chunked", once per model (not per layer): per token, the fp32 log-softmax (4V) and NLL's int64 target (8)
+  go (the fp32 copy of bf16 logits is never saved, and a frozen lm_head does not save its input); per token whose
+  shifted label is not ignore_index, the hidden gradient (bH) and its int64 row index (8) come in. A trainable
+  lm_head adds its V x H weight gradient per step (and the stock path would also have kept lm_head's input, bH).
+  Transient: one chunk's logits, ~chunk_size x V x (b + 4 + b) bytes (default chunk: 128 MiB of fp32 logits).
+- lean_ops, per MLP: silu(gate) (bI). Per RMSNorm whose input needs a gradient (2 per layer and the final norm;
+  layer 0's input norm only when the embeddings' output needs one): in bf16/fp16 the fp32 copy of x (4H) is
+  replaced by x itself (bH), saving (4 - b)H; in fp32 nothing (with a frozen weight the stock norm already keeps
+  only x and 1/rms); with a trainable norm weight also the normalised h (bH).
+- checkpointing every:K: ceil(L / K) layers (0, K, 2K, ...) keep their input (bH) instead of everything they
+  saved; the rotary tables (cos, sin) stay saved while any layer is not checkpointed. all: every layer.
+- checkpointing mlp: per layer, the MLP keeps its input (bH, usually already saved by gate/up's LoRA A) instead
+  of everything saved inside it: fp32 LoRA without dropout, 4bI (gate, silu(gate), up, their product) plus the
+  three LoRA A outputs (3 x 4r); with lean ops 3bI + 3 x 4r; plus whatever dropout masks, dtype casts of the
+  input for fp32 adapters and VeLoRA projections the MLP's LoRA layers saved.
 - offload: every saved tensor of the decoder stack of at least 1 KiB (checkpointed inputs included) moves to
-  pinned CPU memory; GPU memory keeps none of it between forward and backward (CUDA only).
+  pinned CPU memory until backward; the GPU keeps none of it (CUDA only).
 """
 
 from __future__ import annotations

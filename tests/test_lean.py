@@ -364,9 +364,11 @@ def test_meter_counts_what_each_technique_removes(tiny_base: nn.Module) -> None:
     assert stock - measure(loss="chunked", lean_ops=False) == n * vocab * 4 + n * 8 + 4 - valid * (h * 4 + 8)
     # Lean ops in fp32 with frozen norm weights: silu(gate) per MLP (the norms saved only x and 1/rms already).
     assert stock - measure(loss="full", lean_ops=True) == layers * n * inter * 4
-    # MLP recompute: all the MLP saved except its input: gate, silu(gate), up, their product and 3 LoRA A outputs.
-    assert stock - measure(loss="full", lean_ops=False, checkpointing="mlp") == layers * n * (4 * inter + 3 * RANK) * 4
-    assert stock - measure(loss="full", lean_ops=True, checkpointing="mlp") == layers * n * (4 * inter + 3 * RANK) * 4
+    # Norm + MLP recompute: the norm's output (the MLP input) and 1/rms, and inside the MLP gate, silu(gate), up,
+    # their product and 3 LoRA A outputs; the region's input is the norm's input, saved either way.
+    region = layers * n * ((4 * inter + 3 * RANK) * 4 + h * 4 + 4)
+    assert stock - measure(loss="full", lean_ops=False, checkpointing="mlp") == region
+    assert stock - measure(loss="full", lean_ops=True, checkpointing="mlp") == region
 
 
 def test_meter_partial_recompute(tiny_base: nn.Module) -> None:
@@ -423,7 +425,7 @@ def test_remove_and_reapply(tiny_base: nn.Module) -> None:
     second = apply_lean(model, loss="full", lean_ops=False, checkpointing="mlp")  # starts from the stock model
     layers = model.base_model.model.model.layers
     assert second.checkpointing == "mlp" and not any(layer.gradient_checkpointing for layer in layers)
-    assert remove_lean(model) == len(layers)  # the MLP wrappers
+    assert remove_lean(model) == 2 * len(layers)  # the MLP wrappers and the identity norms
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 

@@ -26,10 +26,11 @@ so norm weights and lm_head are frozen; checked byte for byte by tests/test_lean
   only x and 1/rms); with a trainable norm weight also the normalised h (bH).
 - checkpointing every:K: ceil(L / K) layers (0, K, 2K, ...) keep their input (bH) instead of everything they
   saved; the rotary tables (cos, sin) stay saved while any layer is not checkpointed. all: every layer.
-- checkpointing mlp: per layer, the MLP keeps its input (bH, usually already saved by gate/up's LoRA A) instead
-  of everything saved inside it: fp32 LoRA without dropout, 4bI (gate, silu(gate), up, their product) plus the
-  three LoRA A outputs (3 x 4r); with lean ops 3bI + 3 x 4r; plus whatever dropout masks, dtype casts of the
-  input for fp32 adapters and VeLoRA projections the MLP's LoRA layers saved.
+- checkpointing mlp: per layer, the post-attention norm + MLP region keeps its input (the residual stream, bH,
+  which the norm saved anyway) instead of everything saved inside it: the norm's 1/rms (4) and output (bH, the
+  MLP input kept by gate/up's LoRA A), and in the MLP, for fp32 LoRA without dropout, 4bI (gate, silu(gate), up,
+  their product) plus the three LoRA A outputs (3 x 4r); with lean ops 3bI + 3 x 4r; plus whatever dropout
+  masks, fp32 casts of the input for fp32 adapters and VeLoRA projections the MLP's LoRA layers saved.
 - offload: every saved tensor of the decoder stack of at least 1 KiB (checkpointed inputs included) moves to
   pinned CPU memory until backward; the GPU keeps none of it (CUDA only).
 """
@@ -103,6 +104,8 @@ def _check_structure(lm: nn.Module) -> None:
     if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
         raise ValueError(f"apply_lean: {name} uses hidden_act={config.hidden_act!r}; the SwiGLU op needs silu")
     for index, layer in enumerate(lm.model.layers):
+        if not hasattr(layer, "post_attention_layernorm"):
+            raise ValueError(f"apply_lean: {name} layer {index} has no post_attention_layernorm")
         for attr in ("gate_proj", "up_proj", "down_proj"):
             if not hasattr(layer.mlp, attr):
                 raise ValueError(f"apply_lean: {name} layer {index} MLP has no {attr}")

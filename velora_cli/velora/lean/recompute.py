@@ -7,9 +7,12 @@ keyword arguments and nested regions):
   transformers' own per-layer switch (`GradientCheckpointingLayer.gradient_checkpointing`), so its handling of
   caches under checkpointing is kept. A checkpointed layer keeps only its input hidden state (tokens x hidden)
   and recomputes the rest in backward, one layer at a time.
-- `mlp`: only the MLP sub-block of every layer (gate/up/down projections, their LoRA/VeLoRA branches, SiLU and the
-  product); it keeps only the MLP input, which the projections saved anyway, so it drops everything the MLP
-  saved beyond its input for the price of re-running the MLP (~2/3 of a LLaMA layer's matmul FLOPs).
+- `mlp`: only the MLP sub-block of every layer: the post-attention RMSNorm and the MLP (gate/up/down projections,
+  their LoRA/VeLoRA branches, SiLU and the product) as one region. It keeps only the region's input, the residual
+  stream, which the norm saved anyway; the norm's output (the MLP input, saved by gate/up's LoRA A) and everything
+  inside the MLP go, for the price of re-running the norm and the MLP (~2/3 of a LLaMA layer's matmul FLOPs).
+  The decoder layer calls the norm and then the MLP with nothing in between (LLaMA, Mistral, Qwen2/3), so the
+  norm's forward becomes the identity and the MLP's runs norm + MLP under one checkpoint.
 - `none`: no recompute (and transformers' switch is turned off on every layer).
 
 Like torchtune's selective activation checkpointing, the choice is per block, and the rest of the model runs
@@ -103,8 +106,20 @@ def checkpointed(module: nn.Module, forward: Callable[..., Any]) -> Callable[...
     return run
 
 
+def _identity(hidden_states: torch.Tensor) -> torch.Tensor:
+    return hidden_states
+
+
+def _then(first: Callable[..., Any], second: Callable[..., Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+    def block(hidden_states: torch.Tensor) -> torch.Tensor:
+        return second(first(hidden_states))
+
+    return block
+
+
 def apply_recompute(layers: Iterable[nn.Module], recompute: Recompute) -> list[str]:
-    """Set up `recompute` on decoder layers (each with an `.mlp`); returns a description per change."""
+    """Set up `recompute` on decoder layers (each with `.post_attention_layernorm` and `.mlp`); returns a
+    description per change. Call after the lean forwards are in place: the checkpointed region runs them."""
     layers = list(layers)
     whole = set(recompute.layers(len(layers)))
     changes: list[str] = []
@@ -121,8 +136,10 @@ def apply_recompute(layers: Iterable[nn.Module], recompute: Recompute) -> list[s
         changes.append(f"checkpointed decoder layers {sorted(whole)} (non-reentrant)")
     if recompute.mode == "mlp":
         for layer in layers:
-            set_forward(layer.mlp, checkpointed(layer.mlp, layer.mlp.forward))
-        changes.append(f"checkpointed the MLP of {len(layers)} decoder layers (non-reentrant)")
+            norm, mlp = layer.post_attention_layernorm, layer.mlp
+            set_forward(mlp, checkpointed(mlp, _then(norm.forward, mlp.forward)))
+            set_forward(norm, _identity)
+        changes.append(f"checkpointed post-attention norm + MLP of {len(layers)} decoder layers (non-reentrant)")
     return changes
 
 

@@ -66,7 +66,7 @@ class StepGuard(TrainerCallback):
         if self.measure and self.activation_bytes_per_token is None and module.training and torch.is_grad_enabled():
             mask = kwargs.get("attention_mask")
             self._tokens = int(mask.sum()) if mask is not None else int(kwargs["input_ids"].numel())
-            self._meter = ActivationMeter(module).__enter__()
+            self._meter = ActivationMeter(module, attribute=False).__enter__()  # totals only: cheap
 
     def _after(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         if self._meter is not None:

@@ -55,8 +55,11 @@ def _saved_by(node: Any) -> Iterator[torch.Tensor]:
 class ActivationMeter:
     """Context manager measuring the tensors saved for backward by the code run inside it."""
 
-    def __init__(self, model: nn.Module | None = None) -> None:
+    def __init__(self, model: nn.Module | None = None, attribute: bool = True) -> None:
         self.model = model
+        # Attribution reads every graph node's saved tensors; under non-reentrant checkpointing each such read
+        # recomputes its whole region (SmolLM2 grew to ~20 GB), so a caller that needs totals only turns it off.
+        self.attribute = attribute
         self._saved: dict[tuple[str, int], int] = {}  # storage -> bytes
         self._roots: list[torch.Tensor] = []
         self._excluded: set[tuple[str, int]] = set()
@@ -98,7 +101,7 @@ class ActivationMeter:
             self._excluded = {_storage_key(t) for t in held if t.device.type != "meta"}
         # Attribute now, while the graph still holds its saved tensors (a backward pass frees them), and let
         # go of the outputs so the meter does not keep the graph alive.
-        self._by_op = self._attribute() if self._roots else None
+        self._by_op = self._attribute() if self._roots and self.attribute else None
         self._roots.clear()
 
     @property
@@ -115,6 +118,8 @@ class ActivationMeter:
     def by_op(self) -> dict[str, int]:
         """Bytes per saving op (grad_fn name), largest first; storages found on no node go to UNATTRIBUTED."""
         if self._by_op is None:
+            if not self.attribute:
+                raise RuntimeError("ActivationMeter(attribute=False) keeps totals only")
             self._by_op = self._attribute()
         return dict(self._by_op)
 

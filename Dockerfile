@@ -1,7 +1,7 @@
 # velora for rented GPUs:
 #   docker build -t velora .
 #   docker run --gpus all -v hf-cache:/data/hf -v "$PWD/runs:/work/runs" velora finetune recipes/llama7b_alpaca.yaml
-# The PyTorch image matching the torch version the test suite runs (pyproject's lower bound), so pip keeps
+# The PyTorch image of the torch version the test suite runs (it satisfies pyproject's torch>=), so pip keeps
 # its CUDA build instead of fetching another; pick another CUDA flavour with --build-arg PYTORCH_IMAGE=...
 ARG PYTORCH_IMAGE=pytorch/pytorch:2.13.0-cuda13.0-cudnn9-runtime
 FROM ${PYTORCH_IMAGE}

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from velora_cli import __version__
 from velora_cli.recipe import load_recipe
@@ -65,10 +66,14 @@ def test_dockerfile_runs_velora_as_a_non_root_user_on_cuda(capsys: pytest.Captur
     steps = _dockerfile()
     keywords = [k for k, _ in steps]
     args = {k: [a for kk, a in steps if kk == k] for k in keywords}
-    # The base: the ARG's default is a CUDA PyTorch image of the torch version pyproject requires at least.
+    # The base: the ARG's default is a CUDA PyTorch image whose torch satisfies pyproject's requirement (so
+    # `pip install .` keeps the image's CUDA build) and is the version the test suite runs.
     image = next(a for a in args["ARG"] if a.startswith("PYTORCH_IMAGE=")).split("=", 1)[1]
+    image_torch = re.fullmatch(r"pytorch/pytorch:([\d.]+)-cuda[\d.]+-cudnn\d+-runtime", image).group(1)
     torch_floor = re.search(r'"torch>=([\d.]+)"', (REPO / "pyproject.toml").read_text()).group(1)
-    assert image.startswith(f"pytorch/pytorch:{torch_floor}-cuda") and args["FROM"] == ["${PYTORCH_IMAGE}"]
+    as_tuple = lambda v: tuple(int(x) for x in v.split("."))  # noqa: E731
+    assert as_tuple(image_torch) >= as_tuple(torch_floor) and args["FROM"] == ["${PYTORCH_IMAGE}"]
+    assert image_torch == torch.__version__.split("+")[0]
     # The user velora runs as is created by a RUN, is not root, and nothing runs as root after switching to it.
     user = args["USER"][-1]
     assert user not in ("root", "0")

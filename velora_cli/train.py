@@ -12,6 +12,7 @@ order and DDP under torchrun. This module adds what it lacks for this tool:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import os
 import random
@@ -21,16 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from transformers import PrinterCallback, Trainer, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from velora_cli import runs
 from velora_cli.callbacks import InterruptHandler, RunMonitor, StepGuard
 from velora_cli.data import load_records, make_collator, split_validation, tokenize_records
-from velora_cli.device import default_device, dtype_name, is_main_process, world_size
+from velora_cli.device import compute_dtype, default_device, dtype_name, is_main_process, world_size
 from velora_cli.errors import RecipeError, TrainingAborted, UsageError
 from velora_cli.memstats import human_bytes, memory_stats, reset_peak
-from velora_cli.models import build_training_model
+from velora_cli.models import build_training_model, load_tokenizer, resolve_model
 from velora_cli.recipe import Recipe, dump_recipe
 from velora_cli.report import TrainingDisplay
 from velora_cli.velora import (
@@ -49,8 +51,6 @@ def rng_preserved():
     The evaluation before training draws from them (the Trainer's eval loop), which would otherwise make a
     fresh run's batch order and dropout masks depend on whether a validation split or held-out set exists.
     """
-    import numpy as np
-
     py_state, np_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_available() else []):
         yield
@@ -154,8 +154,6 @@ class FinetuneSession:
         return t.batch_size // per_step
 
     def setup_data(self) -> None:
-        from velora_cli.models import load_tokenizer, resolve_model
-
         d = self.recipe.data
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(resolve_model(self.recipe.model.name), self.recipe.model.trust_remote_code)
@@ -176,8 +174,6 @@ class FinetuneSession:
         return math.ceil(t.epochs * max(1, math.ceil(batches / self.gradient_accumulation())))
 
     def setup(self) -> Plan:
-        from transformers import set_seed
-
         accumulation = self.gradient_accumulation()
         self.setup_data()
         set_seed(self.recipe.train.seed)  # LoRA's A init draws from the global RNG: same seed, same adapter start
@@ -309,8 +305,6 @@ class FinetuneSession:
         )
 
     def _compute(self) -> torch.dtype:
-        from velora_cli.device import compute_dtype
-
         return compute_dtype(self.recipe.model.compute_dtype, self.device)
 
     def _oom_message(self) -> str:
@@ -345,12 +339,7 @@ class FinetuneSession:
 
 def check_trainable(recipe: Recipe) -> None:
     """Combinations that cannot train, caught before any weights are loaded."""
-    if recipe.model.quantization != "none":
-        import importlib.util
-
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise RecipeError(
-                f"model.quantization={recipe.model.quantization!r} needs bitsandbytes, which is not installed"
-            )
+    if recipe.model.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise RecipeError(f"model.quantization={recipe.model.quantization!r} needs bitsandbytes, which is not installed")
     if recipe.train.optimizer in ("paged_adamw_8bit", "paged_adamw_32bit") and not torch.cuda.is_available():
         raise UsageError(f"train.optimizer={recipe.train.optimizer!r} needs CUDA; use adamw_torch on CPU")

@@ -4,7 +4,9 @@ The lock is the `filelock` package's FileLock on RUN_DIR/.velora.lock: an OS-lev
 when its process dies however it dies (kill -9 included), so there is never a stale lock to clean up by hand.
 The holder's pid goes into RUN_DIR/.velora.pid (a separate file: the lock file's own content is the library's
 business), so a second process stops at once, without waiting, with one line naming it. Locks are re-entrant
-within a process: `finetune` holds its run's lock while its export and eval stages take it again.
+within a process: `finetune` holds its run's lock while its export and eval stages take it again. Under
+torchrun, rank 0 holds it for the whole launch (the other ranks are its helpers; if rank 0 stops, torchrun stops
+them).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ def holder(run_dir: Path) -> str:
 def run_lock(run_dir: Path, command: str = "velora") -> Iterator[None]:
     """Hold RUN_DIR's lock for the block (creating RUN_DIR); RunLocked at once if another process holds it."""
     key = Path(run_dir).resolve()
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
     if key in _held:
         _held[key] += 1
         try:

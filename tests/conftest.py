@@ -59,3 +59,31 @@ def shared_dir() -> Path:
     if not (SHARED / "data").is_dir():
         pytest.skip("../shared is not present beside the checkout")
     return SHARED
+
+
+def _mount_tmpfs(target: Path, size_mib: int, readonly: bool = False) -> bool:
+    import subprocess
+
+    target.mkdir(parents=True, exist_ok=True)
+    options = f"size={size_mib}m" + (",ro" if readonly else "")
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True)
+    return result.returncode == 0
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path):
+    """A factory of small tmpfs file systems (MiB), unmounted afterwards; skips where mounting is not allowed."""
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def make(size_mib: int, readonly: bool = False) -> Path:
+        target = tmp_path / f"disk{len(mounted)}"
+        if not _mount_tmpfs(target, size_mib, readonly):
+            pytest.skip("cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN)")
+        mounted.append(target)
+        return target
+
+    yield make
+    for target in mounted:
+        subprocess.run(["umount", "-l", str(target)], capture_output=True)

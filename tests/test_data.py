@@ -115,7 +115,7 @@ def test_data_errors_name_file_and_row(tmp_path: Path, name: str, content: str, 
 
 
 def test_missing_file_and_skip_bad_rows(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="data file not found: .*missing.json"):
+    with pytest.raises(DataError, match="data.path: data file not found: .*missing.json"):
         load_records(str(tmp_path / "missing.json"))
     (tmp_path / "mixed.json").write_text(json.dumps([ROWS[0], {"instruction": "x"}, 7, ROWS[1]]))
     loaded = load_records(str(tmp_path / "mixed.json"), skip_bad_rows=True)

@@ -368,7 +368,7 @@ def _bad_base_run(tiny_run: Path, tmp_path: Path, name: str) -> Path:
         ("bad-shard", "--max-shard-size 'lots': expected a size such as 5GB, 500MB or 2GiB"),
         ("no-checkpoint", "{run}: no adapter in checkpoint-9 (checkpoints: checkpoint-3)"),
         ("missing-base", "model directory not found: {base}"),
-        ("hub-base-offline", "cannot load model config for 'velora-test/no-such-model'"),
+        ("hub-base-offline", "model 'velora-test/no-such-model': not in the local Hugging Face cache"),
         ("into-run", "--out {run}: would replace the run directory {run} itself; choose another path"),
     ],
 )

@@ -40,7 +40,7 @@ BAD_RECIPES = [
     (with_section("velora", num_groups=0), "velora.num_groups=0: must be a positive integer"),
     (with_section("velora", num_groups="many"), "velora.num_groups='many': must be an integer"),
     (with_section("velora", num_groups={"v": 8}), "velora.num_groups: no count for layer 'down_proj'"),
-    (with_section("velora", scale=float("inf")), "velora.scale=inf: must be finite and > 0"),
+    (with_section("velora", scale=float("inf")), "velora.scale=inf: Input should be a finite number"),
     (with_section("velora", ema_decay=1.0), "velora.ema_decay=1.0: must be in (0, 1)"),
     (with_section("velora", num_groups=8, subtoken_size=16), "set either num_groups or subtoken_size, not both"),
     (with_section("velora", init="mean"), "velora.init='mean': Input should be"),

@@ -1,8 +1,13 @@
 """The Trainer callbacks `velora finetune` adds: what it watches while a run trains.
 
 - StepGuard: the activation bytes of the first training step (ActivationMeter) and a stop, before the backward
-  pass, when the loss is not finite, so no checkpoint ever holds the weights it would produce;
-- RunMonitor: Trainer logs -> metrics.jsonl and the live display (throughput, memory);
+  pass, when the loss is not finite, and before the optimizer step when a gradient is not, so no checkpoint ever
+  holds the weights they would produce;
+- CheckpointKeeper: a checkpoint is verified finite and complete (VeLoRA vectors included) before it counts, and
+  only then are older ones rotated away (the Trainer's own rotation ran before the vectors were written, so a
+  kill in between could leave no resumable checkpoint at all);
+- RunMonitor: Trainer logs -> metrics.jsonl (strict JSON: a non-finite value is null, named in `non_finite`) and
+  the live display (throughput, memory);
 - InterruptHandler: Ctrl-C / SIGTERM finish the step, save a checkpoint and stop cleanly.
 Forward hooks and callbacks only: the stock transformers Trainer needs no subclass.
 """
@@ -10,6 +15,8 @@ Forward hooks and callbacks only: the stock transformers Trainer needs no subcla
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -22,7 +29,7 @@ from velora_cli.device import world_size
 from velora_cli.errors import TrainingAborted
 from velora_cli.memstats import memory_stats
 from velora_cli.report import TrainingDisplay
-from velora_cli.runs import resumable_checkpoints
+from velora_cli.runs import ADAPTER_WEIGHTS, checkpoint_dirs, resumable_checkpoints
 from velora_cli.velora import ActivationMeter
 
 # ------------------------------------------------------------------------------------------------ guards
@@ -76,12 +83,69 @@ class StepGuard(TrainerCallback):
                 self.activation_bytes_per_token = meter.per_token(self._tokens)
         loss = getattr(output, "loss", None)
         if module.training and loss is not None and not torch.isfinite(loss.detach()).all():
-            last = resumable_checkpoints(self.run_dir, self.velora)
-            kept = f"last good checkpoint: {last[-1]}" if last else "no checkpoint was written yet"
+            kept = last_good(self.run_dir, self.velora)
             raise TrainingAborted(
                 f"loss became {loss.item()} at step {self._step}; training stopped ({kept}). "
                 "Lower train.learning_rate or check the data."
             )
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        # Under fp16 the gradient scaler owns non-finite gradients: it skips that step and lowers the scale.
+        if args.fp16 or model is None:
+            return
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+            raise TrainingAborted(
+                f"a gradient became non-finite (NaN/inf) at step {self._step}; training stopped before the optimizer "
+                f"step ({last_good(self.run_dir, self.velora)}). Lower train.learning_rate or check the data."
+            )
+
+
+def adapter_is_finite(checkpoint: Path) -> bool:
+    """Every tensor of the checkpoint's saved adapter is finite (read back from the file, not trusted)."""
+    from safetensors.torch import load_file
+
+    try:
+        return all(torch.isfinite(t).all() for t in load_file(str(checkpoint / ADAPTER_WEIGHTS)).values())
+    except (OSError, RuntimeError, ValueError):  # unreadable or half-written: not good
+        return False
+
+
+def last_good(run_dir: Path, velora: bool) -> str:
+    """'last good checkpoint: PATH' for the newest complete checkpoint whose adapter is finite."""
+    for path in reversed(resumable_checkpoints(run_dir, velora)):
+        if adapter_is_finite(path):
+            return f"last good checkpoint: {path}"
+    return "no good checkpoint was written yet"
+
+
+class CheckpointKeeper(TrainerCallback):
+    """Runs after VeloraCallback's on_save: a checkpoint whose weights are not finite is deleted and the run stops;
+    a complete one is kept, and only then are checkpoints beyond `keep` (oldest first) and leftovers of
+    incomplete saves removed."""
+
+    def __init__(self, run_dir: Path, keep: int, velora: bool) -> None:
+        self.run_dir, self.keep, self.velora = Path(run_dir), keep, velora
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        current = self.run_dir / f"checkpoint-{state.global_step}"
+        trainable = [p for p in model.parameters() if p.requires_grad] if model is not None else []
+        if trainable and not torch.isfinite(torch.stack(torch._foreach_norm(trainable))).all():
+            shutil.rmtree(current, ignore_errors=True)
+            raise TrainingAborted(
+                f"the adapter weights are not finite (NaN/inf) at step {state.global_step}; its checkpoint was "
+                f"discarded and training stopped ({last_good(self.run_dir, self.velora)})"
+            )
+        complete = resumable_checkpoints(self.run_dir, self.velora)
+        if current not in complete:
+            return  # not written (another rank's turn, or save failed): rotate nothing
+        for path in complete[: -self.keep]:
+            shutil.rmtree(path, ignore_errors=True)
+        for step, path in checkpoint_dirs(self.run_dir):
+            if path not in complete and step < state.global_step:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- callbacks
@@ -118,9 +182,16 @@ class RunMonitor(TrainerCallback):
         if not state.is_world_process_zero or not logs:
             return
         record: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+        non_finite = []
         for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
             if key in logs:
-                record[key] = float(logs[key])
+                value = float(logs[key])
+                # JSON has no NaN/inf (json.dumps would write the invalid token NaN): null, and say which.
+                record[key] = value if math.isfinite(value) else None
+                if not math.isfinite(value):
+                    non_finite.append(key)
+        if non_finite:
+            record["non_finite"] = non_finite
         now = time.monotonic()
         if "loss" in logs and state.global_step > self.last_step:
             elapsed = max(now - self.last_time, 1e-9)
@@ -138,7 +209,7 @@ class RunMonitor(TrainerCallback):
             record["activation_bytes_per_token"] = self.guard.activation_bytes_per_token
         self.history.append(record)
         with self.metrics_path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps({k: v for k, v in record.items() if k != "memory"}) + "\n")
+            handle.write(json.dumps({k: v for k, v in record.items() if k != "memory"}, allow_nan=False) + "\n")
         if self.display:
             self.display.update(record)
 

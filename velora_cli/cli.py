@@ -1,6 +1,8 @@
 """The command-line interface. It only parses arguments and calls the module that owns each command.
 
-Every VeloraError becomes one line on stderr and its exit code (2 for usage and recipe errors).
+Every VeloraError becomes one line on stderr and its exit code (2 for usage and recipe errors); so does a
+file-system error no check could foresee (a disk filling up mid-run: exit 1). Library warnings and progress bars
+go to the log file unless --verbose (logs.py).
 """
 
 from __future__ import annotations
@@ -44,6 +46,16 @@ def _root(
 
 
 SetOption = typer.Option(None, "--set", help="Override a recipe field, e.g. --set train.learning_rate=2e-4.")
+VerboseOption = typer.Option(False, "--verbose", "-v", help="Also show library warnings and progress bars.")
+TrustOption = typer.Option(
+    False, "--trust-remote-code", help="Run the model's own code (auto_map) if it has some; never read from files."
+)
+
+
+def _quiet(verbose: bool) -> None:
+    from velora_cli import logs
+
+    logs.configure(verbose)
 
 
 @app.command()
@@ -57,10 +69,12 @@ def finetune(
     stages: str | None = typer.Option(
         None, "--stages", help="Comma-separated subset of train,export,eval (default: all the recipe enables)."
     ),
+    verbose: bool = VerboseOption,
 ) -> None:
     """Train a LoRA adapter from a recipe; then export and evaluate when the recipe asks."""
     from velora_cli.pipeline import run_pipeline
 
+    _quiet(verbose)
     run_pipeline(
         recipe,
         overrides=overrides or [],
@@ -91,10 +105,13 @@ def evaluate(
     save_predictions: Path | None = typer.Option(
         None, "--save-predictions", help="Write per-question predictions (JSONL) here."
     ),
+    trust_remote_code: bool = TrustOption,
+    verbose: bool = VerboseOption,
 ) -> None:
     """Evaluate a model: 5-shot MMLU accuracy per subject, category and overall."""
     from velora_cli.eval.command import run_eval_command
 
+    _quiet(verbose)
     run_eval_command(
         mmlu=mmlu,
         model=model,
@@ -107,6 +124,7 @@ def evaluate(
         quantization=quantization,
         json_path=json_path,
         save_predictions=save_predictions,
+        trust_remote_code=trust_remote_code,
     )
 
 
@@ -119,10 +137,13 @@ def export(
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
     adapter_only: bool = typer.Option(False, "--adapter-only", help="Copy the PEFT adapter only, no merge."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output directory."),
+    trust_remote_code: bool = TrustOption,
+    verbose: bool = VerboseOption,
 ) -> None:
     """Merge the adapter into full-precision weights that any transformers loader can serve."""
     from velora_cli.export import run_export
 
+    _quiet(verbose)
     run_export(
         run_dir,
         out=out,
@@ -131,6 +152,7 @@ def export(
         max_shard_size=max_shard_size,
         adapter_only=adapter_only,
         force=force,
+        trust_remote_code=trust_remote_code,
     )
 
 
@@ -140,15 +162,17 @@ def memory_estimate(
     model: str | None = typer.Option(None, "--model", help="Hub id or checkpoint dir (config only)."),
     preset: str | None = typer.Option(None, "--preset", help="llama-7b | llama-13b | smollm2-135m."),
     overrides: list[str] | None = SetOption,
-    batch: int | None = typer.Option(None, "--batch", min=1, help="Micro-batch size."),
-    seq: int | None = typer.Option(None, "--seq", min=1, help="Sequence length."),
+    batch: int | None = typer.Option(None, "--batch", min=1, max=1 << 16, help="Micro-batch size."),
+    seq: int | None = typer.Option(None, "--seq", min=1, max=1 << 20, help="Sequence length."),
     gpu_mem: str | None = typer.Option(None, "--gpu-mem", help="GPU memory to fit in, e.g. 24GiB."),
     measure: bool = typer.Option(False, "--measure", help="Also run real steps and compare."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the breakdown as JSON here."),
+    verbose: bool = VerboseOption,
 ) -> None:
     """Say how much memory a training run needs, where it goes, and what fits."""
     from velora_cli.memory.command import run_memory_estimate
 
+    _quiet(verbose)
     run_memory_estimate(
         recipe=recipe,
         model=model,
@@ -209,5 +233,10 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    except OSError as exc:  # unforeseeable file-system failures (disk full mid-run): one line, not a traceback
+        from velora_cli.validate import os_error_line
+
+        typer.echo(f"error: {os_error_line(exc)}", err=True)
+        sys.exit(1)
     if isinstance(result, int) and result:
         sys.exit(result)

@@ -35,7 +35,13 @@ class LoadedRecords:
 
 def _read_local_rows(path: Path) -> list[tuple[str, Any]]:
     """(location, row) pairs from a .json list or .jsonl file; location names the line or row for errors."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}: not UTF-8 text (invalid byte at line {line}); save the file as UTF-8") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
     if path.suffix == ".jsonl":
         rows = []
         for lineno, line in enumerate(text.splitlines(), start=1):
@@ -86,16 +92,23 @@ def _check_row(source: str, where: str, row: Any) -> dict[str, str]:
     return {"instruction": row["instruction"], "input": extra, "output": row["output"]}
 
 
-def load_records(path: str, split: str = "train", skip_bad_rows: bool = False) -> LoadedRecords:
-    """Read Alpaca-format records from a local file, a dataset directory or a hub id."""
+def load_records(
+    path: str, split: str = "train", skip_bad_rows: bool = False, field: str = "data.path"
+) -> LoadedRecords:
+    """Read Alpaca-format records from a local file, a dataset directory or a hub id (`field` names the recipe
+    field the path came from, for error messages)."""
     local = Path(path).expanduser()
     if local.suffix in (".json", ".jsonl"):
-        if not local.is_file():
-            raise DataError(f"data file not found: {path}")
+        if local.is_dir() or not local.exists():
+            raise DataError(f"{field}: data file not found: {path}" + (" (a directory)" if local.is_dir() else ""))
         rows = _read_local_rows(local)
     else:
         if local.suffix == ".parquet" and not local.is_file():
-            raise DataError(f"data file not found: {path}")
+            raise DataError(f"{field}: data file not found: {path}")
+        from velora_cli.hub import is_hub_id, offline, require_hub
+
+        if is_hub_id(path) and not offline():  # offline, `datasets` reads its cache (and fails fast without one)
+            require_hub(f"{field} {path!r}")
         rows = _read_dataset_rows(path, split)
     records, skipped = [], 0
     for where, row in rows:
@@ -106,7 +119,7 @@ def load_records(path: str, split: str = "train", skip_bad_rows: bool = False) -
                 raise
             skipped += 1
     if not records:
-        raise DataError(f"{path}: no usable records")
+        raise DataError(f"{field} {path}: no usable records" + (f" ({skipped} bad rows skipped)" if skipped else ""))
     return LoadedRecords(records, skipped)
 
 
@@ -175,6 +188,11 @@ def tokenize_records(records: list[dict[str, str]], tokenizer, data_section) -> 
 
     Rows whose labels are all masked (the prompt alone fills cutoff_len) teach nothing and are dropped.
     """
+    return tokenize_counted(records, tokenizer, data_section)[0]
+
+
+def tokenize_counted(records: list[dict[str, str]], tokenizer, data_section) -> tuple[Any, int]:
+    """`tokenize_records`, and how many rows it dropped (their prompt alone fills cutoff_len)."""
     import datasets
 
     rows = []
@@ -190,7 +208,9 @@ def tokenize_records(records: list[dict[str, str]], tokenizer, data_section) -> 
         )
         if any(label != IGNORE_INDEX for label in row["labels"]):
             rows.append({**row, "length": len(row["input_ids"])})
-    return datasets.Dataset.from_list(rows)
+    if not rows:  # from_list([]) has no columns at all, which fails far away ("Column 'length' doesn't exist")
+        return None, len(records)
+    return datasets.Dataset.from_list(rows), len(records) - len(rows)
 
 
 def make_collator(tokenizer, on_gpu: bool):

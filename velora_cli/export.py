@@ -22,7 +22,10 @@ merger could only save the one in-memory copy, at the price of re-implementing t
 sharding that transformers already does.
 
 Nothing is half-written: everything goes to a hidden staging directory beside the target, which is renamed
-into place at the end; with --force the old export is only moved away once the new one is complete.
+into place at the end; with --force the old export is only moved away once the new one is complete, and what a
+killed export left behind is cleaned up by the next one (runs.recover_staged). The base model's own code
+(`auto_map`) runs only with --trust-remote-code on the command line, never because a recipe.yaml in the run
+directory says so: the run directory may come from someone else.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from velora_cli.runs import (
     adapter_dir,
     staged_dir,
 )
+from velora_cli.validate import OutputError, check_writable
 
 DEFAULT_DIR = "merged"
 TOKENIZER_MARKERS = ("tokenizer_config.json", "tokenizer.json")
@@ -136,7 +140,7 @@ def default_out(run_dir: Path, checkpoint: int | None, adapter_only: bool) -> Pa
 
 def _check_target(target: Path, run_dir: Path, force: bool) -> None:
     if target.exists() and not target.is_dir():
-        raise UsageError(f"--out {target}: exists and is not a directory")
+        raise OutputError(f"--out {target}: exists and is a file")
     resolved, run = target.resolve(), run_dir.resolve()
     if resolved == run or resolved in run.parents:
         raise UsageError(f"--out {target}: would replace the run directory {run_dir} itself; choose another path")
@@ -303,11 +307,21 @@ def export_run(
     max_shard_size: str | int = "5GB",
     adapter_only: bool = False,
     force: bool = False,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Export a run's adapter (merged into its base, or as is with `adapter_only`); return the export dir.
 
     Every input problem raises UsageError before anything is written.
     """
+    from velora_cli.lock import run_lock
+
+    if Path(run_dir).is_dir():
+        with run_lock(Path(run_dir)):
+            return _export_run(run_dir, out, dtype, checkpoint, max_shard_size, adapter_only, force, trust_remote_code)
+    return _export_run(run_dir, out, dtype, checkpoint, max_shard_size, adapter_only, force, trust_remote_code)
+
+
+def _export_run(run_dir, out, dtype, checkpoint, max_shard_size, adapter_only, force, trust) -> Path:  # noqa: PLR0913
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: run directory not found")
@@ -319,7 +333,7 @@ def export_run(
     recipe = read_run_recipe(run_dir)
     target = Path(out) if out is not None else default_out(run_dir, checkpoint, adapter_only)
     _check_target(target, run_dir, force)
-    trust = recipe.model.trust_remote_code
+    check_writable(target, "--out", directory=True)
     # Resolve the base and read its config now, so an unavailable base fails before anything is written.
     source = resolve_model(recipe.model.name)
     base_config = load_config(source, trust_remote_code=trust)
@@ -364,6 +378,7 @@ def run_export(
     max_shard_size: str = "5GB",
     adapter_only: bool = False,
     force: bool = False,
+    trust_remote_code: bool = False,
 ) -> None:
     """`velora export`: export, then say what was written."""
     target = export_run(
@@ -374,6 +389,7 @@ def run_export(
         max_shard_size=max_shard_size,
         adapter_only=adapter_only,
         force=force,
+        trust_remote_code=trust_remote_code,
     )
     kind = "adapter" if adapter_only else f"merged {dtype} model"
     typer.echo(f"exported {kind} to {target}/")

@@ -22,6 +22,7 @@ import torch
 
 from velora_cli.device import compute_dtype
 from velora_cli.errors import RecipeError, UsageError
+from velora_cli.hub import from_pretrained_cached
 from velora_cli.runs import staged_dir
 from velora_cli.velora import VeloraConfigError, apply_velora
 
@@ -107,22 +108,49 @@ def resolve_model(reference: str) -> ModelSource:
     return ModelSource(reference, str(path) if path.is_dir() else reference)
 
 
+def _remote_code_refused(reference: str, exc: Exception) -> UsageError | None:
+    """transformers refuses a model whose config maps to its own code (auto_map) unless trusted: say how to opt in."""
+    text = str(exc)
+    if "trust_remote_code" not in text and "custom code" not in text:
+        return None
+    return UsageError(
+        f"model {reference!r} ships its own Python code (auto_map in config.json); if you trust it, set "
+        "model.trust_remote_code: true in the recipe (eval/export: --trust-remote-code)"
+    )
+
+
 def load_config(source: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
+    what = f"model {source.reference!r}"
     try:
-        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+        return from_pretrained_cached(
+            AutoConfig.from_pretrained, source.path, what, trust_remote_code=trust_remote_code
+        )
     except OSError as exc:
         raise UsageError(f"cannot load model config for {source.reference!r}: {first_line(exc)}") from exc
+    except (ValueError, KeyError) as exc:
+        refused = _remote_code_refused(source.reference, exc)
+        if refused is not None:
+            raise refused from None
+        raise UsageError(f"cannot read the model config of {source.reference!r}: {first_line(exc)}") from None
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
+    what = f"tokenizer of {source.reference!r}"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+        tokenizer = from_pretrained_cached(
+            AutoTokenizer.from_pretrained, source.path, what, trust_remote_code=trust_remote_code
+        )
     except OSError as exc:
         raise UsageError(f"cannot load tokenizer for {source.reference!r}: {first_line(exc)}") from exc
+    except ValueError as exc:
+        refused = _remote_code_refused(source.reference, exc)
+        if refused is not None:
+            raise refused from None
+        raise
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -171,9 +199,16 @@ def load_base_model(
     if device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        model = from_pretrained_cached(
+            AutoModelForCausalLM.from_pretrained, source.path, f"model {source.reference!r}", **kwargs
+        )
     except OSError as exc:
         raise UsageError(f"cannot load model {source.reference!r}: {first_line(exc)}") from exc
+    except ValueError as exc:
+        refused = _remote_code_refused(source.reference, exc)
+        if refused is not None:
+            raise refused from None
+        raise
     if device.type != "cuda" and quantization == "none":
         model.to(device)
     return model

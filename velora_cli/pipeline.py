@@ -2,31 +2,33 @@
 
 Owns the stages and the driver only. Each stage records itself in RUN_DIR/summary.json (runs.RunSummary) when it
 completes, so a rerun of the same command skips finished stages (a run whose training finished but whose eval
-crashed resumes at the eval), and `--stages` selects a subset; `--dry-run` validates everything and trains
-nothing. `velora runs` puts the summaries of several runs side by side. The tables are report's.
+crashed resumes at the eval; a finished run is a no-op that says so), and `--stages` selects a subset;
+`--dry-run` validates everything and trains nothing. Every stage's inputs are checked (validate.preflight)
+before anything is written, and the run directory is locked (lock.run_lock) while the stages run. `velora runs`
+puts the summaries of several runs side by side. The tables are report's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from rich.console import Console
 
-from velora_cli import report, runs
-from velora_cli.data import load_records
+from velora_cli import logs, report, runs
 from velora_cli.device import is_main_process
 from velora_cli.errors import UsageError, VeloraError
 from velora_cli.eval.heldout import exact_match
+from velora_cli.lock import run_lock
 from velora_cli.memory.arch import arch_for
 from velora_cli.memory.estimate import estimate, settings_from_recipe
 from velora_cli.memstats import human_bytes
-from velora_cli.models import attach_adapters, load_config, resolve_model
 from velora_cli.recipe import Recipe, load_recipe
 from velora_cli.runs import ExportSummary, MmluSummary, RunDescription, RunSummary, Scores, StageRecord, TrainSummary
+from velora_cli.validate import Preflight, preflight
 
 STAGES = ("train", "export", "eval")
 
@@ -68,26 +70,20 @@ def select_stages(recipe: Recipe, stages: str | None) -> list[str]:
     return [s for s in STAGES if s in chosen]
 
 
-def _heldout_records(recipe: Recipe, session) -> list[dict[str, str]]:
-    h = recipe.eval.heldout
-    records = load_records(h.path).records if h.path else list(session.val_records)
-    return records[: h.limit]
-
-
 # ---------------------------------------------------------------------------------------------- stages
 
 
-def stage_train(recipe: Recipe, run_dir: Path, resume: bool, summary: RunSummary, out: Console) -> None:
+def stage_train(recipe: Recipe, run_dir: Path, resume: bool, summary: RunSummary, out: Console,
+                checks: Preflight) -> None:  # fmt: skip
     # transformers' Trainer and peft load only once a stage runs (recipe errors stay fast).
-    from velora_cli.train import FinetuneSession, rng_preserved
+    from velora_cli.train import rng_preserved
 
-    session = FinetuneSession(recipe, run_dir)
+    session = checks.session  # its data were loaded and checked by the pre-flight
     plan = session.setup()
     if is_main_process():
         report.print_plan(plan.lines(), out)
     fresh = not (resume and runs.resumable_checkpoints(run_dir, bool(session.compressed)))
-    heldout = recipe.eval.heldout
-    records = _heldout_records(recipe, session) if heldout.enabled else []
+    records = checks.heldout
 
     def score_heldout():
         d = recipe.data
@@ -128,32 +124,29 @@ def stage_export(recipe: Recipe, run_dir: Path, summary: RunSummary, out: Consol
 
     target = Path(recipe.export.dir) if recipe.export.dir else run_dir / "merged"
     out.print(f"[bold]export[/]: merging the adapter into {recipe.export.dtype} weights -> {target}")
-    path = export_run(run_dir, target, dtype=recipe.export.dtype, force=True)
+    path = export_run(
+        run_dir, target, dtype=recipe.export.dtype, force=True, trust_remote_code=recipe.model.trust_remote_code
+    )
     summary.export = ExportSummary(path=str(path), dtype=recipe.export.dtype)
 
 
-def stage_eval(recipe: Recipe, run_dir: Path, summary: RunSummary, out: Console) -> None:
+def stage_eval(recipe: Recipe, run_dir: Path, summary: RunSummary, out: Console, checks: Preflight) -> None:
     from velora_cli.eval.command import load_eval_model  # the scorer and peft: only once a stage runs
-    from velora_cli.eval.summary import evaluate_mmlu
+    from velora_cli.eval.mmlu_data import load_mmlu
+    from velora_cli.eval.summary import evaluate_loaded
 
     m = recipe.eval.mmlu
     use_merged = m.use_merged and summary.export is not None
     reference = summary.export.path if use_merged else str(run_dir)
     which = "the merged export" if use_merged else "the adapter model"
     out.print(f"[bold]eval[/]: {m.shots}-shot MMLU ({m.split}) on {which}")
-    model, tokenizer, description = load_eval_model(reference)
+    model, tokenizer, description = load_eval_model(reference, trust_remote_code=recipe.model.trust_remote_code)
     data_dir = Path(m.data_dir) if m.data_dir else None
-    result = evaluate_mmlu(
-        model,
-        tokenizer,
-        data_dir=data_dir,
-        subjects=m.subjects,
-        limit=m.limit,
-        shots=m.shots,
-        batch_size=m.batch_size,
-        split=m.split,
-    )
-    result["model"] = description
+    data = checks.mmlu or load_mmlu(data_dir, split=m.split, subjects=m.subjects, limit=m.limit, shots=m.shots)
+    result, _ = evaluate_loaded(
+        model, tokenizer, data, data_dir=data_dir, limit=m.limit, shots=m.shots, batch_size=m.batch_size,
+        split=m.split, progress=None, model_name=description,
+    )  # fmt: skip
     runs.write_json_atomic(run_dir / runs.MMLU_FILE, result)
     summary.mmlu = MmluSummary.from_dict({**result, "path": str(run_dir / runs.MMLU_FILE)})
     out.print(f"MMLU overall: {100 * result['overall']['acc']:.2f}% of {result['overall']['n']} questions")
@@ -188,22 +181,37 @@ def run_pipeline(
     run_dir = recipe.run_dir()
     out = console()
     if dry_run:
-        return dry_run_plan(recipe, run_dir, out)
+        return dry_run_plan(recipe, run_dir, out, chosen)
 
     summary = (RunSummary.load(run_dir) if resume else None) or RunSummary()
-    started = time.monotonic()
+    has_adapter = (run_dir / runs.ADAPTER_CONFIG).is_file()
+    # A plain rerun skips what is done; --stages reruns what it names.
+    todo = [s for s in chosen if not (stages is None and resume and summary.done(s) and has_adapter)]
+    if not todo:
+        out.print(f"nothing to do: {run_dir} has finished {', '.join(chosen)} (--no-resume trains again, "
+                  "--stages reruns a stage)")  # fmt: skip
+        return summary.as_dict()
     for stage in chosen:
-        has_adapter = (run_dir / runs.ADAPTER_CONFIG).is_file()
-        if stage == "train" and summary.done(stage) and resume and stages is None and has_adapter:
-            out.print(f"[dim]train: already done in {run_dir} (use --no-resume to train again)[/]")
-            continue
-        if stage != "train" and not has_adapter:
-            raise UsageError(f"{run_dir}: no trained adapter yet; run the train stage first")
+        if stage not in todo:
+            out.print(f"[dim]{stage}: already done in {run_dir}[/]")
+    with contextlib.ExitStack() as stack:
+        if run_dir.is_dir():  # an existing run: a second process stops here, before any check
+            stack.enter_context(run_lock(run_dir))
+        checks = preflight(recipe, todo, run_dir, has_adapter=has_adapter)
+        stack.enter_context(run_lock(run_dir))  # creates the run dir once everything checked out
+        stack.enter_context(logs.also_to(run_dir / "velora.log"))
+        return _run_stages(recipe, run_dir, todo, resume, summary, out, checks)
+
+
+def _run_stages(recipe: Recipe, run_dir: Path, todo: list[str], resume: bool, summary: RunSummary, out: Console,
+                checks: Preflight) -> dict[str, Any]:  # fmt: skip
+    started = time.monotonic()
+    for stage in todo:
         t0 = time.monotonic()
         {
-            "train": lambda: stage_train(recipe, run_dir, resume, summary, out),
+            "train": lambda: stage_train(recipe, run_dir, resume, summary, out, checks),
             "export": lambda: stage_export(recipe, run_dir, summary, out),
-            "eval": lambda: stage_eval(recipe, run_dir, summary, out),
+            "eval": lambda: stage_eval(recipe, run_dir, summary, out, checks),
         }[stage]()
         if not is_main_process():
             return summary.as_dict()
@@ -229,14 +237,14 @@ def list_runs(root: Path) -> None:
 # ----------------------------------------------------------------------------------------------- dry run
 
 
-def dry_run_plan(recipe: Recipe, run_dir: Path, out: Console) -> dict[str, Any]:
-    """Validate the recipe and data, check layer shapes on a weightless model, estimate memory; train nothing."""
-    from velora_cli.train import FinetuneSession
+def dry_run_plan(recipe: Recipe, run_dir: Path, out: Console, stages: list[str] = ("train",)) -> dict[str, Any]:
+    """Validate the recipe, data and shapes (the pre-flight of every stage), estimate memory; write nothing."""
+    from velora_cli.validate import check_writable
 
-    session = FinetuneSession(recipe, run_dir)
-    session.setup_data()
-    _check_shapes(recipe)
-    arch = arch_for(model=resolve_model(recipe.model.name).path, trust_remote_code=recipe.model.trust_remote_code)
+    check_writable(run_dir, "output.dir", directory=True)
+    checks = preflight(recipe, [s for s in STAGES if s in {"train", *stages}], run_dir, has_adapter=False)
+    session = checks.session
+    arch = arch_for(model=recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
     est = estimate(arch, settings_from_recipe(recipe, device=session.device.type))
     rows = [
         ("train rows", str(len(session.train_set))),
@@ -246,16 +254,7 @@ def dry_run_plan(recipe: Recipe, run_dir: Path, out: Console) -> dict[str, Any]:
         ("estimated peak memory", human_bytes(est.total)),
         ("run dir", str(run_dir)),
     ]
+    if session.dropped:
+        rows.insert(1, ("rows dropped (prompt fills cutoff_len)", str(session.dropped)))
     report.print_dry_run(recipe.name, rows, out)
     return {"steps": session.total_steps(), "estimated_total_bytes": est.total}
-
-
-def _check_shapes(recipe: Recipe) -> None:
-    """LoRA targets exist and VeLoRA's grouping divides every compressed layer's input depth: the adapters are
-    attached to a meta-device model by the code that trains, so a 13B recipe is validated without its weights."""
-    from transformers import AutoModelForCausalLM  # transformers' model registry takes seconds to import
-
-    config = load_config(resolve_model(recipe.model.name), recipe.model.trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-        attach_adapters(model, recipe)

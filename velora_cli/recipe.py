@@ -1,7 +1,9 @@
 """The recipe: a YAML file validated against a schema, with `--set a.b=value` overrides.
 
 Every error is one line naming the file, the dotted field and what is wrong (with a did-you-mean for
-misspelt keys), raised as RecipeError (exit code 2) before anything is written.
+misspelt keys), raised as RecipeError (exit code 2) before anything is written. The YAML loader refuses
+duplicate keys (plain YAML lets the last one win silently), numbers must be finite, and an error in a field
+set by `--set` names that option as well as the file.
 """
 
 from __future__ import annotations
@@ -25,7 +27,31 @@ from velora_cli.velora.config import (
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.inf` / `.nan` are valid YAML floats, and no field of a recipe means anything with them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, UniqueKeyLoader.construct_mapping)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load, with duplicate keys refused."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 class ModelSection(Section):
@@ -89,7 +115,7 @@ class DataSection(Section):
     split: str = "train"
     template: Literal["alpaca", "chat"] = "alpaca"
     system_prompt: str | None = None  # chat template only: replaces the tokenizer's default system message
-    cutoff_len: int = Field(512, gt=8)
+    cutoff_len: int = Field(512, gt=8, le=1 << 20)  # 1M tokens: beyond any model's context
     val_set_size: float = Field(0, ge=0)  # >= 1: number of rows; < 1: fraction
     val_path: str | None = None
     train_on_inputs: bool = False
@@ -98,8 +124,8 @@ class DataSection(Section):
 
 
 class TrainSection(Section):
-    micro_batch_size: int = Field(1, gt=0)
-    batch_size: int = Field(16, gt=0)
+    micro_batch_size: int = Field(1, gt=0, le=1 << 16)
+    batch_size: int = Field(16, gt=0, le=1 << 20)
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0)
     learning_rate: float = Field(2e-4, gt=0)
@@ -228,7 +254,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not path:
         raise RecipeError(f"--set {text!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise RecipeError(f"--set {text!r}: value is not valid YAML ({exc.problem})") from exc
     return path, value
@@ -253,27 +279,37 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe file. Raises RecipeError with one clear line."""
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"recipe not found: {path}")
+        raise RecipeError(f"recipe not found: {path}" if not path.exists() else f"{path}: not a file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read ({exc.strerror})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+        raise RecipeError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
     data = apply_overrides(data, overrides or [])
     data.setdefault("name", path.stem)
-    return validate_recipe(data, source=str(path))
+    return validate_recipe(data, source=str(path), overrides=overrides)
 
 
-def validate_recipe(data: dict[str, Any], source: str = "recipe") -> Recipe:
+def validate_recipe(data: dict[str, Any], source: str = "recipe", overrides: list[str] | None = None) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError(_format_error(source, exc.errors()[0])) from None
+        error = exc.errors()[0]
+        dotted = ".".join(str(p) for p in error["loc"])
+        # A field set on the command line: say so, or the user looks for the mistake in the file.
+        keys = [(o, o.partition("=")[0].strip()) for o in reversed(overrides or [])]
+        setter = next((o for o, k in keys if dotted == k or dotted.startswith(k + ".")), None)
+        where = f"{source} (--set {setter})" if setter and dotted else source
+        raise RecipeError(_format_error(where, error)) from None
 
 
 def read_run_recipe(run_dir: Path) -> Recipe:

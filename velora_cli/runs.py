@@ -19,6 +19,7 @@ RUN_DIR/
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -49,19 +50,34 @@ def is_run_dir(path: Path) -> bool:
     return (path / ADAPTER_CONFIG).is_file() and (path / RECIPE_FILE).is_file()
 
 
+def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint-N directory, complete or not, oldest first."""
+    found = [(int(m.group(1)), p) for p in Path(run_dir).glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name))]
+    return sorted(found)
+
+
 def checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (staging dirs never match the name pattern)."""
-    found = [(int(m.group(1)), p) for p in run_dir.glob("checkpoint-*") if (m := CHECKPOINT_RE.match(p.name))]
-    return [p for _, p in sorted(found) if (p / ADAPTER_CONFIG).is_file()]
+    return [p for _, p in checkpoint_dirs(run_dir) if (p / ADAPTER_CONFIG).is_file()]
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The global step a checkpoint's trainer_state.json records; None when it is missing or half-written."""
+    try:
+        step = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8")).get("global_step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 def resumable_checkpoints(run_dir: Path, velora: bool = False) -> list[Path]:
-    """Checkpoints a run can resume from, oldest first. The Trainer writes trainer_state.json last and the
-    VeloraCallback adds the projection vectors after it, so a checkpoint killed half-way lacks one of them."""
+    """Checkpoints a run can resume from, oldest first. The Trainer writes trainer_state.json last (a kill while
+    writing it leaves JSON that does not parse) and the VeloraCallback adds the projection vectors after it, so a
+    checkpoint killed half-way fails one of these checks."""
     return [
         path
         for path in checkpoints(run_dir)
-        if (path / TRAINER_STATE).is_file() and (not velora or (path / VECTORS_FILE).is_file())
+        if checkpoint_step(path) is not None and (not velora or (path / VECTORS_FILE).is_file())
     ]
 
 
@@ -89,24 +105,57 @@ def latest_run(root: Path = Path("runs")) -> Path:
 # ------------------------------------------------------------------------------------------ staged writes
 
 
+def _leftovers(target: Path, kind: str) -> list[Path]:
+    return list(target.parent.glob(f".{glob.escape(target.name)}.{kind}-*"))
+
+
+def recover_staged(target: Path) -> None:
+    """Undo what a killed `staged` block left beside `target`: a half-built staging file or directory is deleted,
+    and an old target moved aside just before the final rename is put back if the new one never arrived."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    for path in _leftovers(target, "staging") + _leftovers(target, "tmp"):
+        remove(path)
+    for old in sorted(_leftovers(target, "old")):
+        if not target.exists():
+            os.replace(old, target)
+        else:
+            remove(old)
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a directory tree, if present."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 @contextmanager
 def staged(target: Path, *, directory: bool = False) -> Iterator[Path]:
     """Yield a hidden temporary file (or, with `directory`, an empty directory) beside `target`; when the block
     completes it is renamed to `target`, when it raises it is deleted. An existing target directory is moved
-    aside first and deleted only after the rename, so a failure at any point leaves the old one in place."""
+    aside first and deleted only after the rename, so a failure at any point leaves the old one in place, and
+    leftovers of a process killed inside the block are cleaned up (`recover_staged`) by the next one."""
     target = Path(target)
+    if target.parent.exists() and not target.parent.is_dir():
+        raise UsageError(f"{target}: {target.parent} is a file, not a directory")
+    if target.is_dir() != directory and target.exists():
+        raise UsageError(f"{target}: exists and is {'not ' if directory else ''}a directory")
     target.parent.mkdir(parents=True, exist_ok=True)
+    recover_staged(target)
     if directory:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-staging-", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     else:
-        fd, name = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
         os.close(fd)
         tmp = Path(name)
     try:
         yield tmp
         old = None
         if directory and target.exists():
-            old = target.parent / f".{target.name}-old-{uuid.uuid4().hex[:8]}"
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(target, old)
         try:
             os.replace(tmp, target)

@@ -3,8 +3,11 @@
 The Trainer brings gradient accumulation, schedulers, optimizer/RNG checkpointing, resume with the same data
 order and DDP under torchrun. This module adds what it lacks for this tool:
 - the VeLoRA projection vectors in every checkpoint (the engine's VeloraCallback), and resume only from
-  checkpoints that were written completely;
-- a non-finite loss stops the run before its backward pass, so the last checkpoint stays good;
+  checkpoints that were written completely; checkpoint rotation only once the new one is complete and finite;
+- a non-finite loss or gradient stops the run before it reaches the weights, so the last checkpoint stays good;
+- resume bookkeeping: metrics.jsonl cut back to the checkpoint's step (no step logged twice), leftovers of a
+  killed process removed, and a checkpoint at the final step finishes the run without training a step more
+  (the Trainer would run one extra step); a disk filling up is one line, with the partial checkpoint removed;
 - Ctrl-C saves a checkpoint and exits cleanly; CUDA OOM is explained with the memory estimate;
 - the live display, metrics.jsonl, and the activation bytes measured on the first step.
 """
@@ -12,6 +15,7 @@ order and DDP under torchrun. This module adds what it lacks for this tool:
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import math
 import os
@@ -27,16 +31,18 @@ import torch
 from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from velora_cli import runs
-from velora_cli.callbacks import InterruptHandler, RunMonitor, StepGuard
-from velora_cli.data import load_records, make_collator, split_validation, tokenize_records
+from velora_cli.callbacks import CheckpointKeeper, InterruptHandler, RunMonitor, StepGuard
+from velora_cli.data import load_records, make_collator, split_validation, tokenize_counted
 from velora_cli.device import compute_dtype, default_device, dtype_name, is_main_process, world_size
-from velora_cli.errors import RecipeError, TrainingAborted, UsageError
+from velora_cli.errors import DataError, RecipeError, TrainingAborted, UsageError, VeloraError
 from velora_cli.memstats import human_bytes, memory_stats, reset_peak
+from velora_cli.metrics import read_metrics, truncate_metrics
 from velora_cli.models import build_training_model, load_tokenizer, resolve_model
 from velora_cli.recipe import Recipe, dump_recipe
 from velora_cli.report import TrainingDisplay
 from velora_cli.velora import (
     VeloraCallback,
+    load_velora_vectors,
     save_velora_vectors,
     velora_saving_per_token,
 )
@@ -89,6 +95,7 @@ class Plan:
     train_rows: int
     val_rows: int
     skipped_rows: int
+    dropped_rows: int  # prompt alone fills cutoff_len: nothing to learn
     train_tokens: int
     steps: int
     gradient_accumulation: int
@@ -114,6 +121,7 @@ class Plan:
                 "data",
                 f"{r.data.path}: {self.train_rows} train / {self.val_rows} val rows"
                 + (f" ({self.skipped_rows} bad rows skipped)" if self.skipped_rows else "")
+                + (f" ({self.dropped_rows} rows dropped: prompt fills cutoff_len)" if self.dropped_rows else "")
                 + f", {self.train_tokens} train tokens, template={r.data.template}",
             ),
             (
@@ -160,10 +168,15 @@ class FinetuneSession:
         loaded = load_records(d.path, d.split, d.skip_bad_rows)
         train_rows, val_rows = split_validation(loaded.records, d.val_set_size, self.recipe.train.seed)
         if d.val_path:
-            val_rows = load_records(d.val_path, "validation", d.skip_bad_rows).records
+            val_rows = load_records(d.val_path, "validation", d.skip_bad_rows, field="data.val_path").records
         self.val_records, self.skipped = val_rows, loaded.skipped
-        self.train_set = tokenize_records(train_rows, self.tokenizer, d)
-        self.val_set = tokenize_records(val_rows, self.tokenizer, d) if val_rows else None
+        self.train_set, self.dropped = tokenize_counted(train_rows, self.tokenizer, d)
+        if self.train_set is None:
+            raise DataError(
+                f"data.path {d.path}: all {len(train_rows)} training rows are longer than data.cutoff_len="
+                f"{d.cutoff_len} tokens before their answer starts; nothing is left to train on (raise cutoff_len)"
+            )
+        self.val_set = tokenize_counted(val_rows, self.tokenizer, d)[0] if val_rows else None
 
     def total_steps(self) -> int:
         t = self.recipe.train
@@ -184,6 +197,7 @@ class FinetuneSession:
             train_rows=len(self.train_set),
             val_rows=len(self.val_set) if self.val_set is not None else 0,
             skipped_rows=self.skipped,
+            dropped_rows=self.dropped,
             train_tokens=int(sum(self.train_set["length"])),
             steps=self.total_steps(),
             gradient_accumulation=accumulation,
@@ -192,13 +206,15 @@ class FinetuneSession:
         self.interrupt = InterruptHandler()
         measure = not getattr(self.model, "is_activation_checkpointing", False)
         self.guard = StepGuard(self.run_dir, measure=measure, velora=bool(self.compressed))
+        self.keeper = CheckpointKeeper(self.run_dir, self.recipe.train.save_total_limit, bool(self.compressed))
         self.trainer = Trainer(
             model=self.model,
             args=self.training_arguments(),
             train_dataset=self.train_set,
             eval_dataset=self.val_set,
             data_collator=make_collator(self.tokenizer, on_gpu=self.device.type == "cuda"),
-            callbacks=[VeloraCallback(), self.guard, self.interrupt],
+            # CheckpointKeeper after VeloraCallback: it checks the checkpoint once the vectors are in it.
+            callbacks=[VeloraCallback(), self.guard, self.interrupt, self.keeper],
         )
         self.trainer.remove_callback(PrinterCallback)  # RunMonitor and the display report instead
         return self.plan
@@ -233,7 +249,7 @@ class FinetuneSession:
             eval_steps=t.eval_steps if has_eval else None,
             save_strategy="steps",
             save_steps=t.save_steps,
-            save_total_limit=t.save_total_limit,
+            save_total_limit=None,  # CheckpointKeeper rotates, once the new checkpoint is complete
             report_to=list(t.report_to) or "none",
             # No bf16 autocast: the frozen base already runs in bf16 and PEFT runs the fp32 adapters in fp32 (it casts
             # their input), the layout the memory model counts. fp16 needs the flag for its gradient scaler.
@@ -251,18 +267,30 @@ class FinetuneSession:
         )
 
     # -- train
+    def prepare_run_dir(self, resume: bool) -> Path | None:
+        """Clean what a killed process left, cut metrics.jsonl back to the checkpoint resumed from; return it."""
+        velora = bool(self.compressed)
+        complete = runs.resumable_checkpoints(self.run_dir, velora) if resume else []
+        resume_from = complete[-1] if complete else None
+        if is_main_process():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.run_dir / STAGING, ignore_errors=True)
+            if resume:  # a checkpoint killed half-way cannot be resumed from, and would count in the rotation
+                for _, path in runs.checkpoint_dirs(self.run_dir):
+                    if path not in complete:
+                        shutil.rmtree(path, ignore_errors=True)
+            if resume_from is None:
+                (self.run_dir / runs.METRICS_FILE).unlink(missing_ok=True)  # a fresh run starts a fresh log
+            else:
+                truncate_metrics(self.run_dir, runs.checkpoint_step(resume_from) or 0)
+        return resume_from
+
     def train(self, resume: bool = True, display: bool = True) -> TrainResult:
         assert self.plan is not None, "call setup() first"
-        checkpoints = runs.resumable_checkpoints(self.run_dir, bool(self.compressed)) if resume else []
-        resume_from = checkpoints[-1] if checkpoints else None
-        if resume and is_main_process():
-            # A checkpoint killed half-way cannot be resumed from, and the Trainer's rotation would count it.
-            for path in self.run_dir.glob("checkpoint-*"):
-                if runs.CHECKPOINT_RE.match(path.name) and path not in checkpoints:
-                    shutil.rmtree(path, ignore_errors=True)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not checkpoints:
-            (self.run_dir / runs.METRICS_FILE).unlink(missing_ok=True)  # a fresh run starts a fresh log
+        resume_from = self.prepare_run_dir(resume)
+        done_step = runs.checkpoint_step(resume_from) if resume_from else None
+        if done_step is not None and done_step >= self.plan.steps:
+            return self._finish_from(resume_from, done_step)
         viewer = None
         if display and is_main_process():
             notes = {
@@ -280,22 +308,47 @@ class FinetuneSession:
         reset_peak(self.device)
         started = time.monotonic()
         try:
-            output = self.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+            self.trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
         except torch.OutOfMemoryError as exc:
             raise TrainingAborted(self._oom_message()) from exc
+        except BaseException as exc:
+            self._remove_incomplete_checkpoints()
+            full = disk_full(exc)
+            if full is not None:
+                raise VeloraError(
+                    f"{self.run_dir}: no space left on the device ({full}); the partial checkpoint was removed. "
+                    "Free space and run the same command again to resume."
+                ) from None
+            raise
         finally:
             interrupt.restore()
             if viewer:
                 viewer.stop()
         seconds = time.monotonic() - started
         eval_loss = None if interrupt.requested else self.evaluate_loss()
-        losses = [h["loss"] for h in monitor.history if "loss" in h]
-        speeds = [h["tokens_per_second"] for h in monitor.history if "tokens_per_second" in h]
+        return self._result(self.trainer.state.global_step, interrupt.requested, eval_loss, seconds)
+
+    def _finish_from(self, checkpoint: Path, step: int) -> TrainResult:
+        """The run reached its last step and saved it before it was stopped: load that checkpoint's adapter (and
+        VeLoRA vectors) instead of training, so the rerun ends exactly where an uninterrupted run would."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(self.model, load_file(str(checkpoint / runs.ADAPTER_WEIGHTS)))
+        load_velora_vectors(self.model, checkpoint)
+        self.trainer.state.global_step = step
+        return self._result(step, False, self.evaluate_loss(), 0.0)
+
+    def _result(self, steps: int, interrupted: bool, eval_loss: float | None, seconds: float) -> TrainResult:
+        # From metrics.jsonl, not this process's log alone: a resumed run reports the whole run.
+        history = read_metrics(self.run_dir)
+        losses = [h["loss"] for h in history if h.get("loss") is not None]
+        speeds = [h["tokens_per_second"] for h in history if h.get("tokens_per_second") is not None]
         return TrainResult(
             run_dir=self.run_dir,
-            steps=self.trainer.state.global_step,
-            interrupted=interrupt.requested,
-            train_loss=losses[-1] if losses else float(output.training_loss),
+            steps=steps,
+            interrupted=interrupted,
+            train_loss=losses[-1] if losses else None,
             eval_loss=eval_loss,
             tokens_per_second=sum(speeds) / len(speeds) if speeds else None,
             activation_bytes_per_token=self.guard.activation_bytes_per_token,
@@ -303,6 +356,13 @@ class FinetuneSession:
             peak_memory=memory_stats(self.device).as_dict(),
             seconds=seconds,
         )
+
+    def _remove_incomplete_checkpoints(self) -> None:
+        if is_main_process():
+            complete = runs.resumable_checkpoints(self.run_dir, bool(self.compressed))
+            for _, path in runs.checkpoint_dirs(self.run_dir):
+                if path not in complete:
+                    shutil.rmtree(path, ignore_errors=True)
 
     def _compute(self) -> torch.dtype:
         return compute_dtype(self.recipe.model.compute_dtype, self.device)
@@ -322,19 +382,41 @@ class FinetuneSession:
         if not is_main_process():
             return
         staging = self.run_dir / STAGING / "final"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
-        model = self.trainer.accelerator.unwrap_model(self.model) if self.trainer else self.model
-        model.save_pretrained(staging)
-        self.tokenizer.save_pretrained(staging)
-        (staging / runs.RECIPE_FILE).write_text(dump_recipe(self.recipe), encoding="utf-8")
-        save_velora_vectors(model, staging)
-        for item in staging.iterdir():
-            target = self.run_dir / item.name
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(item, target)
-        shutil.rmtree(self.run_dir / STAGING, ignore_errors=True)
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            model = self.trainer.accelerator.unwrap_model(self.model) if self.trainer else self.model
+            model.save_pretrained(staging)
+            self.tokenizer.save_pretrained(staging)
+            (staging / runs.RECIPE_FILE).write_text(dump_recipe(self.recipe), encoding="utf-8")
+            save_velora_vectors(model, staging)
+            for item in staging.iterdir():
+                target = self.run_dir / item.name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                os.replace(item, target)
+        except BaseException as exc:
+            full = disk_full(exc)
+            if full is not None:
+                raise VeloraError(
+                    f"{self.run_dir}: no space left on the device ({full}) while saving the adapter; nothing "
+                    "half-written was kept. Free space and run the same command again."
+                ) from None
+            raise
+        finally:
+            shutil.rmtree(self.run_dir / STAGING, ignore_errors=True)
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """The message of a no-space-left error anywhere in `exc`'s chain (torch.save and safetensors wrap it in
+    RuntimeErrors of their own), else None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        if getattr(seen, "errno", None) == errno.ENOSPC or "No space left" in text or "file write failed" in text:
+            return "No space left on device"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def check_trainable(recipe: Recipe) -> None:

@@ -4,7 +4,9 @@ Owns what the command line asks for (checked before any model loads), loading th
 a checkpoint or merged directory, a GGUF file, or a finetune run directory, which is evaluated as trained: the
 base model from RUN_DIR/recipe.yaml with its quantization, plus the LoRA adapter (VeLoRA only changes what the
 backward pass stores, so inference needs the adapter alone) - and writing the results JSON and the per-question
-predictions. The tables are report's.
+predictions, only once the whole evaluation has succeeded (their locations are checked before the model loads).
+A model's own code (`auto_map`) runs only with --trust-remote-code, never because a file in the evaluated
+directory asks for it. The tables are report's.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from velora_cli.device import compute_dtype, default_device
 from velora_cli.errors import UsageError
 from velora_cli.eval.mmlu_data import load_mmlu
 from velora_cli.eval.summary import accuracy, evaluate_loaded
+from velora_cli.lock import run_lock
 from velora_cli.models import ModelSource, load_base_model, load_recipe_base, load_tokenizer, resolve_model
 from velora_cli.recipe import read_run_recipe
 from velora_cli.runs import (
@@ -32,11 +35,14 @@ from velora_cli.runs import (
     write_json_atomic,
     write_text_atomic,
 )
+from velora_cli.validate import check_writable
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
 
 
-def load_eval_model(reference: str | Path, quantization: str = "none") -> tuple[Any, Any, str]:
+def load_eval_model(
+    reference: str | Path, quantization: str = "none", trust_remote_code: bool = False
+) -> tuple[Any, Any, str]:
     """(model, tokenizer, description) for a hub id, checkpoint / merged dir, GGUF, or finetune run dir.
 
     A run dir (or one of its checkpoint-N dirs) loads as trained: the recipe's base model and quantization,
@@ -53,11 +59,14 @@ def load_eval_model(reference: str | Path, quantization: str = "none") -> tuple[
             raise UsageError(f"{path}: a LoRA adapter without recipe.yaml beside it; is this a velora run directory?")
     if run_dir is None:
         source = resolve_model(str(reference))
-        model = load_base_model(source, quantization=quantization, compute=compute_dtype("auto", device), device=device)
+        model = load_base_model(source, quantization=quantization, compute=compute_dtype("auto", device), device=device,
+                                trust_remote_code=trust_remote_code)  # fmt: skip
         description = str(reference) + ("" if quantization == "none" else f" ({quantization})")
-        return model.eval(), load_tokenizer(source), description
+        return model.eval(), load_tokenizer(source, trust_remote_code), description
 
     recipe = read_run_recipe(run_dir).model
+    # The run's recipe.yaml may come from anyone: its trust_remote_code is not ours to follow.
+    recipe.trust_remote_code = trust_remote_code
     if quantization not in ("none", recipe.quantization):
         raise UsageError(
             f"{run_dir} was trained on a {recipe.quantization} base; --quantization applies to hub ids and "
@@ -68,7 +77,7 @@ def load_eval_model(reference: str | Path, quantization: str = "none") -> tuple[
     source = resolve_model(recipe.name)
     model = PeftModel.from_pretrained(load_recipe_base(recipe, device, source), str(path))
     has_tokenizer = (path / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(ModelSource(str(path), str(path)) if has_tokenizer else source)
+    tokenizer = load_tokenizer(ModelSource(str(path), str(path)) if has_tokenizer else source, trust_remote_code)
     description = f"{path} (LoRA adapter on {recipe.name}, {recipe.quantization})"
     return model.eval(), tokenizer, description
 
@@ -86,6 +95,7 @@ def run_eval_command(
     quantization: str,
     json_path: Path | None,
     save_predictions: Path | None,
+    trust_remote_code: bool = False,
 ) -> None:
     """`velora eval --mmlu`: load the data (fail fast), then the model, score, print, write files."""
     if not mmlu:
@@ -95,10 +105,26 @@ def run_eval_command(
     wanted = [s.strip() for s in subjects.split(",") if s.strip()] if subjects else None
     data = load_mmlu(data_dir, split=split, subjects=wanted, limit=limit, shots=shots)
     reference = model if model is not None else str(latest_run())
+    run_dir = Path(reference)
+    if json_path is None and is_run_dir(run_dir) and not wanted and not limit and split == "test":
+        json_path = run_dir / MMLU_FILE  # a complete evaluation of a run is kept with it
+    for path, what in ((json_path, "--json"), (save_predictions, "--save-predictions")):
+        if path is not None:
+            check_writable(path, what, directory=False)
+    if is_run_dir(run_dir):
+        with run_lock(run_dir):
+            _evaluate(reference, quantization, trust_remote_code, data, data_dir, limit, shots, batch_size, split,
+                      json_path, save_predictions)  # fmt: skip
+    else:
+        _evaluate(reference, quantization, trust_remote_code, data, data_dir, limit, shots, batch_size, split,
+                  json_path, save_predictions)  # fmt: skip
 
+
+def _evaluate(reference, quantization, trust, data, data_dir, limit, shots, batch_size, split, json_path,
+              save_predictions) -> None:  # fmt: skip
     console = Console(stderr=True)
     with console.status(f"loading {reference}"):
-        loaded, tokenizer, description = load_eval_model(reference, quantization)
+        loaded, tokenizer, description = load_eval_model(reference, quantization, trust)
     columns = (TextColumn("MMLU"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("mmlu", total=sum(len(d.questions) for d in data.values()))
@@ -118,10 +144,6 @@ def run_eval_command(
             ),
         )
     report.print_mmlu_results(result, Console())
-
-    run_dir = Path(reference)
-    if json_path is None and is_run_dir(run_dir) and not wanted and not limit and split == "test":
-        json_path = run_dir / MMLU_FILE  # a complete evaluation of a run is kept with it
     if json_path is not None:
         write_json_atomic(json_path, result)
         console.print(f"results: {json_path}")

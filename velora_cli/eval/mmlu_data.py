@@ -12,6 +12,7 @@ anatomy under "other"); subjects of a user's own data outside the 57 are "uncate
 from __future__ import annotations
 
 import csv
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -130,19 +131,31 @@ class SubjectData:
     shots_from_same_split: bool = False  # split == dev: skip a question's own row
 
 
+_RECORD_LINE = re.compile(r"\n[^\n]*(,[^,\n]*){4},[ABCD][ \t\r]*(\n|$)")  # a whole `q,a,b,c,d,X` line
+
+
 def read_csv(path: Path, subject: str) -> list[Question]:
-    """One MMLU CSV file; DataError naming the file and line of the first malformed row."""
+    """One MMLU CSV file; DataError naming the file and line of the first malformed row.
+
+    strict=True makes a quote left open at the end of the file an error instead of one huge field, and a field
+    that swallowed whole `...,A,B,C,D,X` lines (an unclosed quote closed by a later one) is refused as well, so
+    rows are never silently merged into a wrong question count."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     questions: list[Question] = []
     with path.open(encoding="utf-8", newline="") as handle:
-        reader = csv.reader(handle)
+        reader = csv.reader(handle, strict=True)
         line = 1  # first physical line of the next record (a quoted field may span lines)
         try:
             for row in reader:
                 if row and any(field.strip() for field in row):
                     if len(row) != 6:
                         raise DataError(f"{path}:{line}: expected 6 fields (question,A,B,C,D,answer), got {len(row)}")
+                    if any(_RECORD_LINE.search(field) for field in row):
+                        raise DataError(
+                            f"{path}:{line}: a quoted field runs over whole rows (unclosed quote?); "
+                            f"lines {line}-{reader.line_num} were read as one question"
+                        )
                     letter = row[5].strip()
                     if letter not in LETTERS:
                         raise DataError(f"{path}:{line}: answer must be one of A, B, C, D, got {row[5]!r}")
@@ -198,6 +211,8 @@ def load_local(
             if not dev.is_file():
                 raise DataError(f"{dev}: file not found; the few-shot examples come from it (or use --shots 0)")
             pool = questions if split == "dev" else read_csv(dev, subject)
+            if len(pool) < shots:  # the layout's dev split has 5 per subject: fewer means a broken file
+                raise DataError(f"{dev}: {len(pool)} questions, fewer than --shots {shots} (the dev split has 5)")
         out[subject] = SubjectData(_limit(questions, limit), pool, split == "dev")
     return out
 

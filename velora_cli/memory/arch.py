@@ -2,7 +2,9 @@
 
 Owns the `Arch` description (per-layer linear shapes, the parameters outside the decoder layers), the built-in
 presets (LLaMA-7B/13B, SmolLM2-135M), and reading an Arch off a model config by building the model on the meta
-device (no memory, no weights; nothing downloaded but config.json).
+device (no memory, no weights; nothing downloaded but config.json). A hub id resolves without the network when it
+can: a config.json in the local Hugging Face cache, else the table of well-known models (KNOWN_MODELS: the shipped
+recipes' models and their siblings), and only then the hub, so planning a run before renting a GPU works offline.
 """
 
 from __future__ import annotations
@@ -32,6 +34,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
     ),
 }  # fmt: skip
+
+# Hub ids (lower case) whose architecture is one of the presets: the shipped recipes' models and common siblings.
+# Their config.json files agree with the preset on every field the memory model reads.
+KNOWN_MODELS: dict[str, str] = {
+    "huggyllama/llama-7b": "llama-7b",
+    "meta-llama/llama-2-7b-hf": "llama-7b",
+    "huggyllama/llama-13b": "llama-13b",
+    "meta-llama/llama-2-13b-hf": "llama-13b",
+    "huggingfacetb/smollm2-135m": "smollm2-135m",
+    "huggingfacetb/smollm2-135m-instruct": "smollm2-135m",
+    "embedded:smollm2-135m": "smollm2-135m",
+}
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -122,4 +136,21 @@ def arch_for(preset: str | None = None, model: str | None = None, trust_remote_c
     if preset is not None:
         return _arch_from_config(preset_config(preset), preset)
     assert model is not None
-    return _arch_from_config(load_config(resolve_model(model), trust_remote_code), model)
+    return _arch_from_config(model_config(model, trust_remote_code), model)
+
+
+def model_config(model: str, trust_remote_code: bool = False):
+    """A model's config for planning: local files or the hub cache first, then KNOWN_MODELS, then the hub."""
+    from velora_cli.hub import is_hub_id
+
+    known = KNOWN_MODELS.get(model.lower())
+    if known is not None and (model.startswith("embedded:") or is_hub_id(model)):
+        from transformers import AutoConfig
+
+        if model.startswith("embedded:"):  # its preset is exact; converting the GGUF file is not needed to plan
+            return preset_config(known)
+        try:
+            return AutoConfig.from_pretrained(model, local_files_only=True, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError):
+            return preset_config(known)
+    return load_config(resolve_model(model), trust_remote_code)

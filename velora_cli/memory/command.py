@@ -27,6 +27,7 @@ from velora_cli.memory.measure import measure_training
 from velora_cli.memstats import parse_bytes
 from velora_cli.recipe import Recipe, apply_overrides, load_recipe, validate_recipe
 from velora_cli.runs import write_json_atomic
+from velora_cli.validate import check_writable
 
 
 def parse_memory(text: str, what: str = "--gpu-mem") -> int:
@@ -79,6 +80,8 @@ def run_memory_estimate(
     json_path: Path | None,
 ) -> Estimate:
     budget = parse_memory(gpu_mem) if gpu_mem is not None else None
+    if json_path is not None:
+        check_writable(json_path, "--json", directory=False)
     rec, arch = resolve_inputs(recipe, model, preset, overrides, batch, seq)
     s = settings_from_recipe(rec, device="cuda")
     velora_layers = tuple(rec.velora.module_names)

@@ -1,0 +1,129 @@
+"""Pre-flight checks: everything a command will need, checked before a model loads or a file is written.
+
+For `finetune` that is every chosen stage's inputs - the model's config.json (not its weights) and the LoRA /
+VeLoRA shapes against it on a weightless meta-device model, the training data decoded, parsed, counted and
+tokenised, the held-out and MMLU files parsed - and every output location: a path that is a file, a read-only or
+full file system. An input problem is one line naming the file, field or row (exit 2); an output location that
+cannot be written is one line naming it (exit 1). Either way the run directory is left as it was.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from velora_cli.errors import UsageError, VeloraError
+
+MIN_FREE_BYTES = 1 << 20  # below this a run cannot even write its summary
+
+
+class OutputError(VeloraError):
+    """An output location cannot be written (a file in the way, read-only, full): exit 1."""
+
+
+def _existing_ancestor(path: Path) -> Path:
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
+def check_writable(path: Path, what: str, *, directory: bool) -> None:
+    """OutputError unless `path` (a directory or a file to be) can be created or replaced where it is."""
+    path = Path(path)
+    if path.exists() and path.is_dir() != directory:
+        raise OutputError(f"{what} {path}: exists and is {'a file' if directory else 'a directory'}")
+    base = path if path.is_dir() else _existing_ancestor(path.parent)
+    if not base.is_dir():
+        raise OutputError(f"{what} {path}: {base} is a file, not a directory")
+    try:  # os.access is no use here: root passes it on a read-only file system
+        fd, probe = tempfile.mkstemp(prefix=".velora-write-probe-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OutputError(f"{what} {path}: cannot write in {base} ({exc.strerror})") from None
+    if shutil.disk_usage(base).free < MIN_FREE_BYTES:
+        raise OutputError(f"{what} {path}: no space left on the device holding {base}")
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for a file-system error the checks could not foresee (the disk filled up during the run)."""
+    where = exc.filename or ""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        reason += "; free space and run the same command again"
+    return f"{where}: {reason}" if where else reason
+
+
+# -------------------------------------------------------------------------------------------------- finetune
+
+
+@dataclass
+class Preflight:
+    """What the checks loaded, so the stages need not load it again."""
+
+    session: Any = None  # train.FinetuneSession with its data set up (train stage)
+    heldout: list[dict[str, str]] = field(default_factory=list)
+    mmlu: dict[str, Any] | None = None  # local MMLU data (eval stage)
+    config: Any = None  # the base model's config
+
+
+def check_shapes(recipe, config) -> None:
+    """LoRA targets exist and VeLoRA's grouping divides every compressed layer's input depth: the adapters are
+    attached to a meta-device model by the code that trains, so a 13B recipe is validated without its weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from velora_cli.models import attach_adapters
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+        attach_adapters(model, recipe)
+
+
+def preflight(recipe, stages: list[str], run_dir: Path, *, has_adapter: bool) -> Preflight:
+    """Check every input and output of the chosen `stages` (see the module docstring); raise before writing."""
+    from velora_cli.data import load_records
+    from velora_cli.models import load_config, resolve_model
+
+    checks = Preflight()
+    check_writable(run_dir, "output.dir", directory=True)
+    if "train" not in stages and not has_adapter:
+        raise UsageError(f"{run_dir}: no trained adapter yet; run the train stage first")
+    if "train" in stages:
+        checks.config = load_config(resolve_model(recipe.model.name), recipe.model.trust_remote_code)
+        check_shapes(recipe, checks.config)
+        from velora_cli.train import FinetuneSession
+
+        checks.session = FinetuneSession(recipe, run_dir)
+        checks.session.gradient_accumulation()
+        checks.session.setup_data()
+        h = recipe.eval.heldout
+        if h.enabled:
+            rows = load_records(h.path, field="eval.heldout.path").records if h.path else checks.session.val_records
+            if not rows:
+                raise UsageError("eval.heldout: enabled without a path, and the recipe holds out no validation rows")
+            checks.heldout = list(rows)[: h.limit]
+    if "export" in stages:
+        target = Path(recipe.export.dir) if recipe.export.dir else run_dir / "merged"
+        check_writable(target, "export.dir", directory=True)
+    if "eval" in stages:
+        m = recipe.eval.mmlu
+        from velora_cli.eval.mmlu_data import load_mmlu
+        from velora_cli.hub import offline, require_hub
+
+        if m.data_dir:
+            try:
+                checks.mmlu = load_mmlu(
+                    Path(m.data_dir), split=m.split, subjects=m.subjects, limit=m.limit, shots=m.shots
+                )
+            except UsageError as exc:  # DataError included: keep the type (and exit code), name the field
+                raise type(exc)(f"eval.mmlu.data_dir: {exc}") from None
+        elif not offline():
+            require_hub("eval.mmlu: cais/mmlu")
+    return checks

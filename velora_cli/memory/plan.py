@@ -23,12 +23,13 @@ Speed model, stated assumptions (no timing here; tokens/s relative to QLoRA with
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from velora_cli.errors import RecipeError
 from velora_cli.memory.arch import LLAMA_PROJECTIONS, Arch
-from velora_cli.memory.estimate import Settings, estimate, largest_fitting
+from velora_cli.memory.estimate import Estimate, Settings, estimate, largest_fitting
 
 BACKWARD_PER_FORWARD = 1.2  # backward FLOP-time per forward (frozen 4-bit base), calibrated on SmolLM2's GC cost
 GPU_FLOPS = 100e12  # effective training FLOP/s of the GPU (a 24-80 GB bf16 card, dequantisation included)
@@ -164,11 +165,18 @@ def candidates(
     return out
 
 
-def plan(arch: Arch, settings: list[Settings], budget: int) -> PlanResult:
-    """Evaluate every configuration; choose the fastest that fits (ties: less VeLoRA, then less memory)."""
+def plan(
+    arch: Arch, settings: list[Settings], budget: int, size: Callable[[Estimate], float] | None = None
+) -> PlanResult:
+    """Evaluate every configuration; choose the fastest that fits (ties: less VeLoRA, then less memory).
+
+    `size`: what must fit the budget (default: the estimate's total; the benchmarks budget the bytes saved for
+    backward, `lambda e: e.act.meter_view`)."""
     options = []
     for s in settings:
         est = estimate(arch, s)
+        if size is not None:
+            est.components = {"activations": int(size(est))}
         one = dataclasses.replace(s, batch=1)
         options.append(Option(s, est.total, relative_speed(arch, s), largest_fitting(arch, one, budget, "seq", MAX_SEQ),
                               int(est.act.host)))  # fmt: skip

@@ -166,7 +166,7 @@ def step(run: Run, ids: torch.Tensor, device: torch.device, measure: bool = Fals
         # totals only under non-reentrant checkpointing (attribution would re-run checkpointed regions)
         with ActivationMeter(run.model, attribute=not (run.name in LEAN or run.name.startswith("planner"))) as meter:
             loss = run.model(input_ids=ids, labels=ids).loss
-        run.saved_bytes, run.by_op = meter.total_bytes, meter.by_op()
+        run.saved_bytes, run.by_op = meter.total_bytes, (meter.by_op() if meter.attribute else {})
     else:
         loss = run.model(input_ids=ids, labels=ids).loss
     loss.backward()

@@ -1,8 +1,8 @@
 """The architecture a memory estimate is made for: what it needs to know about a LLaMA-family causal LM.
 
 Owns the `Arch` description (per-layer linear shapes, the parameters outside the decoder layers), the built-in
-presets (LLaMA-7B/13B, SmolLM2-135M), and reading an Arch off a model config by building the model on the meta
-device (no memory, no weights; nothing downloaded but config.json).
+presets (LLaMA-7B/13B, Llama-3.1-8B, SmolLM2-135M), and reading an Arch off a model config by building the model
+on the meta device (no memory, no weights; nothing downloaded but config.json).
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-13b": dict(
         hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
         intermediate_size=13824, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=2048,
+    ),
+    "llama-3.1-8b": dict(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=131072,
     ),
     "smollm2-135m": dict(
         hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,

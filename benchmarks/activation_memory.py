@@ -6,6 +6,12 @@ Configurations (LoRA r=8 on all seven projections, dropout 0.05 unless --dropout
   qlora_velora_all  + VeLoRA on all seven projections
   qlora_gc          the baseline with (reentrant) gradient checkpointing
   lora_peft_velora  un-quantised LoRA + PEFT's own VeLoRA variant on all seven (the anchor)
+and the lean techniques of issue 19 (velora_cli.velora.lean.apply_lean on the QLoRA model; every configuration
+that recomputes or offloads has `gc` in its name):
+  qlora_chunked, qlora_lean, qlora_velora_all_lean_chunked, qlora_gc_chunked (all layers, non-reentrant),
+  qlora_gc_every2, qlora_gc_every3, qlora_gc_mlp_velora_all_lean_chunked,
+  planner_0.25x / planner_0.10x: the planner's (velora_cli.memory.plan) choice when the bytes saved for backward
+  may be 0.25x / 0.10x of QLoRA's (modelled, at this shape); named *_gc when it recomputes.
 
 For each: bytes saved for backward per token (ActivationMeter: storages counted once, parameters excluded)
 with the top ops, the median training-step time (the configurations take turns step by step, so machine
@@ -40,6 +46,45 @@ from velora_cli.velora.meter import ActivationMeter  # noqa: E402
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ALPACA = REPO.parent / "shared" / "data" / "instruct" / "alpaca_libre.json"
 CONFIGS = ["qlora", "qlora_velora_vd", "qlora_velora_all", "qlora_gc", "lora_peft_velora"]
+LEAN: dict[str, dict] = {  # name -> (VeLoRA layers, apply_lean keyword arguments)
+    "qlora_chunked": {"loss": "chunked", "lean_ops": False},
+    "qlora_lean": {"loss": "full", "lean_ops": True},
+    "qlora_velora_all_lean_chunked": {"velora": TARGETS, "loss": "chunked", "lean_ops": True},
+    "qlora_gc_chunked": {"loss": "chunked", "lean_ops": False, "checkpointing": "all"},
+    "qlora_gc_every2": {"loss": "full", "lean_ops": False, "checkpointing": "every:2"},
+    "qlora_gc_every3": {"loss": "full", "lean_ops": False, "checkpointing": "every:3"},
+    "qlora_gc_mlp_velora_all_lean_chunked": {
+        "velora": TARGETS,
+        "loss": "chunked",
+        "lean_ops": True,
+        "checkpointing": "mlp",
+    },
+}
+PLANNED = {"planner_0.25x": 0.25, "planner_0.10x": 0.10}
+ISSUE19 = ["qlora", "qlora_gc", "qlora_velora_all", "qlora_chunked", "qlora_lean", "qlora_velora_all_lean_chunked",
+           "qlora_gc_chunked", "qlora_gc_every2", "qlora_gc_every3", "qlora_gc_mlp_velora_all_lean_chunked",
+           *PLANNED]  # fmt: skip
+
+
+def planned(fraction: float, args, device: torch.device) -> tuple[str, dict]:
+    """The planner's choice when the bytes saved for backward may be `fraction` of QLoRA's (modelled)."""
+    from velora_cli.memory.arch import arch_for
+    from velora_cli.memory.estimate import Settings, estimate
+    from velora_cli.memory.plan import candidates, plan
+
+    arch = arch_for(model=str(resolve_model(args.model).path))
+    compute = "fp32" if compute_dtype("auto", device) == torch.float32 else "bf16"
+    s = Settings(batch=args.batch, seq=args.seq, compute=compute, device=device.type, lora_dropout=args.dropout,
+                 velora=(), num_groups=args.num_groups)  # fmt: skip
+    # The budget is on the bytes saved for backward, as the issue's 0.25x / 0.10x (of QLoRA's) are meant.
+    budget = int(fraction * estimate(arch, s).act.meter_view)
+    options = candidates(s, velora=[(), ("v_proj", "down_proj"), tuple(TARGETS)])
+    result = plan(arch, options, budget, size=lambda e: e.act.meter_view)
+    assert result.choice is not None, result.reason
+    print(f"  planner at {fraction}x QLoRA's saved bytes ({budget / 2**20:.0f} MiB): {result.reason}", flush=True)
+    c = result.choice.settings
+    spec = {"velora": list(c.velora), "loss": c.loss, "lean_ops": c.lean_ops, "checkpointing": str(c.recompute)}
+    return result.choice.name, spec
 
 
 @dataclass
@@ -83,7 +128,7 @@ def build(name: str, source: ModelSource, device: torch.device, dtype: torch.dty
     from peft.tuners.lora.config import VeloraConfig as PeftVeloraConfig
 
     torch.manual_seed(args.seed)
-    quantized = name.startswith("qlora")
+    quantized = name.startswith(("qlora", "planner"))
     base = load_base_model(source, quantization="nf4" if quantized else "none", compute=dtype, device=device)
     if name == "qlora_gc":
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
@@ -97,6 +142,14 @@ def build(name: str, source: ModelSource, device: torch.device, dtype: torch.dty
         apply_velora(model, VeloraConfig(layers=["vd"], num_groups=args.num_groups))
     elif name == "qlora_velora_all":
         apply_velora(model, VeloraConfig(layers=TARGETS, num_groups=args.num_groups))
+    lean = dict(LEAN.get(name) or args.planned.get(name) or {})
+    if lean:
+        from velora_cli.velora.lean import apply_lean
+
+        if lean.get("velora"):
+            apply_velora(model, VeloraConfig(layers=lean["velora"], num_groups=args.num_groups))
+        lean.pop("velora", None)
+        print(f"  {name}: {apply_lean(model, **lean)}", flush=True)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     return Run(name, model, torch.optim.AdamW(params, lr=args.lr))
@@ -110,9 +163,10 @@ def step(run: Run, ids: torch.Tensor, device: torch.device, measure: bool = Fals
     sync()
     start = time.perf_counter()
     if measure:
-        with ActivationMeter(run.model) as meter:
+        # totals only under non-reentrant checkpointing (attribution would re-run checkpointed regions)
+        with ActivationMeter(run.model, attribute=not (run.name in LEAN or run.name.startswith("planner"))) as meter:
             loss = run.model(input_ids=ids, labels=ids).loss
-        run.saved_bytes, run.by_op = meter.total_bytes, meter.by_op()
+        run.saved_bytes, run.by_op = meter.total_bytes, (meter.by_op() if meter.attribute else {})
     else:
         loss = run.model(input_ids=ids, labels=ids).loss
     loss.backward()
@@ -135,24 +189,31 @@ def compare(title: str, source: ModelSource, tokenizer, device: torch.device, ar
     # The metered step is also the warm-up (first-batch VeLoRA initialisation, allocator warm-up).
     for run in runs:
         step(run, batches[0], device, measure=True)
-        print(f"  {run.name}: saved {run.saved_bytes / tokens / 1024:.1f} KB/token, loss {run.losses[-1]:.4f}",
-              flush=True)
+        print(
+            f"  {run.name}: saved {run.saved_bytes / tokens / 1024:.1f} KB/token, loss {run.losses[-1]:.4f}", flush=True
+        )
     for i, ids in enumerate(batches[1:], 1):
         for run in runs:  # round-robin: the configurations share the machine's noise
             step(run, ids, device)
         print(f"  step {i}: " + ", ".join(f"{r.name} {r.times[-1]:.1f}s" for r in runs), flush=True)
     base = next((r for r in runs if r.name == "qlora"), runs[0])
     base_time = statistics.median(base.times)
-    print(f"\n== {title}: {args.batch}x{args.seq} tokens, {dtype}, {device}, dropout {args.dropout}, "
-          f"num_groups {args.num_groups}, {args.steps} timed steps")
-    print(f"{'config':18s} {'saved KB/tok':>12s} {'vs qlora':>8s} {'step s':>8s} {'vs qlora':>8s} "
-          f"{'loss':>7s}" + (f" {'peak GiB':>9s}" if device.type == "cuda" else ""))
+    print(
+        f"\n== {title}: {args.batch}x{args.seq} tokens, {dtype}, {device}, dropout {args.dropout}, "
+        f"num_groups {args.num_groups}, {args.steps} timed steps"
+    )
+    print(
+        f"{'config':18s} {'saved KB/tok':>12s} {'vs qlora':>8s} {'step s':>8s} {'vs qlora':>8s} "
+        f"{'loss':>7s}" + (f" {'peak GiB':>9s}" if device.type == "cuda" else "")
+    )
     out = {}
     for run in runs:
         per_token = run.saved_bytes / tokens
         step_s = statistics.median(run.times)
-        row = (f"{run.name:18s} {per_token / 1024:12.1f} {run.saved_bytes / base.saved_bytes:8.3f} "
-               f"{step_s:8.2f} {step_s / base_time:8.3f} {run.losses[-1]:7.4f}")
+        row = (
+            f"{run.name:18s} {per_token / 1024:12.1f} {run.saved_bytes / base.saved_bytes:8.3f} "
+            f"{step_s:8.2f} {step_s / base_time:8.3f} {run.losses[-1]:7.4f}"
+        )
         if run.peak_bytes is not None:
             row += f" {run.peak_bytes / 2**30:9.2f}"
         print(row)
@@ -183,8 +244,13 @@ def llama7b_shaped(tmp: Path, layers: int, dtype: torch.dtype, vocab: int) -> Mo
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=vocab, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
-        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048,
+        vocab_size=vocab,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=2048,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).to(dtype).save_pretrained(tmp)
@@ -202,18 +268,28 @@ def main() -> None:
     parser.add_argument("--num-groups", type=int, default=32)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names, or issue19")
     parser.add_argument("--big-layers", type=int, default=4, help="layers of the LLaMA-7B-shaped CUDA stack")
     parser.add_argument("--json", type=Path, help="write {'configs': {...}} here")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.configs == "issue19":
+        args.configs = ",".join(ISSUE19)
     names = [n for n in args.configs.split(",") if n]
-    unknown = sorted(set(names) - set(CONFIGS))
+    unknown = sorted(set(names) - set(CONFIGS) - set(LEAN) - set(PLANNED))
     if unknown:
         parser.error(f"--configs: unknown {unknown}; choose from {CONFIGS}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device visible")
 
+    args.planned = {}
+    for i, name in enumerate(names):
+        if name in PLANNED:
+            choice, spec = planned(PLANNED[name], args, device)
+            renamed = name + ("_gc" if spec["checkpointing"] != "none" else "")
+            print(f"  {renamed} = {choice}", flush=True)
+            args.planned[renamed] = spec
+            names[i] = renamed
     source = resolve_model(args.model)
     tokenizer = load_tokenizer(source)
     print(f"data: {training_text()[1]}")
@@ -221,7 +297,7 @@ def main() -> None:
     if device.type == "cuda":
         with tempfile.TemporaryDirectory() as tmp:
             big = llama7b_shaped(Path(tmp), args.big_layers, compute_dtype("auto", device), len(tokenizer))
-            big_names = [n for n in names if n != "lora_peft_velora"]
+            big_names = [n for n in names if n != "lora_peft_velora" and not n.startswith("planner")]
             big_args = argparse.Namespace(**{**vars(args), "num_groups": 32})
             result["llama7b_shaped"] = compare(big.reference, big, tokenizer, device, big_args, big_names)
     if args.json:

@@ -229,13 +229,17 @@ def test_batch_size_must_split_over_processes(tmp_path: Path, tiny_llama_dir: Pa
         FinetuneSession(recipe, tmp_path / "run").setup()
 
 
-def test_gradient_checkpointing_trains_without_the_meter(tmp_path: Path, tiny_llama_dir: Path) -> None:
+def test_gradient_checkpointing_trains_with_the_totals_meter(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """train.gradient_checkpointing is memory.checkpointing: all, applied per layer by apply_lean (non-reentrant);
+    the first-step meter (attribute=False) sees each layer's kept input."""
     recipe = validate_recipe(tiny_recipe(tiny_llama_dir, tmp_path / "run", max_steps=2, gradient_checkpointing=True))
+    assert recipe.memory.checkpointing == "all"
     session = FinetuneSession(recipe, tmp_path / "run")
     session.setup()
-    assert session.model.is_activation_checkpointing and not session.guard.measure
+    layers = session.model.get_base_model().model.layers
+    assert all(layer.gradient_checkpointing for layer in layers) and session.guard.measure
     result = session.train(display=False)
-    assert result.steps == 2 and result.activation_bytes_per_token is None
+    assert result.steps == 2 and result.activation_bytes_per_token
 
 
 @pytest.mark.slow

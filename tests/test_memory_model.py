@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -211,10 +212,10 @@ def test_cli_gpu_mem_json_and_fit(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert data["total"] == sum(data["components"].values())
     assert data["settings"]["batch"] == 4 and data["settings"]["seq"] == 512
     arch = arch_for(preset="llama-7b")
-    s = Settings(batch=4, seq=512)
+    s = Settings(batch=4, seq=512, loss="chunked", lean_ops=True)  # the recipe's memory defaults
     best = largest_fitting(arch, s, 24 * 2**30, "batch")
-    assert estimate(arch, Settings(batch=best, seq=512)).total <= 24 * 2**30
-    assert estimate(arch, Settings(batch=best + 1, seq=512)).total > 24 * 2**30
+    assert estimate(arch, dataclasses.replace(s, batch=best)).total <= 24 * 2**30
+    assert estimate(arch, dataclasses.replace(s, batch=best + 1)).total > 24 * 2**30
     assert f"largest micro-batch at seq 512: {best}" in " ".join(out.split())
     assert "QLoRA + VeLoRA" in out and "GC" in out
 
@@ -311,6 +312,7 @@ def test_quantized_stack_is_what_the_estimate_counts(tmp_path: Path, tiny_llama_
 
     arch = arch_for(model=str(tiny_llama_dir))
     s = Settings(
-        batch=2, seq=32, compute=compute, device="cpu", lora_r=4, lora_dropout=0.05, velora=VELORA["vd"], num_groups=8
-    )
+        batch=2, seq=32, compute=compute, device="cpu", lora_r=4, lora_dropout=0.05, velora=VELORA["vd"], num_groups=8,
+        loss="chunked", lean_ops=True,  # the recipe's memory defaults
+    )  # fmt: skip
     assert activations(arch, s).meter_view == pytest.approx(meter.total_bytes, rel=1e-3)

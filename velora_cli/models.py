@@ -249,7 +249,10 @@ def build_training_model(recipe, device: torch.device, tokenizer=None):
     source = resolve_model(recipe.model.name)
     tokenizer = tokenizer or load_tokenizer(source, recipe.model.trust_remote_code)
     model = load_recipe_base(recipe.model, device, source)
-    checkpointing = recipe.train.gradient_checkpointing
+    lean = lean_supported(model, recipe)
+    # apply_lean owns the per-layer checkpointing switch on the models it patches (memory.checkpointing, which
+    # train.gradient_checkpointing aliases); the stock switch serves the others.
+    checkpointing = recipe.train.gradient_checkpointing and not lean
     if recipe.model.quantization != "none":
         loaded_dtypes = {name: p.dtype for name, p in model.named_parameters()}
         # Freezes the base and enables activation checkpointing for k-bit layers.
@@ -270,7 +273,51 @@ def build_training_model(recipe, device: torch.device, tokenizer=None):
     if checkpointing:
         model.config.use_cache = False
     model, compressed = attach_adapters(model, recipe)
+    if lean:
+        apply_memory(model, recipe)
     return model, tokenizer, compressed
+
+
+def lean_supported(model, recipe) -> bool:
+    """Whether the recipe's memory techniques go through apply_lean for this model.
+
+    A model apply_lean does not know keeps the stock path when the memory section is at its defaults (the exact
+    savers are on by default), and is a recipe error when the section asks for anything explicitly."""
+    from velora_cli.velora.lean import SUPPORTED_MODELS
+
+    if type(model).__name__ in SUPPORTED_MODELS:
+        return True
+    mem = recipe.memory
+    asked = mem.model_fields_set - {"budget"}
+    if asked and (mem.loss == "chunked" or mem.lean_ops or mem.checkpointing not in ("none", "all") or mem.offload):
+        raise RecipeError(
+            f"memory: {type(model).__name__} is not supported by the lean techniques "
+            "(LLaMA-family blocks only); set memory.loss: full, lean_ops: false, checkpointing: none|all"
+        )
+    return False
+
+
+def apply_memory(model, recipe):
+    """apply_lean as the recipe's memory section says (checkpointing already resolved from `auto`)."""
+    from velora_cli.velora.lean import apply_lean
+
+    mem = recipe.memory
+    if mem.checkpointing == "auto":
+        raise RecipeError("memory.checkpointing=auto must be resolved by the planner before the model is built")
+    try:
+        report = apply_lean(
+            model,
+            loss=mem.loss,
+            lean_ops=mem.lean_ops,
+            checkpointing=mem.checkpointing,
+            offload=mem.offload,
+            chunk_size=mem.chunk_size,
+        )
+    except ValueError as exc:
+        raise RecipeError(f"memory: {first_line(exc)}") from None
+    if mem.checkpointing != "none":
+        model.config.use_cache = False
+    return report
 
 
 def attach_adapters(model, recipe):

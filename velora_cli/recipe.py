@@ -8,13 +8,15 @@ set by `--set` names that option as well as the file.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from velora_cli.errors import RecipeError, UsageError, did_you_mean
+from velora_cli.memstats import parse_bytes
 from velora_cli.models import DEFAULT_MODEL
 from velora_cli.runs import RECIPE_FILE
 from velora_cli.velora.config import (
@@ -152,6 +154,50 @@ class TrainSection(Section):
         return self
 
 
+CHECKPOINTING_RE = re.compile(r"none|all|mlp|auto|every:([1-9][0-9]*)")
+
+
+class MemorySection(Section):
+    """Activation-memory techniques (velora_cli.velora.lean) and the planner's GPU budget.
+
+    `loss` and `lean_ops` default on: both are exact (same loss and gradients as the stock path, tests/test_lean.py)
+    and cost no measurable speed, so there is no reason to keep the full-vocabulary logits or the extra SiLU
+    output. Models outside the LLaMA family (which apply_lean does not patch) keep the stock path when this
+    section is left at its defaults, and fail with a recipe error when it asks for a technique explicitly.
+    `checkpointing: auto` lets the planner (velora_cli.memory.plan) pick recompute and offload for `budget`.
+    `train.gradient_checkpointing: true` is kept as the older spelling of `checkpointing: all`.
+    """
+
+    loss: Literal["chunked", "full"] = "chunked"
+    lean_ops: bool = True
+    checkpointing: str = "none"  # none | all | mlp | every:K | auto
+    offload: bool = False  # saved activations to pinned CPU memory (CUDA only)
+    budget: str | None = None  # GPU memory the planner fits into, e.g. 22GiB (default: the GPU's total)
+    chunk_size: int | None = Field(None, gt=0)  # tokens per loss chunk (default: 128 MiB of fp32 logits)
+
+    @field_validator("checkpointing", mode="before")
+    @classmethod
+    def _checkpointing(cls, value: Any) -> str:
+        text = str(value).strip().lower()
+        if not CHECKPOINTING_RE.fullmatch(text):
+            raise ValueError("expected none, all, mlp, every:K (K >= 1) or auto")
+        return "all" if text == "every:1" else text
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget(cls, value: Any) -> str | None:
+        if value is not None:
+            try:
+                parse_bytes(str(value), "size", "22GiB, 80GB or 40960MiB")
+            except UsageError as exc:
+                raise ValueError(str(exc).removeprefix(f"size {str(value)!r}: ")) from None
+        return None if value is None else str(value)
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return None if self.budget is None else parse_bytes(str(self.budget), "memory.budget", "22GiB")
+
+
 class OutputSection(Section):
     dir: str | None = None  # default: runs/<recipe name>
 
@@ -196,6 +242,20 @@ class Recipe(Section):
     output: OutputSection = Field(default_factory=OutputSection)
     export: ExportSection = Field(default_factory=ExportSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    memory: MemorySection = Field(default_factory=MemorySection)
+
+    @model_validator(mode="after")
+    def _checkpointing_alias(self) -> Recipe:
+        """train.gradient_checkpointing: true means memory.checkpointing: all; both set and disagreeing is an error."""
+        if self.train.gradient_checkpointing:
+            mine = self.memory.checkpointing
+            if "checkpointing" in self.memory.model_fields_set and mine != "all":
+                raise ValueError(
+                    f"train.gradient_checkpointing=true and memory.checkpointing={mine!r} disagree; "
+                    "set only memory.checkpointing"
+                )
+            self.memory.__dict__["checkpointing"] = "all"
+        return self
 
     @model_validator(mode="after")
     def _velora_on_lora_layers(self) -> Recipe:

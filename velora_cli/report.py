@@ -22,6 +22,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from velora_cli.memory.estimate import COMPONENTS, OVERHEAD_CONTEXT, OVERHEAD_FRACTION, Estimate
+from velora_cli.memory.plan import PlanResult
 from velora_cli.memstats import human_bytes
 from velora_cli.runs import RunSummary, Scores, method_name
 
@@ -296,7 +297,7 @@ def print_estimate(
     table = Table(title=title, title_justify="left")
     table.add_column("GiB")
     for label, v in variants:
-        mine = v.settings.velora == s.velora and v.settings.gradient_checkpointing == s.gradient_checkpointing
+        mine = v.settings.velora == s.velora and v.settings.recompute == s.recompute
         table.add_column(label + (" *" if mine else ""), justify="right")
     for comp in COMPONENTS:
         table.add_row(comp, *(_gib(v.components[comp]) for _, v in variants))
@@ -337,3 +338,27 @@ def print_measured(run_est: Estimate, measured: dict[str, Any]) -> None:
     Console().print(table)
     if "cuda_peak_allocated" in measured:
         Console().print(f"CUDA peak allocated {human_bytes(measured['cuda_peak_allocated'])}")
+
+
+def print_memory_plan(result: PlanResult, seq: int, batch: int) -> None:
+    """The planner's frontier (memory, modelled speed, longest batch-1 context in the budget) and its choice."""
+    console = Console()
+    table = Table(
+        title=f"frontier for {human_bytes(result.budget)} (micro-batch {batch} x seq {seq}; "
+        "speed: modelled tokens/s vs QLoRA)",
+        title_justify="left",
+    )
+    for col in ("configuration", "GiB", "speed", "max seq @ batch 1", "host GiB"):
+        table.add_column(col, justify="left" if col == "configuration" else "right")
+    for option in result.frontier:
+        mark = " <" if option is result.choice else ""
+        fits = "" if option.total <= result.budget else " [red](no)[/red]"
+        table.add_row(
+            option.name + mark,
+            _gib(option.total) + fits,
+            f"{option.speed:.2f}x",
+            f"{option.max_seq:,}" if option.max_seq else "none",
+            _gib(option.host) if option.host else "-",
+        )
+    console.print(table)
+    console.print(("choice: " if result.choice else "no choice: ") + result.reason)

@@ -46,6 +46,7 @@ from velora_cli.velora import (
     save_velora_vectors,
     velora_saving_per_token,
 )
+from velora_cli.velora.lean import SUPPORTED_MODELS
 
 STAGING = ".staging"
 
@@ -100,6 +101,17 @@ class Plan:
     steps: int
     gradient_accumulation: int
     compressed_layers: list[str]
+    memory_choice: str | None = None  # the planner's reason, when memory.checkpointing was auto
+    lean: bool = True  # the memory techniques went through apply_lean (LLaMA family)
+
+    def memory_line(self) -> str:
+        m = self.recipe.memory
+        if not self.lean:
+            gc = "on" if self.recipe.train.gradient_checkpointing else "off"
+            return f"stock path (lean techniques need LLaMA-family blocks); gradient checkpointing {gc}"
+        text = f"loss {m.loss}, lean ops {'on' if m.lean_ops else 'off'}, checkpointing {m.checkpointing}"
+        text += ", offload" if m.offload else ""
+        return text + (f" (planner: {self.memory_choice})" if self.memory_choice else "")
 
     def lines(self) -> list[tuple[str, str]]:
         r = self.recipe
@@ -133,7 +145,7 @@ class Plan:
                 "steps",
                 f"{self.steps} (lr {r.train.learning_rate:g}, {r.train.scheduler}, warmup {r.train.warmup_steps})",
             ),
-            ("gradient checkpointing", "on" if r.train.gradient_checkpointing else "off"),
+            ("memory", self.memory_line()),
             ("run dir", str(self.run_dir)),
         ]
 
@@ -189,6 +201,7 @@ class FinetuneSession:
     def setup(self) -> Plan:
         accumulation = self.gradient_accumulation()
         self.setup_data()
+        choice = self.resolve_memory_plan()
         set_seed(self.recipe.train.seed)  # LoRA's A init draws from the global RNG: same seed, same adapter start
         self.model, self.tokenizer, self.compressed = build_training_model(self.recipe, self.device, self.tokenizer)
         self.plan = Plan(
@@ -202,6 +215,8 @@ class FinetuneSession:
             steps=self.total_steps(),
             gradient_accumulation=accumulation,
             compressed_layers=self.compressed,
+            memory_choice=choice,
+            lean=type(self.model.get_base_model()).__name__ in SUPPORTED_MODELS,
         )
         self.interrupt = InterruptHandler()
         measure = not getattr(self.model, "is_activation_checkpointing", False)
@@ -218,6 +233,25 @@ class FinetuneSession:
         )
         self.trainer.remove_callback(PrinterCallback)  # RunMonitor and the display report instead
         return self.plan
+
+    def resolve_memory_plan(self) -> str | None:
+        """memory.checkpointing: auto -> the planner's choice for memory.budget (default: this GPU's memory),
+        written into self.recipe before the model is built; returns the planner's reason."""
+        if self.recipe.memory.checkpointing != "auto":
+            return None
+        from velora_cli.memory.arch import arch_for
+        from velora_cli.memory.estimate import settings_from_recipe
+        from velora_cli.memory.plan import resolve_auto
+        from velora_cli.models import resolve_model
+
+        m = self.recipe.model
+        arch = arch_for(model=resolve_model(m.name).path, trust_remote_code=m.trust_remote_code)
+        budget = self.recipe.memory.budget_bytes
+        if budget is None and self.device.type == "cuda":
+            budget = torch.cuda.get_device_properties(self.device).total_memory
+        settings = settings_from_recipe(self.recipe, device=self.device.type)
+        self.recipe, result = resolve_auto(self.recipe, arch, settings, budget)
+        return result.reason
 
     def evaluate_loss(self) -> float | None:
         """Mean loss on the validation rows (None without a validation split)."""
@@ -262,6 +296,7 @@ class FinetuneSession:
             ddp_find_unused_parameters=False,
             dataloader_num_workers=0,
             disable_tqdm=True,
+            prediction_loss_only=True,  # evaluation wants the loss only: the chunked loss returns no logits
             log_level="warning",
             save_only_model=False,
         )

@@ -1,10 +1,11 @@
 """The architecture a memory estimate is made for: what it needs to know about a LLaMA-family causal LM.
 
 Owns the `Arch` description (per-layer linear shapes, the parameters outside the decoder layers), the built-in
-presets (LLaMA-7B/13B, SmolLM2-135M), and reading an Arch off a model config by building the model on the meta
-device (no memory, no weights; nothing downloaded but config.json). A hub id resolves without the network when it
-can: a config.json in the local Hugging Face cache, else the table of well-known models (KNOWN_MODELS: the shipped
-recipes' models and their siblings), and only then the hub, so planning a run before renting a GPU works offline.
+presets (LLaMA-7B/13B, Llama-3.1-8B, SmolLM2-135M), and reading an Arch off a model config by building the model
+on the meta device (no memory, no weights; nothing downloaded but config.json). A hub id resolves without the
+network when it can: a config.json in the local Hugging Face cache, else the table of well-known models
+(KNOWN_MODELS: the shipped recipes' models and their siblings), and only then the hub, so planning a run before
+renting a GPU works offline.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
         intermediate_size=13824, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=2048,
     ),
+    "llama-3.1-8b": dict(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=131072,
+    ),
     "smollm2-135m": dict(
         hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
         intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
@@ -45,6 +50,8 @@ KNOWN_MODELS: dict[str, str] = {
     "huggingfacetb/smollm2-135m": "smollm2-135m",
     "huggingfacetb/smollm2-135m-instruct": "smollm2-135m",
     "embedded:smollm2-135m": "smollm2-135m",
+    "meta-llama/llama-3.1-8b": "llama-3.1-8b",
+    "meta-llama/llama-3.1-8b-instruct": "llama-3.1-8b",
 }
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -1,8 +1,9 @@
 """`velora memory-estimate`: resolve what to estimate, estimate it, optionally measure it, report and save.
 
 Owns turning the command line (a recipe, or --model / --preset with --set / --batch / --seq shortcuts, and
---gpu-mem) into a Recipe, an Arch and Settings; it leaves the arithmetic to memory.estimate, the real run to
-memory.measure and the tables to report.
+--gpu-mem or the recipe's memory.budget) into a Recipe, an Arch and Settings; it leaves the arithmetic to
+memory.estimate, the frontier and choice for the budget to memory.plan, the real run to memory.measure and the
+tables to report.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from velora_cli.memory.estimate import (
     variants,
 )
 from velora_cli.memory.measure import measure_training
+from velora_cli.memory.plan import candidates, plan, resolve_auto
 from velora_cli.memstats import parse_bytes
 from velora_cli.recipe import Recipe, apply_overrides, load_recipe, validate_recipe
 from velora_cli.runs import write_json_atomic
@@ -83,13 +85,25 @@ def run_memory_estimate(
     if json_path is not None:
         check_writable(json_path, "--json", directory=False)
     rec, arch = resolve_inputs(recipe, model, preset, overrides, batch, seq)
+    if budget is None:
+        budget = rec.memory.budget_bytes
     s = settings_from_recipe(rec, device="cuda")
+    memory_plan = None
+    if s.checkpointing == "auto":
+        if budget is None:
+            raise UsageError("memory.checkpointing=auto needs a budget: --gpu-mem 24GiB or memory.budget")
+        rec, _ = resolve_auto(rec, arch, s, budget)
+        s = settings_from_recipe(rec, device="cuda")
+    if budget is not None:
+        memory_plan = plan(arch, candidates(s), budget)
     velora_layers = tuple(rec.velora.module_names)
     est = estimate(arch, s)
     largest = None
     if budget is not None:
         largest = (largest_fitting(arch, s, budget, "batch"), largest_fitting(arch, s, budget, "seq", limit=1 << 18))
     report.print_estimate(est, variants(arch, s, velora_layers), budget, largest, paper_totals(arch, s, velora_layers))
+    if memory_plan is not None:
+        report.print_memory_plan(memory_plan, s.seq, s.batch)
     if measure:
         if preset is not None:
             raise UsageError("--measure needs real weights: use a recipe or --model, not --preset")
@@ -100,5 +114,8 @@ def run_memory_estimate(
         est.measured = {k: v for k, v in measured.items() if k != "by_op"}
         est.measured["estimated_saved_for_backward"] = int(run_est.act.meter_view)
     if json_path is not None:
-        write_json_atomic(json_path, to_json(est))
+        data = to_json(est)
+        if memory_plan is not None:
+            data["plan"] = memory_plan.as_dict()
+        write_json_atomic(json_path, data)
     return est

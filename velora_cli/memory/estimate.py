@@ -12,7 +12,12 @@ The model is exact bookkeeping, not rules of thumb:
 - activations: per decoder layer and per op, what autograd saves for backward in this stack
   (transformers LLaMA + PEFT LoRA + VeLoRA), which the ActivationMeter measures directly. The per-op terms
   were read off the meter (see `layer_activations`) and tests/test_memory_model.py checks them against it;
-- logits: the fp32 log-softmax the loss keeps, the logits tensor, and its gradient during backward;
+- logits: the fp32 log-softmax the loss keeps, the logits tensor, and its gradient during backward; with the
+  chunked loss (velora_cli.velora.lean) the hidden-state gradient of the scored tokens and one chunk's logits;
+- lean techniques (memory.loss / lean_ops / checkpointing / offload): the tensors each removes, as stated in
+  velora_cli/velora/lean/patch.py and counted byte for byte there in fp32; recompute adds the one layer (or
+  region) re-run at a time in backward, offload keeps the decoder stack's saved tensors in host memory and
+  OFFLOAD_IN_FLIGHT layers' worth of them on the GPU (copies in flight, the layer backward is working on);
 - overhead: CUDA context + allocator slack, a stated assumption (OVERHEAD_*).
 
 It also reproduces the VeLoRA paper's own accounting (Table 3) so the two can be put side by side.
@@ -32,6 +37,7 @@ from velora_cli.errors import RecipeError
 from velora_cli.memory.arch import LLAMA_PROJECTIONS, Arch
 from velora_cli.runs import method_name
 from velora_cli.velora.config import DEFAULT_NUM_GROUPS
+from velora_cli.velora.lean import Recompute, default_chunk_size, parse_checkpointing
 
 # Assumptions for the overhead line (CUDA only; nothing is added on CPU).
 OVERHEAD_CONTEXT = 512 * 2**20  # CUDA context + cuBLAS workspace, as torch reports after the first matmul
@@ -44,6 +50,7 @@ BNB_OPT_BLOCK = 256  # 8-bit optimizer state blocksize
 BNB_OPT_MIN_8BIT = 4096  # smaller tensors keep fp32 states (bitsandbytes' min_8bit_size)
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+OFFLOAD_IN_FLIGHT = 2  # layers of saved tensors on the GPU under offload: one being copied, one in use (assumption)
 
 
 # ------------------------------------------------------------------------------------------- settings
@@ -66,8 +73,17 @@ class Settings:
     velora: tuple[str, ...] = ("v_proj", "down_proj")  # empty: VeLoRA off
     num_groups: int | None = DEFAULT_NUM_GROUPS
     subtoken_size: int | None = None
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # the stock switch (input grads on); `checkpointing` is apply_lean's
     optimizer: str = "adamw_torch"
+    loss: str = "full"  # full | chunked
+    lean_ops: bool = False
+    checkpointing: str = "none"  # none | all | mlp | every:K (apply_lean; "auto" is resolved by memory.plan)
+    offload: bool = False
+    chunk_size: int | None = None
+
+    @property
+    def recompute(self) -> Recompute:
+        return parse_checkpointing("all" if self.gradient_checkpointing else self.checkpointing)
 
     @property
     def c(self) -> int:
@@ -116,8 +132,13 @@ def settings_from_recipe(recipe: Any, device: str = "cuda") -> Settings:
         velora=velora,
         num_groups=recipe.velora.num_groups if recipe.velora.subtoken_size is None else None,
         subtoken_size=recipe.velora.subtoken_size,
-        gradient_checkpointing=recipe.train.gradient_checkpointing,
         optimizer=recipe.train.optimizer,
+        # train.gradient_checkpointing is folded into memory.checkpointing by the recipe; auto stays for the planner
+        loss=recipe.memory.loss,
+        lean_ops=recipe.memory.lean_ops,
+        checkpointing=recipe.memory.checkpointing,
+        offload=recipe.memory.offload,
+        chunk_size=recipe.memory.chunk_size,
     )
 
 
@@ -206,33 +227,49 @@ def layer_activations(arch: Arch, s: Settings, first: bool = False) -> dict[str,
     ops: dict[str, float] = {"norms": 0.0, "attention": 0.0, "mlp": 0.0, "lora_inputs": 0.0, "dropout_masks": 0.0}
     ops["lora_B_inputs"] = 0.0
     ops["velora_zp"] = 0.0
-    ops["norms"] = (0 if no_grad_input else 4 * d + 4) + 4 * d + 4
+    region = dict.fromkeys(ops, 0.0)  # what checkpointing=mlp recomputes: post-attention norm + MLP
+
+    def add(key: str, value: float, group: str = "") -> None:
+        ops[key] += value
+        if group in ("mlp_in", "down_in", "post_norm"):
+            region[key] += value
+
+    # RMSNorm keeps an fp32 copy of its input and the fp32 rsqrt; the lean one its input as it is and the rsqrt.
+    norm = (c * d + 4) if s.lean_ops else (4 * d + 4)
+    add("norms", 0 if no_grad_input else norm)
+    add("norms", norm, "post_norm")
     for group, n in widths.items():
         members = [m for m in s.targets if INPUT_GROUPS[m] == group]
         plain = [m for m in members if m not in s.velora]
         for m in members:
-            ops["lora_B_inputs"] += s.lora_r * la
+            add("lora_B_inputs", s.lora_r * la, group)
             if m in s.velora:
-                ops["velora_zp"] += s.groups_for(n) * la
+                add("velora_zp", s.groups_for(n) * la, group)
         if not plain:
             continue
         if s.lora_dropout > 0:
-            ops["lora_inputs"] += len(plain) * n * la
+            add("lora_inputs", len(plain) * n * la, group)
             if not (no_grad_input and group == "attn_in"):
-                ops["dropout_masks"] += len(plain) * n * mask_b
+                add("dropout_masks", len(plain) * n * mask_b, group)
         elif c != la:
-            ops["lora_inputs"] += len(plain) * n * la
+            add("lora_inputs", len(plain) * n * la, group)
         elif not (group == "o_in" and s.attn == "sdpa"):
             # SDPA returns its output in (B, S, H, hd) memory order, so o_proj's input is a view of the
             # attention output that SDPA already saves; eager's transpose makes a copy.
-            ops["lora_inputs"] += n * c
+            add("lora_inputs", n * c, group)
     h, kv, hd = arch.heads, arch.kv_heads, arch.head_dim
     if s.attn == "eager":
         probs = h * s.seq * (4 + (c if c != 4 else 0))
         ops["attention"] = 3 * h * hd * c + probs
     else:
         ops["attention"] = (2 * h * hd + 2 * kv * hd) * c + 4 * h
-    ops["mlp"] = 3 * arch.intermediate * c
+    # gate, silu(gate), up; the lean SwiGLU recomputes silu(gate) in backward
+    add("mlp", (2 if s.lean_ops else 3) * arch.intermediate * c, "mlp_in")
+    if s.recompute.mode == "mlp":
+        for key, value in region.items():
+            ops[key] -= value
+        ops["mlp_region_input"] = c * d  # the residual stream, which the region keeps
+        ops["mlp_region_recompute"] = sum(region.values()) - c * d  # not saved: re-run one layer at a time
     return ops
 
 
@@ -246,6 +283,7 @@ class Activations:
     logits_saved: float  # what the loss saves: fp32 log-softmax + int64 targets
     logits_peak: float  # + the logits tensor and the log-softmax gradient alive at the start of backward
     meter_view: float  # what ActivationMeter measures (saved tensors at the end of forward)
+    host: float = 0.0  # offloaded to pinned CPU memory
 
     @property
     def total(self) -> float:
@@ -256,21 +294,32 @@ def activations(arch: Arch, s: Settings) -> Activations:
     n = s.tokens
     mid = layer_activations(arch, s)
     first = layer_activations(arch, s, first=True)
+    transient = mid.pop("mlp_region_recompute", 0.0)
+    first.pop("mlp_region_recompute", None)
     per_mid, per_first = sum(mid.values()), sum(first.values())
     rotary = 2 * s.seq * arch.head_dim * s.c  # cos and sin, (1, S, head_dim), shared by all layers
-    final_norm = n * (4 * arch.hidden + 4)
-    logits_saved = n * (arch.vocab * 4 + 8) + 4
-    logits_peak = logits_saved + n * arch.vocab * (s.c + 4)
-    if s.gradient_checkpointing:
-        # Non-reentrant checkpointing keeps each layer's input; backward recomputes one layer at a time.
-        kept = arch.layers * n * arch.hidden * s.c
-        layers = kept + n * per_mid
-        meter = final_norm + logits_saved  # the meter cannot see inside non-reentrant checkpointed regions
-        return Activations(mid, layers, final_norm + rotary, logits_saved, logits_peak, meter)
-    layers = n * (per_first + (arch.layers - 1) * per_mid)
-    return Activations(
-        mid, layers, final_norm + rotary, logits_saved, logits_peak, layers + final_norm + rotary + logits_saved
-    )
+    final_norm = n * ((s.c * arch.hidden + 4) if s.lean_ops else (4 * arch.hidden + 4))
+    if s.loss == "chunked":
+        # the hidden-state gradient and int64 row index of every scored token (labels shifted: seq - 1 per row)
+        logits_saved = s.batch * (s.seq - 1) * (arch.hidden * s.c + 8)
+        chunk = min(n, s.chunk_size or default_chunk_size(arch.vocab))
+        logits_peak = logits_saved + chunk * arch.vocab * (2 * s.c + 4)  # one chunk's logits, fp32 copy, gradient
+    else:
+        logits_saved = n * (arch.vocab * 4 + 8) + 4
+        logits_peak = logits_saved + n * arch.vocab * (s.c + 4)
+    whole = len(s.recompute.layers(arch.layers))
+    plain = n * (per_first + (arch.layers - 1 - whole) * per_mid) if whole == 0 else n * (arch.layers - whole) * per_mid
+    kept = whole * n * arch.hidden * s.c  # a checkpointed layer keeps its input hidden state
+    if whole:
+        transient = max(transient, per_mid + arch.hidden * s.c)  # backward re-runs one layer at a time
+    rope = rotary if whole < arch.layers else 0  # the tables stay saved while any layer is not checkpointed
+    saved = plain + kept + final_norm + rope
+    meter = saved + logits_saved
+    if s.offload:
+        # The decoder stack's saved tensors (final norm included) wait in pinned host memory.
+        in_flight = OFFLOAD_IN_FLIGHT * n * (per_mid if whole < arch.layers else arch.hidden * s.c)
+        return Activations(mid, in_flight + n * transient, 0.0, logits_saved, logits_peak, meter, host=saved)
+    return Activations(mid, plain + kept + n * transient, final_norm + rope, logits_saved, logits_peak, meter)
 
 
 # ----------------------------------------------------------------------------------------------- estimate
@@ -356,13 +405,15 @@ def to_json(est: Estimate) -> dict[str, Any]:
 
 
 def variants(arch: Arch, s: Settings, velora_layers: tuple[str, ...]) -> list[tuple[str, Estimate]]:
-    """The estimate with VeLoRA off / on and gradient checkpointing off / on: the columns of the table."""
+    """The estimate with VeLoRA off / on and gradient checkpointing off / on: the columns of the table (the
+    recipe's loss, lean ops and offload kept)."""
     on = velora_layers or ("v_proj", "down_proj")
     out = []
     for gc in (False, True):
         for vel in ((), on):
             label = method_name(s.quantization, vel, gc, show_layers=False)
-            out.append((label, estimate(arch, dataclasses.replace(s, velora=vel, gradient_checkpointing=gc))))
+            v = dataclasses.replace(s, velora=vel, gradient_checkpointing=False, checkpointing="all" if gc else "none")
+            out.append((label, estimate(arch, v)))
     return out
 
 

@@ -193,7 +193,7 @@ def run_pipeline(
     summary = (RunSummary.load(run_dir) if resume else None) or RunSummary()
     started = time.monotonic()
     for stage in chosen:
-        has_adapter = (run_dir / runs.ADAPTER_CONFIG).is_file()
+        has_adapter = runs.has_weights(run_dir)  # an adapter, or a whole model (method full/pretrain)
         if stage == "train" and summary.done(stage) and resume and stages is None and has_adapter:
             out.print(f"[dim]train: already done in {run_dir} (use --no-resume to train again)[/]")
             continue
@@ -236,7 +236,13 @@ def dry_run_plan(recipe: Recipe, run_dir: Path, out: Console) -> dict[str, Any]:
     session = FinetuneSession(recipe, run_dir)
     session.setup_data()
     _check_shapes(recipe)
-    arch = arch_for(model=resolve_model(recipe.model.name).path, trust_remote_code=recipe.model.trust_remote_code)
+    if recipe.method == "pretrain":
+        from velora_cli.memory.arch import arch_of_model
+        from velora_cli.methods import meta_model
+
+        arch = arch_of_model(meta_model(recipe), recipe.model.config)
+    else:
+        arch = arch_for(model=resolve_model(recipe.model.name).path, trust_remote_code=recipe.model.trust_remote_code)
     est = estimate(arch, settings_from_recipe(recipe, device=session.device.type))
     rows = [
         ("train rows", str(len(session.train_set))),
@@ -255,6 +261,11 @@ def _check_shapes(recipe: Recipe) -> None:
     attached to a meta-device model by the code that trains, so a 13B recipe is validated without its weights."""
     from transformers import AutoModelForCausalLM  # transformers' model registry takes seconds to import
 
+    if recipe.full:
+        from velora_cli.methods import attach_full_velora, meta_model
+
+        attach_full_velora(meta_model(recipe), recipe)
+        return
     config = load_config(resolve_model(recipe.model.name), recipe.model.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from velora_cli.errors import UsageError, did_you_mean
+from velora_cli.methods import PRETRAIN_COMMON, PRETRAIN_SIZES
 from velora_cli.models import load_config, resolve_model
 
 # ------------------------------------------------------------------------------------------- presets
@@ -32,6 +33,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
     ),
 }  # fmt: skip
+
+# The paper's pre-training sizes (GaLore's configs; velora_cli/methods.py builds them for method: pretrain).
+PRESETS.update({name: {**PRETRAIN_COMMON, **shape} for name, shape in PRETRAIN_SIZES.items()})
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -73,6 +77,12 @@ def _arch_from_config(config: Any, name: str) -> Arch:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    return arch_of_model(model, name)
+
+
+def arch_of_model(model: Any, name: str) -> Arch:
+    """The Arch of a built model (normally on the meta device)."""
+    config = model.config
     decoder = getattr(getattr(model, "model", None), "layers", None)
     if decoder is None or len(decoder) == 0:
         raise UsageError(f"{name}: memory-estimate supports decoder-only models with model.layers (LLaMA family)")

@@ -30,6 +30,7 @@ import torch
 from velora_cli.device import DTYPES, compute_dtype, dtype_name
 from velora_cli.errors import RecipeError
 from velora_cli.memory.arch import LLAMA_PROJECTIONS, Arch
+from velora_cli.memory.full import full_components, full_layer_activations
 from velora_cli.runs import method_name
 from velora_cli.velora.config import DEFAULT_NUM_GROUPS
 
@@ -68,6 +69,12 @@ class Settings:
     subtoken_size: int | None = None
     gradient_checkpointing: bool = False
     optimizer: str = "adamw_torch"
+    method: str = "qlora"  # full / pretrain: every weight trains (memory/full.py)
+    optimizer_in_backward: bool = False
+
+    @property
+    def full(self) -> bool:
+        return self.method in ("full", "pretrain")
 
     @property
     def c(self) -> int:
@@ -94,7 +101,7 @@ def settings_from_recipe(recipe: Any, device: str = "cuda") -> Settings:
     if compute == "auto":  # what device.compute_dtype picks: bf16 on a current GPU, fp32 on CPU
         compute = "bf16" if device == "cuda" else dtype_name(compute_dtype("auto", torch.device("cpu")))
     assert compute in DTYPES
-    targets = tuple(recipe.lora.module_names)
+    targets = tuple(recipe.lora.module_names) if not getattr(recipe, "full", False) else ()
     unknown = [t for t in targets if t not in LLAMA_PROJECTIONS]
     if unknown:
         raise RecipeError(
@@ -118,6 +125,8 @@ def settings_from_recipe(recipe: Any, device: str = "cuda") -> Settings:
         subtoken_size=recipe.velora.subtoken_size,
         gradient_checkpointing=recipe.train.gradient_checkpointing,
         optimizer=recipe.train.optimizer,
+        method=recipe.method,
+        optimizer_in_backward=recipe.train.optimizer_in_backward,
     )
 
 
@@ -254,8 +263,8 @@ class Activations:
 
 def activations(arch: Arch, s: Settings) -> Activations:
     n = s.tokens
-    mid = layer_activations(arch, s)
-    first = layer_activations(arch, s, first=True)
+    mid = full_layer_activations(arch, s) if s.full else layer_activations(arch, s)
+    first = mid if s.full else layer_activations(arch, s, first=True)
     per_mid, per_first = sum(mid.values()), sum(first.values())
     rotary = 2 * s.seq * arch.head_dim * s.c  # cos and sin, (1, S, head_dim), shared by all layers
     final_norm = n * (4 * arch.hidden + 4)
@@ -297,9 +306,10 @@ def estimate(arch: Arch, s: Settings) -> Estimate:
         "adapters": sum(lora) * LORA_BYTES,
         "gradients": sum(lora) * LORA_BYTES,
         "optimizer": optimizer_bytes(lora, s.optimizer),
-        "activations": int(act.total),
-        "logits": int(act.logits_peak),
     }
+    if s.full:
+        comps = full_components(arch, s)
+    comps |= {"activations": int(act.total), "logits": int(act.logits_peak)}
     tensors = sum(comps.values())
     comps["overhead"] = int(OVERHEAD_CONTEXT + OVERHEAD_FRACTION * tensors) if s.device == "cuda" else 0
     return Estimate(arch, s, comps, act)
@@ -362,6 +372,8 @@ def variants(arch: Arch, s: Settings, velora_layers: tuple[str, ...]) -> list[tu
     for gc in (False, True):
         for vel in ((), on):
             label = method_name(s.quantization, vel, gc, show_layers=False)
+            if s.full:
+                label = label.replace("LoRA", s.method, 1)
             out.append((label, estimate(arch, dataclasses.replace(s, velora=vel, gradient_checkpointing=gc))))
     return out
 

@@ -58,7 +58,7 @@ def select_stages(recipe: Recipe, stages: str | None) -> list[str]:
         chosen = ["train"]
         if recipe.export.enabled:
             chosen.append("export")
-        if recipe.eval.mmlu.enabled:
+        if recipe.eval.mmlu.enabled or recipe.eval.perplexity.enabled:
             chosen.append("eval")
         return chosen
     chosen = [s.strip() for s in stages.split(",") if s.strip()]
@@ -132,10 +132,38 @@ def stage_export(recipe: Recipe, run_dir: Path, summary: RunSummary, out: Consol
     summary.export = ExportSummary(path=str(path), dtype=recipe.export.dtype)
 
 
+def stage_perplexity(recipe: Recipe, run_dir: Path, summary: RunSummary, out: Console) -> None:
+    """eval.perplexity: the trained model on held-out text (eval.perplexity.path, else the run's held-out split)."""
+    from velora_cli.eval.command import load_eval_model
+    from velora_cli.eval.perplexity import file_blocks, perplexity
+
+    p, d = recipe.eval.perplexity, recipe.data
+    model, tokenizer, description = load_eval_model(str(run_dir))
+    if p.path:
+        blocks = file_blocks(p.path, tokenizer, d.cutoff_len, d.text_field)
+    else:
+        from velora_cli.corpus import load_text_sets
+
+        if not recipe.text_data:
+            raise UsageError("eval.perplexity without eval.perplexity.path needs text data (data.format: text)")
+        blocks = load_text_sets(d, tokenizer, recipe.train.seed)[1]
+        if blocks is None:
+            raise UsageError("eval.perplexity: no held-out text; set data.val_set_size or eval.perplexity.path")
+    result = perplexity(model, blocks, batch_size=recipe.train.micro_batch_size, limit=p.limit)
+    summary.extra["perplexity"] = {**result, "model": description}
+    out.print(f"held-out perplexity: {result['perplexity']:.3f} over {result['tokens']} tokens")
+    del model
+    gc.collect()
+
+
 def stage_eval(recipe: Recipe, run_dir: Path, summary: RunSummary, out: Console) -> None:
     from velora_cli.eval.command import load_eval_model  # the scorer and peft: only once a stage runs
     from velora_cli.eval.summary import evaluate_mmlu
 
+    if recipe.eval.perplexity.enabled:
+        stage_perplexity(recipe, run_dir, summary, out)
+        if not recipe.eval.mmlu.enabled:
+            return
     m = recipe.eval.mmlu
     use_merged = m.use_merged and summary.export is not None
     reference = summary.export.path if use_merged else str(run_dir)
@@ -218,6 +246,8 @@ def run_pipeline(
 
 def _write_summary(recipe: Recipe, run_dir: Path, summary: RunSummary) -> None:
     summary.description = RunDescription.of(recipe)
+    if recipe.method != "qlora":
+        summary.extra["method"] = recipe.method
     summary.write(run_dir)
 
 

@@ -48,6 +48,8 @@ def _resolve_relative(recipe: Recipe, base: Path) -> None:
         return value
 
     recipe.data.path = fix(recipe.data.path)
+    recipe.model.config = fix(recipe.model.config)
+    recipe.eval.perplexity.path = fix(recipe.eval.perplexity.path)
     recipe.data.val_path = fix(recipe.data.val_path)
     recipe.eval.heldout.path = fix(recipe.eval.heldout.path)
     recipe.eval.mmlu.data_dir = fix(recipe.eval.mmlu.data_dir)

@@ -116,6 +116,7 @@ class TrainSection(Section):
     learning_rate: float = Field(2e-4, gt=0)
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, lt=1)  # cosine: decay to this fraction of the lr (GaLore: 0.1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
     optimizer: Literal[

@@ -258,7 +258,8 @@ class FinetuneSession:
             num_train_epochs=t.epochs,
             max_steps=t.max_steps or -1,
             learning_rate=t.learning_rate,
-            lr_scheduler_type=t.scheduler,
+            lr_scheduler_type="cosine_with_min_lr" if t.scheduler == "cosine" and t.min_lr_ratio else t.scheduler,
+            lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio} if t.scheduler == "cosine" and t.min_lr_ratio else {},
             warmup_steps=t.warmup_steps,
             weight_decay=t.weight_decay,
             max_grad_norm=0.0 if t.optimizer_in_backward else t.max_grad_norm,  # no global norm exists

@@ -124,7 +124,11 @@ def test_documented_make_targets_run_the_demo_and_the_suite(tmp_path: Path) -> N
     assert ci[-1] == "make test"
 
 
-@pytest.mark.parametrize("name", ["llama7b_alpaca", "llama13b_alpaca", "smollm2_demo"])
+@pytest.mark.parametrize(
+    "name",
+    ["llama7b_alpaca", "llama13b_alpaca", "smollm2_demo", "smollm2_full_demo", "tiny_pretrain_demo",
+     "llama60m_c4_pretrain", "llama130m_c4_pretrain"],
+)  # fmt: skip
 def test_shipped_recipes_validate_and_show_their_command(name: str) -> None:
     path = REPO / "recipes" / f"{name}.yaml"
     recipe = load_recipe(path)
@@ -150,3 +154,15 @@ def test_paper_recipes_match_the_paper_setting() -> None:
         )
         assert r.data.path == "tatsu-lab/alpaca" and r.data.train_on_inputs
         assert r.export.enabled and r.eval.mmlu.enabled and r.eval.mmlu.shots == 5 and r.eval.mmlu.subjects is None
+
+
+def test_pretrain_recipes_follow_the_official_scripts() -> None:
+    """roymiles/VeLoRA scripts/pretrain_llama_{60m,130m}.sh: per-layer groups, lr, scale, batch, steps, schedule."""
+    for name, groups, lr, scale, steps in (("llama60m_c4_pretrain", {"v": 64, "d": 86}, 0.01, 1.5, 10000),
+                                           ("llama130m_c4_pretrain", {"v": 64, "d": 64}, 0.003, 1.0, 20000)):
+        r = load_recipe(REPO / "recipes" / f"{name}.yaml")
+        assert r.method == "pretrain" and r.model.tokenizer == "t5-base" and r.velora.num_groups == groups
+        assert (r.train.learning_rate, r.velora.scale, r.train.max_steps, r.train.warmup_steps) == (
+            lr, scale, steps, steps // 10)  # fmt: skip
+        assert (r.train.batch_size, r.data.cutoff_len, r.train.min_lr_ratio, r.train.weight_decay) == (512, 256, 0.1, 0)
+        assert r.data.path == "allenai/c4" and r.data.subset == "en" and r.data.streaming

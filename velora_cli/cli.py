@@ -105,13 +105,21 @@ def evaluate(
     save_predictions: Path | None = typer.Option(
         None, "--save-predictions", help="Write per-question predictions (JSONL) here."
     ),
+    perplexity: bool = typer.Option(False, "--perplexity", help="Perplexity of held-out text (--data FILE)."),
+    data: Path | None = typer.Option(None, "--data", help="--perplexity: text file, .jsonl/parquet with `text`."),
+    block: int = typer.Option(256, "--block", min=2, help="--perplexity: tokens per packed block."),
     trust_remote_code: bool = TrustOption,
     verbose: bool = VerboseOption,
 ) -> None:
-    """Evaluate a model: 5-shot MMLU accuracy per subject, category and overall."""
+    """Evaluate a model: 5-shot MMLU accuracy per subject, category and overall, or held-out perplexity."""
+    _quiet(verbose)
+    if perplexity:
+        from velora_cli.eval.perplexity import run_perplexity_command
+
+        run_perplexity_command(model, data, block, limit, batch_size, json_path, trust_remote_code)
+        return
     from velora_cli.eval.command import run_eval_command
 
-    _quiet(verbose)
     run_eval_command(
         mmlu=mmlu,
         model=model,

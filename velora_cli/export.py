@@ -51,6 +51,7 @@ from velora_cli.runs import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     MMLU_FILE,
+    MODEL_CONFIG,
     RECIPE_FILE,
     SUMMARY_FILE,
     RunDescription,
@@ -327,6 +328,8 @@ def _export_run(run_dir, out, dtype, checkpoint, max_shard_size, adapter_only, f
         raise UsageError(f"{run_dir}: run directory not found")
     torch_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
+    if not adapter_only and _full_model_dir(run_dir, checkpoint) is not None:
+        return _export_full(run_dir, out, torch_dtype, checkpoint, shard_bytes, force)
     adapter_path = adapter_dir(run_dir, checkpoint)
     if not (adapter_path / ADAPTER_WEIGHTS).is_file():
         raise UsageError(f"{adapter_path}: {ADAPTER_WEIGHTS} missing beside {ADAPTER_CONFIG}")
@@ -367,6 +370,26 @@ def _export_run(run_dir, out, dtype, checkpoint, max_shard_size, adapter_only, f
         (staging / "README.md").write_text(card, encoding="utf-8")
         steps.finish()
     return target
+
+
+def _full_model_dir(run_dir: Path, checkpoint: int | None) -> Path | None:
+    """A method full/pretrain run holds a whole model (config.json, no adapter): where, or None."""
+    path = run_dir / f"checkpoint-{checkpoint}" if checkpoint is not None else run_dir
+    has_model = (path / MODEL_CONFIG).is_file() and not (path / ADAPTER_CONFIG).is_file()
+    return path if has_model and (run_dir / RECIPE_FILE).is_file() else None
+
+
+def _export_full(run_dir: Path, out: Path | None, dtype: torch.dtype, checkpoint: int | None, shard: int, force: bool):
+    """A full/pretrain run: nothing to merge; the model is loaded in `dtype` and saved again (methods.py)."""
+    from velora_cli.methods import export_full_model, full_model_card
+
+    recipe = read_run_recipe(run_dir)
+    target = Path(out) if out is not None else default_out(run_dir, checkpoint, False)
+    _check_target(target, run_dir, force)
+    recipe_text = (run_dir / RECIPE_FILE).read_text(encoding="utf-8")
+    card = full_model_card(recipe, recipe_text, run_dir, dtype_name(dtype))
+    with _quiet_transformers():
+        return export_full_model(_full_model_dir(run_dir, checkpoint), target, dtype, shard, card)
 
 
 def run_export(

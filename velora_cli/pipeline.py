@@ -50,6 +50,8 @@ def _resolve_relative(recipe: Recipe, base: Path) -> None:
         return value
 
     recipe.data.path = fix(recipe.data.path)
+    recipe.model.config = fix(recipe.model.config)
+    recipe.eval.perplexity.path = fix(recipe.eval.perplexity.path)
     recipe.data.val_path = fix(recipe.data.val_path)
     recipe.eval.heldout.path = fix(recipe.eval.heldout.path)
     recipe.eval.mmlu.data_dir = fix(recipe.eval.mmlu.data_dir)
@@ -60,7 +62,7 @@ def select_stages(recipe: Recipe, stages: str | None) -> list[str]:
         chosen = ["train"]
         if recipe.export.enabled:
             chosen.append("export")
-        if recipe.eval.mmlu.enabled:
+        if recipe.eval.mmlu.enabled or recipe.eval.perplexity.enabled:
             chosen.append("eval")
         return chosen
     chosen = [s.strip() for s in stages.split(",") if s.strip()]
@@ -130,11 +132,39 @@ def stage_export(recipe: Recipe, run_dir: Path, summary: RunSummary, out: Consol
     summary.export = ExportSummary(path=str(path), dtype=recipe.export.dtype)
 
 
+def stage_perplexity(recipe: Recipe, run_dir: Path, summary: RunSummary, out: Console) -> None:
+    """eval.perplexity: the trained model on held-out text (eval.perplexity.path, else the run's held-out split)."""
+    from velora_cli.eval.command import load_eval_model
+    from velora_cli.eval.perplexity import file_blocks, perplexity
+
+    p, d = recipe.eval.perplexity, recipe.data
+    model, tokenizer, description = load_eval_model(str(run_dir), trust_remote_code=recipe.model.trust_remote_code)
+    if p.path:
+        blocks = file_blocks(p.path, tokenizer, d.cutoff_len, d.text_field)
+    else:
+        from velora_cli.corpus import load_text_sets
+
+        if not recipe.text_data:
+            raise UsageError("eval.perplexity without eval.perplexity.path needs text data (data.format: text)")
+        blocks = load_text_sets(d, tokenizer, recipe.train.seed)[1]
+        if blocks is None:
+            raise UsageError("eval.perplexity: no held-out text; set data.val_set_size or eval.perplexity.path")
+    result = perplexity(model, blocks, batch_size=recipe.train.micro_batch_size, limit=p.limit)
+    summary.extra["perplexity"] = {**result, "model": description}
+    out.print(f"held-out perplexity: {result['perplexity']:.3f} over {result['tokens']} tokens")
+    del model
+    gc.collect()
+
+
 def stage_eval(recipe: Recipe, run_dir: Path, summary: RunSummary, out: Console, checks: Preflight) -> None:
     from velora_cli.eval.command import load_eval_model  # the scorer and peft: only once a stage runs
     from velora_cli.eval.mmlu_data import load_mmlu
     from velora_cli.eval.summary import evaluate_loaded
 
+    if recipe.eval.perplexity.enabled:
+        stage_perplexity(recipe, run_dir, summary, out)
+        if not recipe.eval.mmlu.enabled:
+            return
     m = recipe.eval.mmlu
     use_merged = m.use_merged and summary.export is not None
     reference = summary.export.path if use_merged else str(run_dir)
@@ -184,7 +214,7 @@ def run_pipeline(
         return dry_run_plan(recipe, run_dir, out, chosen)
 
     summary = (RunSummary.load(run_dir) if resume else None) or RunSummary()
-    has_adapter = (run_dir / runs.ADAPTER_CONFIG).is_file()
+    has_adapter = runs.has_weights(run_dir)  # an adapter, or a whole model (method full/pretrain)
     # A plain rerun skips what is done; --stages reruns what it names.
     todo = [s for s in chosen if not (stages is None and resume and summary.done(s) and has_adapter)]
     if not todo:
@@ -226,6 +256,8 @@ def _run_stages(recipe: Recipe, run_dir: Path, todo: list[str], resume: bool, su
 
 def _write_summary(recipe: Recipe, run_dir: Path, summary: RunSummary) -> None:
     summary.description = RunDescription.of(recipe)
+    if recipe.method != "qlora":
+        summary.extra["method"] = recipe.method
     summary.write(run_dir)
 
 
@@ -244,7 +276,13 @@ def dry_run_plan(recipe: Recipe, run_dir: Path, out: Console, stages: list[str] 
     check_writable(run_dir, "output.dir", directory=True)
     checks = preflight(recipe, [s for s in STAGES if s in {"train", *stages}], run_dir, has_adapter=False)
     session = checks.session
-    arch = arch_for(model=recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
+    if recipe.method == "pretrain":
+        from velora_cli.memory.arch import arch_of_model
+        from velora_cli.methods import meta_model
+
+        arch = arch_of_model(meta_model(recipe), recipe.model.config)
+    else:
+        arch = arch_for(model=recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
     est = estimate(arch, settings_from_recipe(recipe, device=session.device.type))
     rows = [
         ("train rows", str(len(session.train_set))),

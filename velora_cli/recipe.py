@@ -63,6 +63,10 @@ class ModelSection(Section):
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     trust_remote_code: bool = False
     attn_implementation: Literal["sdpa", "eager"] | None = None
+    # method: pretrain - the architecture to initialise afresh: a hub id / local dir holding config.json, or one of
+    # the paper's (GaLore's) sizes llama-60m, llama-130m, llama-350m, llama-1b (see velora_cli/methods.py)
+    config: str | None = None
+    tokenizer: str | None = None  # default: model.config when it names a hub id / directory, else model.name
 
 
 class LoraSection(Section):
@@ -123,6 +127,13 @@ class DataSection(Section):
     train_on_inputs: bool = False
     add_eos: bool = True
     skip_bad_rows: bool = False
+    # Plain text (pre-training, continued pre-training): .txt files/globs, .jsonl/parquet/hub rows with `text_field`,
+    # tokenised, joined with EOS and packed into blocks of cutoff_len tokens (see velora_cli/corpus.py).
+    format: Literal["instruct", "text"] | None = None  # default: text for method pretrain, else instruct
+    text_field: str = "text"
+    subset: str | None = None  # a hub dataset's configuration, e.g. `en` for allenai/c4
+    streaming: bool = False  # hub datasets: read on the fly (needs train.max_steps)
+    val_split: str | None = None  # streaming: held-out blocks come from this split (e.g. validation)
 
 
 class TrainSection(Section):
@@ -133,9 +144,16 @@ class TrainSection(Section):
     learning_rate: float = Field(2e-4, gt=0)
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, lt=1)  # cosine: decay to this fraction of the lr (GaLore: 0.1)
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float = Field(1.0, gt=0)
-    optimizer: Literal["adamw_torch", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit"] = "adamw_torch"
+    optimizer: Literal[
+        "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_8bit"
+    ] = "adamw_torch"
+    # method full/pretrain: each parameter's AdamW step runs in backward as soon as its gradient is complete
+    # (register_post_accumulate_grad_hook, as GaLore's layer-wise mode), so no full set of gradients is held.
+    # Needs batch_size == micro_batch_size (no accumulation); gradient clipping is not applied (no global norm).
+    optimizer_in_backward: bool = False
     seed: int = 42
     gradient_checkpointing: bool = False
     group_by_length: bool = True
@@ -227,13 +245,27 @@ class HeldoutSection(Section):
     limit: int = Field(64, gt=0)
 
 
+class PerplexitySection(Section):
+    """Perplexity of held-out text (packed blocks of data.cutoff_len tokens), in the eval stage."""
+
+    enabled: bool = False
+    path: str | None = None  # text file/corpus; default: the run's held-out split of data.path
+    limit: int | None = Field(None, gt=0)  # at most this many blocks
+
+
 class EvalSection(Section):
     mmlu: MmluSection = Field(default_factory=MmluSection)
     heldout: HeldoutSection = Field(default_factory=HeldoutSection)
+    perplexity: PerplexitySection = Field(default_factory=PerplexitySection)
+
+
+METHODS = ("qlora", "lora", "full", "pretrain")
+FULL_METHODS = ("full", "pretrain")  # every weight trains; no adapters
 
 
 class Recipe(Section):
     name: str | None = None
+    method: Literal[METHODS] = "qlora"  # type: ignore[valid-type]
     model: ModelSection = Field(default_factory=ModelSection)
     lora: LoraSection = Field(default_factory=LoraSection)
     velora: VeloraSection = Field(default_factory=VeloraSection)
@@ -258,8 +290,48 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _method_combinations(self) -> Recipe:
+        """What each method allows (one line each): see velora_cli/methods.py for what the methods do."""
+        m, q = self.method, self.model.quantization
+        q_given = "quantization" in self.model.model_fields_set
+        if m in FULL_METHODS and q != "none" and q_given:
+            raise ValueError(f"method {m!r} trains every weight; model.quantization={q!r} cannot be trained "
+                             "(use quantization: none, or method: qlora)")  # fmt: skip
+        if m == "lora" and q != "none" and q_given:
+            raise ValueError(f"method 'lora' is unquantised; model.quantization={q!r} is method: qlora")
+        if m != "qlora" and q != "none":
+            self.model.__dict__["quantization"] = "none"
+        if m in FULL_METHODS and "lora" in self.model_fields_set:
+            raise ValueError(f"method {m!r} trains every weight and has no LoRA adapter; remove the lora section")
+        if m == "pretrain" and not self.model.config:
+            raise ValueError("method 'pretrain' needs model.config (a hub id or directory with config.json, or "
+                             "llama-60m, llama-130m, llama-350m, llama-1b)")  # fmt: skip
+        if m != "pretrain" and self.model.config:
+            raise ValueError(f"model.config is for method: pretrain (a fresh initialisation), not {m!r}")
+        if self.train.optimizer_in_backward:
+            if m not in FULL_METHODS:
+                raise ValueError(f"train.optimizer_in_backward is for method full or pretrain, not {m!r}")
+            if self.train.batch_size != self.train.micro_batch_size:
+                raise ValueError("train.optimizer_in_backward steps in every backward pass: batch_size must equal "
+                                 f"micro_batch_size (no accumulation), got {self.train.batch_size} and "
+                                 f"{self.train.micro_batch_size}")  # fmt: skip
+            if self.train.optimizer not in ("adamw_torch", "adamw_torch_fused"):
+                raise ValueError(f"train.optimizer_in_backward runs torch AdamW per parameter, not "
+                                 f"{self.train.optimizer!r}")  # fmt: skip
+        return self
+
+    @property
+    def full(self) -> bool:
+        """Every weight trains (method full or pretrain): no adapter, the run dir holds a whole model."""
+        return self.method in FULL_METHODS
+
+    @property
+    def text_data(self) -> bool:
+        return (self.data.format or ("text" if self.method == "pretrain" else "instruct")) == "text"
+
+    @model_validator(mode="after")
     def _velora_on_lora_layers(self) -> Recipe:
-        if self.velora.enabled:
+        if self.velora.enabled and not self.full:
             missing = [n for n in self.velora.module_names if n not in self.lora.module_names]
             if missing:
                 raise ValueError(
@@ -381,4 +453,6 @@ def read_run_recipe(run_dir: Path) -> Recipe:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    # A full/pretrain recipe has no lora section (validation refuses one), so its default is left out.
+    exclude = {"lora"} if recipe.full else None
+    return yaml.safe_dump(recipe.model_dump(mode="json", exclude=exclude), sort_keys=False)

@@ -43,11 +43,17 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 MMLU_FILE = "eval/mmlu.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+MODEL_CONFIG = "config.json"  # a full/pretrain run (or its checkpoint) holds a whole model, not an adapter
 TRAINER_STATE = "trainer_state.json"  # transformers' Trainer writes it last into each checkpoint
 
 
+def has_weights(path: Path) -> bool:
+    """An adapter (qlora/lora) or a whole model (full/pretrain) was saved here."""
+    return (path / ADAPTER_CONFIG).is_file() or (path / MODEL_CONFIG).is_file()
+
+
 def is_run_dir(path: Path) -> bool:
-    return (path / ADAPTER_CONFIG).is_file() and (path / RECIPE_FILE).is_file()
+    return has_weights(path) and (path / RECIPE_FILE).is_file()
 
 
 def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
@@ -58,7 +64,7 @@ def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
 
 def checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (staging dirs never match the name pattern)."""
-    return [p for _, p in checkpoint_dirs(run_dir) if (p / ADAPTER_CONFIG).is_file()]
+    return [p for _, p in checkpoint_dirs(run_dir) if has_weights(p)]
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -99,7 +105,7 @@ def latest_run(root: Path = Path("runs")) -> Path:
     runs = [p for p in root.glob("*") if p.is_dir() and is_run_dir(p)] if root.is_dir() else []
     if not runs:
         raise UsageError(f"no finished run found under {root}/; pass --model or run `velora finetune` first")
-    return max(runs, key=lambda p: (p / ADAPTER_CONFIG).stat().st_mtime)
+    return max(runs, key=lambda p: (p / RECIPE_FILE).stat().st_mtime)
 
 
 # ------------------------------------------------------------------------------------------ staged writes

@@ -125,9 +125,16 @@ class Plan:
             velora += f", scale={r.velora.scale:g}"
         double = " + double quant" if r.model.double_quant and r.model.quantization in ("nf4", "fp4") else ""
         lora_targets = ", ".join(r.lora.module_names)
+        lora = f"r={r.lora.r} alpha={r.lora.alpha:g} dropout={r.lora.dropout:g} on {lora_targets}"
+        model = f"{r.model.name} ({r.model.quantization}{double})"
+        if r.full:  # method full/pretrain: no adapter, every weight trains
+            lora = f"none: method {r.method}, every weight trains"
+            model = f"{r.model.config} (fresh initialisation)" if r.method == "pretrain" else f"{r.model.name} (full)"
+            if r.train.optimizer_in_backward:
+                lora += "; optimizer steps in backward (no gradient clipping)"
         return [
-            ("model", f"{r.model.name} ({r.model.quantization}{double})"),
-            ("LoRA", f"r={r.lora.r} alpha={r.lora.alpha:g} dropout={r.lora.dropout:g} on {lora_targets}"),
+            ("model", model),
+            ("LoRA", lora),
             ("VeLoRA", velora),
             (
                 "data",
@@ -176,7 +183,16 @@ class FinetuneSession:
     def setup_data(self) -> None:
         d = self.recipe.data
         if self.tokenizer is None:
-            self.tokenizer = load_tokenizer(resolve_model(self.recipe.model.name), self.recipe.model.trust_remote_code)
+            from velora_cli.methods import tokenizer_reference
+
+            reference = tokenizer_reference(self.recipe.model)
+            self.tokenizer = load_tokenizer(resolve_model(reference), self.recipe.model.trust_remote_code)
+        if self.recipe.text_data:  # plain text packed into blocks (pre-training, continued pre-training)
+            from velora_cli.corpus import load_text_sets
+
+            self.train_set, self.val_set, _ = load_text_sets(d, self.tokenizer, self.recipe.train.seed)
+            self.val_records, self.skipped = [], 0
+            return
         loaded = load_records(d.path, d.split, d.skip_bad_rows)
         train_rows, val_rows = split_validation(loaded.records, d.val_set_size, self.recipe.train.seed)
         if d.val_path:
@@ -194,6 +210,8 @@ class FinetuneSession:
         t = self.recipe.train
         if t.max_steps:
             return t.max_steps
+        if not hasattr(self.train_set, "__len__"):
+            raise RecipeError("data.streaming reads an endless stream: set train.max_steps")
         # The Trainer's own count: whole optimizer steps per epoch (a partial accumulation still steps), times epochs.
         batches = math.ceil(len(self.train_set) / (t.micro_batch_size * world_size()))
         return math.ceil(t.epochs * max(1, math.ceil(batches / self.gradient_accumulation())))
@@ -203,15 +221,23 @@ class FinetuneSession:
         self.setup_data()
         choice = self.resolve_memory_plan()
         set_seed(self.recipe.train.seed)  # LoRA's A init draws from the global RNG: same seed, same adapter start
-        self.model, self.tokenizer, self.compressed = build_training_model(self.recipe, self.device, self.tokenizer)
+        if self.recipe.full:
+            from velora_cli.methods import build_full_model
+
+            self.model, self.tokenizer, self.compressed = build_full_model(self.recipe, self.device, self.tokenizer)
+        else:
+            self.model, self.tokenizer, self.compressed = build_training_model(
+                self.recipe, self.device, self.tokenizer
+            )
+        sized = hasattr(self.train_set, "__len__")
         self.plan = Plan(
             recipe=self.recipe,
             run_dir=self.run_dir,
-            train_rows=len(self.train_set),
+            train_rows=len(self.train_set) if sized else 0,
             val_rows=len(self.val_set) if self.val_set is not None else 0,
             skipped_rows=self.skipped,
             dropped_rows=self.dropped,
-            train_tokens=int(sum(self.train_set["length"])),
+            train_tokens=int(sum(self.train_set["length"])) if sized else 0,
             steps=self.total_steps(),
             gradient_accumulation=accumulation,
             compressed_layers=self.compressed,
@@ -232,6 +258,13 @@ class FinetuneSession:
             callbacks=[VeloraCallback(), self.guard, self.interrupt, self.keeper],
         )
         self.trainer.remove_callback(PrinterCallback)  # RunMonitor and the display report instead
+        if self.recipe.train.optimizer_in_backward:
+            from velora_cli.layerwise import layerwise_for_trainer
+
+            if world_size() > 1:
+                raise UsageError("train.optimizer_in_backward runs in a single process (no DDP)")
+            fused = self.recipe.train.optimizer == "adamw_torch_fused"
+            self.trainer.optimizer = layerwise_for_trainer(self.trainer, fused=fused)
         return self.plan
 
     def resolve_memory_plan(self) -> str | None:
@@ -271,10 +304,11 @@ class FinetuneSession:
             num_train_epochs=t.epochs,
             max_steps=t.max_steps or -1,
             learning_rate=t.learning_rate,
-            lr_scheduler_type=t.scheduler,
+            lr_scheduler_type="cosine_with_min_lr" if t.scheduler == "cosine" and t.min_lr_ratio else t.scheduler,
+            lr_scheduler_kwargs={"min_lr_rate": t.min_lr_ratio} if t.scheduler == "cosine" and t.min_lr_ratio else {},
             warmup_steps=t.warmup_steps,
             weight_decay=t.weight_decay,
-            max_grad_norm=t.max_grad_norm,
+            max_grad_norm=0.0 if t.optimizer_in_backward else t.max_grad_norm,  # no global norm exists
             optim=t.optimizer,
             seed=t.seed,
             data_seed=t.seed,

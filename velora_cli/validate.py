@@ -96,8 +96,15 @@ def preflight(recipe, stages: list[str], run_dir: Path, *, has_adapter: bool) ->
     if "train" not in stages and not has_adapter:
         raise UsageError(f"{run_dir}: no trained adapter yet; run the train stage first")
     if "train" in stages:
-        checks.config = load_config(resolve_model(recipe.model.name), recipe.model.trust_remote_code)
-        check_shapes(recipe, checks.config)
+        if recipe.full:  # full fine-tuning / pre-training: VeLoRA on the trainable linears of a meta model
+            from velora_cli.methods import attach_full_velora, meta_model
+
+            model = meta_model(recipe)
+            checks.config = model.config
+            attach_full_velora(model, recipe)
+        else:
+            checks.config = load_config(resolve_model(recipe.model.name), recipe.model.trust_remote_code)
+            check_shapes(recipe, checks.config)
         from velora_cli.train import FinetuneSession
 
         checks.session = FinetuneSession(recipe, run_dir)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from velora_cli.errors import UsageError, did_you_mean
+from velora_cli.methods import PRETRAIN_COMMON, PRETRAIN_SIZES
 from velora_cli.models import load_config, resolve_model
 
 # ------------------------------------------------------------------------------------------- presets
@@ -53,6 +54,9 @@ KNOWN_MODELS: dict[str, str] = {
     "meta-llama/llama-3.1-8b": "llama-3.1-8b",
     "meta-llama/llama-3.1-8b-instruct": "llama-3.1-8b",
 }
+
+# The paper's pre-training sizes (GaLore's configs; velora_cli/methods.py builds them for method: pretrain).
+PRESETS.update({name: {**PRETRAIN_COMMON, **shape} for name, shape in PRETRAIN_SIZES.items()})
 
 LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -94,6 +98,12 @@ def _arch_from_config(config: Any, name: str) -> Arch:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
+    return arch_of_model(model, name)
+
+
+def arch_of_model(model: Any, name: str) -> Arch:
+    """The Arch of a built model (normally on the meta device)."""
+    config = model.config
     decoder = getattr(getattr(model, "model", None), "layers", None)
     if decoder is None or len(decoder) == 0:
         raise UsageError(f"{name}: memory-estimate supports decoder-only models with model.layers (LLaMA family)")

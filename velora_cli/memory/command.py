@@ -14,7 +14,7 @@ from typing import Any
 from velora_cli import report
 from velora_cli.device import default_device
 from velora_cli.errors import UsageError
-from velora_cli.memory.arch import arch_for, preset_config
+from velora_cli.memory.arch import PRESETS, arch_for, preset_config
 from velora_cli.memory.estimate import (
     Estimate,
     estimate,
@@ -66,6 +66,9 @@ def resolve_inputs(
         rec = validate_recipe(data, source="--set")
     if preset is not None:
         return rec, arch_for(preset=preset)
+    if rec.method == "pretrain" and model is None:  # the architecture it initialises: a paper size or a config
+        config = rec.model.config
+        return rec, arch_for(preset=config) if config in PRESETS else arch_for(model=config)
     return rec, arch_for(model=model or rec.model.name, trust_remote_code=rec.model.trust_remote_code)
 
 

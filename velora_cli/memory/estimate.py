@@ -35,6 +35,7 @@ import torch
 from velora_cli.device import DTYPES, compute_dtype, dtype_name
 from velora_cli.errors import RecipeError
 from velora_cli.memory.arch import LLAMA_PROJECTIONS, Arch
+from velora_cli.memory.full import full_components, full_layer_activations
 from velora_cli.runs import method_name
 from velora_cli.velora.config import DEFAULT_NUM_GROUPS
 from velora_cli.velora.lean import Recompute, default_chunk_size, parse_checkpointing
@@ -84,6 +85,12 @@ class Settings:
     @property
     def recompute(self) -> Recompute:
         return parse_checkpointing("all" if self.gradient_checkpointing else self.checkpointing)
+    method: str = "qlora"  # full / pretrain: every weight trains (memory/full.py)
+    optimizer_in_backward: bool = False
+
+    @property
+    def full(self) -> bool:
+        return self.method in ("full", "pretrain")
 
     @property
     def c(self) -> int:
@@ -110,7 +117,7 @@ def settings_from_recipe(recipe: Any, device: str = "cuda") -> Settings:
     if compute == "auto":  # what device.compute_dtype picks: bf16 on a current GPU, fp32 on CPU
         compute = "bf16" if device == "cuda" else dtype_name(compute_dtype("auto", torch.device("cpu")))
     assert compute in DTYPES
-    targets = tuple(recipe.lora.module_names)
+    targets = tuple(recipe.lora.module_names) if not getattr(recipe, "full", False) else ()
     unknown = [t for t in targets if t not in LLAMA_PROJECTIONS]
     if unknown:
         raise RecipeError(
@@ -139,6 +146,8 @@ def settings_from_recipe(recipe: Any, device: str = "cuda") -> Settings:
         checkpointing=recipe.memory.checkpointing,
         offload=recipe.memory.offload,
         chunk_size=recipe.memory.chunk_size,
+        method=recipe.method,
+        optimizer_in_backward=recipe.train.optimizer_in_backward,
     )
 
 
@@ -292,8 +301,8 @@ class Activations:
 
 def activations(arch: Arch, s: Settings) -> Activations:
     n = s.tokens
-    mid = layer_activations(arch, s)
-    first = layer_activations(arch, s, first=True)
+    mid = full_layer_activations(arch, s) if s.full else layer_activations(arch, s)
+    first = mid if s.full else layer_activations(arch, s, first=True)
     transient = mid.pop("mlp_region_recompute", 0.0)
     first.pop("mlp_region_recompute", None)
     per_mid, per_first = sum(mid.values()), sum(first.values())
@@ -346,9 +355,10 @@ def estimate(arch: Arch, s: Settings) -> Estimate:
         "adapters": sum(lora) * LORA_BYTES,
         "gradients": sum(lora) * LORA_BYTES,
         "optimizer": optimizer_bytes(lora, s.optimizer),
-        "activations": int(act.total),
-        "logits": int(act.logits_peak),
     }
+    if s.full:
+        comps = full_components(arch, s)
+    comps |= {"activations": int(act.total), "logits": int(act.logits_peak)}
     tensors = sum(comps.values())
     comps["overhead"] = int(OVERHEAD_CONTEXT + OVERHEAD_FRACTION * tensors) if s.device == "cuda" else 0
     return Estimate(arch, s, comps, act)
@@ -412,6 +422,8 @@ def variants(arch: Arch, s: Settings, velora_layers: tuple[str, ...]) -> list[tu
     for gc in (False, True):
         for vel in ((), on):
             label = method_name(s.quantization, vel, gc, show_layers=False)
+            if s.full:
+                label = label.replace("LoRA", s.method, 1)
             v = dataclasses.replace(s, velora=vel, gradient_checkpointing=False, checkpointing="all" if gc else "none")
             out.append((label, estimate(arch, v)))
     return out

@@ -1,0 +1,182 @@
+"""Plain-text corpora for pre-training and continued pre-training (`data.format: text`).
+
+Sources: `.txt` files, globs of them or a directory of them (each blank-line-separated paragraph is one document);
+`.jsonl` / `.json` / `.parquet` files and hub datasets whose rows carry `data.text_field`; hub datasets with
+`data.streaming: true` (e.g. `allenai/c4`, subset `en`) are read on the fly and never held in memory.
+
+Documents are tokenised without special tokens, each followed by EOS, concatenated and cut into blocks of exactly
+`data.cutoff_len` tokens (the remainder is dropped): no padding, every token is a training target. The held-out
+split is made of whole documents (`data.val_set_size`, as for instruction data, or `data.val_path`), so no
+document is in both; a streaming source holds out its first `val_set_size` documents or reads
+`data.val_split` (C4's `validation`).
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from velora_cli.data import split_validation
+from velora_cli.errors import DataError
+
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+
+
+def _paragraphs(text: str) -> list[str]:
+    return [p.strip() for p in text.replace("\r\n", "\n").split("\n\n") if p.strip()]
+
+
+def _text_of(row: Any, field: str, where: str) -> str:
+    if isinstance(row, str):
+        return row
+    value = row.get(field) if isinstance(row, dict) else None
+    if not isinstance(value, str):
+        raise DataError(f"{where}: no string field {field!r} (set data.text_field)")
+    return value
+
+
+def _local_files(path: str) -> list[Path]:
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return sorted(p for p in local.rglob("*") if p.suffix in TEXT_SUFFIXES)
+    if any(ch in path for ch in "*?["):
+        return sorted(Path(p) for p in glob.glob(str(local), recursive=True) if Path(p).is_file())
+    return [local] if local.is_file() else []
+
+
+def iter_documents(
+    path: str, *, split: str = "train", text_field: str = "text", subset: str | None = None, streaming: bool = False
+) -> Iterator[str]:
+    """The documents of a corpus, in order (lazily for streaming hub datasets)."""
+    files = _local_files(path)
+    local = Path(path).expanduser()
+    if not files and (local.suffix in (*TEXT_SUFFIXES, ".jsonl", ".json", ".parquet") or path.startswith((".", "/"))):
+        raise DataError(f"data file not found: {path}")
+    if files and all(f.suffix in TEXT_SUFFIXES for f in files):
+        for file in files:
+            yield from _paragraphs(file.read_text(encoding="utf-8"))
+        return
+    if files and len(files) == 1 and files[0].suffix in (".jsonl", ".json"):
+        yield from _json_documents(files[0], text_field)
+        return
+    yield from _dataset_documents([str(f) for f in files] or path, split, text_field, subset, streaming)
+
+
+def _json_documents(file: Path, field: str) -> Iterator[str]:
+    text = file.read_text(encoding="utf-8")
+    if file.suffix == ".jsonl":
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{file}: invalid JSON at line {lineno}: {exc.msg}") from None
+                yield _text_of(row, field, f"{file}: line {lineno}")
+        return
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{file}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
+    for i, row in enumerate(rows if isinstance(rows, list) else []):
+        yield _text_of(row, field, f"{file}: row {i}")
+
+
+def _dataset_documents(
+    source: str | list[str], split: str, field: str, subset: str | None, streaming: bool
+) -> Iterator[str]:
+    import datasets
+
+    try:
+        if isinstance(source, list):  # local parquet (or mixed) files
+            kind = "parquet" if all(s.endswith(".parquet") for s in source) else "json"
+            dataset = datasets.load_dataset(kind, data_files=source, split="train", streaming=streaming)
+        else:
+            dataset = datasets.load_dataset(source, subset, split=split, streaming=streaming)
+    except FileNotFoundError as exc:
+        raise DataError(f"data.path {source!r}: not found ({exc})") from None
+    except Exception as exc:  # datasets raises many types for unreachable hubs and bad files
+        raise DataError(f"data.path {source!r}: cannot load dataset: {str(exc).splitlines()[0]}") from None
+    for i, row in enumerate(dataset):
+        yield _text_of(row, field, f"{source}: row {i}")
+
+
+# ------------------------------------------------------------------------------------------------- packing
+
+
+def iter_blocks(documents: Iterable[str], tokenizer, block: int) -> Iterator[list[int]]:
+    """Token blocks of exactly `block` ids: documents tokenised, each followed by EOS, concatenated, cut."""
+    eos = tokenizer.eos_token_id
+    buffer: list[int] = []
+    for doc in documents:
+        buffer.extend(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            buffer.append(eos)
+        while len(buffer) >= block:
+            yield buffer[:block]
+            buffer = buffer[block:]
+
+
+def block_row(ids: list[int]) -> dict[str, Any]:
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids), "length": len(ids)}
+
+
+def pack(documents: Iterable[str], tokenizer, block: int, limit: int | None = None) -> Any:
+    """A `datasets.Dataset` of packed blocks (labels = input_ids; the model shifts them)."""
+    import datasets
+
+    rows = [block_row(ids) for ids in itertools.islice(iter_blocks(documents, tokenizer, block), limit)]
+    return datasets.Dataset.from_list(rows)
+
+
+class StreamingBlocks:
+    """A torch IterableDataset of packed blocks read on the fly from a streaming source (skipping `skip` docs)."""
+
+    def __init__(self, data_section, tokenizer, skip: int = 0):
+        self.data, self.tokenizer, self.skip = data_section, tokenizer, skip
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        d = self.data
+        docs = iter_documents(d.path, split=d.split, text_field=d.text_field, subset=d.subset, streaming=True)
+        for ids in iter_blocks(itertools.islice(docs, self.skip, None), self.tokenizer, d.cutoff_len):
+            yield block_row(ids)
+
+
+def _as_torch_iterable(blocks: StreamingBlocks):
+    import torch.utils.data
+
+    class _Blocks(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(blocks)
+
+    return _Blocks()
+
+
+def load_text_sets(data_section, tokenizer, seed: int) -> tuple[Any, Any, int]:
+    """(train set, held-out set or None, number of documents read) of packed blocks, per the recipe's data section."""
+    d = data_section
+    if d.streaming:
+        n_val = int(d.val_set_size)
+        if d.val_split:
+            docs = iter_documents(d.path, split=d.val_split, text_field=d.text_field, subset=d.subset, streaming=True)
+            val = pack(itertools.islice(docs, n_val or 1000), tokenizer, d.cutoff_len)
+            return _as_torch_iterable(StreamingBlocks(d, tokenizer)), val, 0
+        docs = iter_documents(d.path, split=d.split, text_field=d.text_field, subset=d.subset, streaming=True)
+        val = pack(itertools.islice(docs, n_val), tokenizer, d.cutoff_len) if n_val else None
+        return _as_torch_iterable(StreamingBlocks(d, tokenizer, skip=n_val)), val, 0
+    documents = list(iter_documents(d.path, split=d.split, text_field=d.text_field, subset=d.subset))
+    if not documents:
+        raise DataError(f"{d.path}: no text")
+    train_docs, val_docs = split_validation(documents, d.val_set_size, seed)
+    if d.val_path:
+        val_docs = list(iter_documents(d.val_path, split="validation", text_field=d.text_field, subset=d.subset))
+    train = pack(train_docs, tokenizer, d.cutoff_len)
+    if len(train) == 0:
+        raise DataError(f"{d.path}: fewer than data.cutoff_len={d.cutoff_len} tokens of training text")
+    val = pack(val_docs, tokenizer, d.cutoff_len) if val_docs else None
+    if val is not None and len(val) == 0:
+        raise DataError(f"held-out text shorter than one block of data.cutoff_len={d.cutoff_len} tokens")
+    return train, val, len(documents)

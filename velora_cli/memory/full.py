@@ -1,0 +1,80 @@
+"""The memory of training without adapters (method full / pretrain): every weight, its gradient and its optimizer
+states, and what the decoder layers save for backward when the base linears themselves train.
+
+Pure arithmetic on an Arch and the estimate's Settings (duck-typed: c, seq, optimizer, velora, groups_for, ...):
+- weights and gradients: every parameter in the compute dtype; with `train.optimizer_in_backward` the gradients
+  of one parameter at a time (the largest one bounds it: each is freed by its hook before the next completes);
+- optimizer: torch AdamW keeps exp_avg and exp_avg_sq in the parameter's dtype; the bitsandbytes 8-bit variants
+  two uint8 states + fp32 absmax per 256-block (fp32 below 4096 elements);
+- activations per token and layer: each trainable linear saves its input in the compute dtype (inputs shared by
+  several linears - q/k/v, gate/up - are one tensor, saved once unless every consumer is compressed); a VeLoRA
+  layer keeps z_p (D/M numbers per token, compute dtype) instead; norms, attention and the MLP's element-wise
+  ops as in the adapter estimate (SDPA's output is o_proj's input, already saved).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from velora_cli.memory.arch import Arch
+
+BNB_OPT_BLOCK = 256
+BNB_OPT_MIN_8BIT = 4096
+INPUTS = {"attn_in": ("q_proj", "k_proj", "v_proj"), "o_in": ("o_proj",), "mlp_in": ("gate_proj", "up_proj"),
+          "down_in": ("down_proj",)}  # fmt: skip
+
+
+def param_sizes(arch: Arch) -> list[int]:
+    """Element counts of every parameter tensor (decoder linears and biases, then the rest as one tensor each)."""
+    per_layer = []
+    for _, i, o, b in arch.linears:
+        per_layer += [i * o] + ([o] if b else [])
+    rest = [arch.vocab * arch.hidden] * (1 if arch.tied else 2)
+    norms = max(0, arch.other_params - sum(rest))
+    return per_layer * arch.layers + rest + ([norms] if norms else [])
+
+
+def full_optimizer_bytes(sizes: list[int], optimizer: str, c: int) -> int:
+    if optimizer in ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit"):
+        per = c if optimizer != "paged_adamw_32bit" else 4
+        return sum(2 * per * n for n in sizes)
+    total = 2 * 256 * 4
+    for n in sizes:
+        total += 8 * n if n < BNB_OPT_MIN_8BIT else 2 * n + 2 * 4 * math.ceil(n / BNB_OPT_BLOCK)
+    return total
+
+
+def full_layer_activations(arch: Arch, s: Any) -> dict[str, float]:
+    """Bytes per token one decoder layer saves for backward when every weight trains."""
+    c, d = s.c, arch.hidden
+    widths = {"attn_in": d, "o_in": arch.heads * arch.head_dim, "mlp_in": d, "down_in": arch.intermediate}
+    ops = {"norms": 2 * (4 * d + 4), "linear_inputs": 0.0, "velora_zp": 0.0, "attention": 0.0, "mlp": 0.0}
+    for group, members in INPUTS.items():
+        n = widths[group]
+        for m in members:
+            if m in s.velora:
+                ops["velora_zp"] += s.groups_for(n) * c
+        plain = [m for m in members if m not in s.velora]
+        if plain and not (group == "o_in" and s.attn == "sdpa"):
+            ops["linear_inputs"] += n * c
+    h, kv, hd = arch.heads, arch.kv_heads, arch.head_dim
+    if s.attn == "eager":
+        ops["attention"] = 3 * h * hd * c + h * s.seq * (4 + (c if c != 4 else 0))
+    else:
+        ops["attention"] = (2 * h * hd + 2 * kv * hd) * c + 4 * h
+    ops["mlp"] = 3 * arch.intermediate * c
+    return ops
+
+
+def full_components(arch: Arch, s: Any) -> dict[str, int]:
+    """weights / adapters (none) / gradients / optimizer bytes of a full or pretrain run."""
+    sizes = param_sizes(arch)
+    total = sum(sizes)
+    grads = max(sizes) * s.c if s.optimizer_in_backward else total * s.c
+    return {
+        "weights": total * s.c,
+        "adapters": 0,
+        "gradients": grads,
+        "optimizer": full_optimizer_bytes(sizes, s.optimizer, s.c),
+    }

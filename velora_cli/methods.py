@@ -1,0 +1,168 @@
+"""The training methods without adapters: `full` (every weight of a pretrained model trains) and `pretrain` (every
+weight of a freshly initialised model trains), both with VeLoRA on the chosen linear layers in full mode.
+
+`qlora` and `lora` are models.build_training_model's. Here:
+- the paper's pre-training sizes (GaLore's LLaMA configs, configs/llama_*.json of jiaweizzhao/GaLore, which the
+  VeLoRA scripts use) and the config of a `pretrain` recipe: one of those sizes, or a hub id / directory whose
+  config.json is read (weights are never loaded), its vocabulary sized to the recipe's tokenizer;
+- the trainable model: unquantised weights in the compute dtype (fp32 on CPU, bf16 on a current GPU), every
+  parameter trainable, optional gradient checkpointing, VeLoRA's VeloraLinear swapped in for the matching
+  nn.Linear (`apply_velora(..., mode="full")`: same parameters, same state-dict keys, so save_pretrained and the
+  Trainer's checkpoints hold an ordinary transformers model);
+- exporting such a run: the run dir already holds the whole model (save_pretrained), so `velora export` loads
+  it in the asked dtype and saves it again (staged, then renamed), with the tokenizer; nothing is merged.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from velora_cli.device import compute_dtype
+from velora_cli.errors import RecipeError, UsageError
+from velora_cli.models import first_line, load_base_model, load_config, load_tokenizer, resolve_model
+from velora_cli.runs import staged_dir
+from velora_cli.velora import VeloraConfigError, apply_velora
+
+# GaLore's configs/llama_{60m,130m,350m,1b}.json (LLaMA layout, 32k vocabulary of the t5-base tokenizer).
+PRETRAIN_SIZES: dict[str, dict[str, Any]] = {
+    "llama-60m": dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_hidden_layers=8),
+    "llama-130m": dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_hidden_layers=12),
+    "llama-350m": dict(hidden_size=1024, intermediate_size=2736, num_attention_heads=16, num_hidden_layers=24),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=5461, num_attention_heads=32, num_hidden_layers=24),
+}
+PRETRAIN_COMMON: dict[str, Any] = dict(
+    vocab_size=32000, max_position_embeddings=1024, rms_norm_eps=1e-6, hidden_act="silu", initializer_range=0.02,
+    tie_word_embeddings=False, use_cache=False,
+)  # fmt: skip
+
+
+def size_config(name: str, **overrides: Any):
+    """The LlamaConfig of one of the paper's pre-training sizes (overrides: e.g. vocab_size)."""
+    from transformers import LlamaConfig
+
+    if name not in PRETRAIN_SIZES:
+        raise UsageError(f"unknown model size {name!r}; known: {', '.join(PRETRAIN_SIZES)}")
+    return LlamaConfig(**{**PRETRAIN_COMMON, **PRETRAIN_SIZES[name], **overrides})
+
+
+def tokenizer_reference(model_section) -> str:
+    """Where a recipe's tokenizer comes from: model.tokenizer, else a hub/local model.config, else model.name."""
+    if model_section.tokenizer:
+        return model_section.tokenizer
+    if model_section.config and model_section.config not in PRETRAIN_SIZES:
+        return model_section.config
+    return model_section.name
+
+
+def recipe_tokenizer(recipe):
+    return load_tokenizer(resolve_model(tokenizer_reference(recipe.model)), recipe.model.trust_remote_code)
+
+
+def pretrain_config(model_section, tokenizer):
+    """The architecture a `pretrain` recipe initialises, its vocabulary and special tokens set by the tokenizer."""
+    special = {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+    }
+    if model_section.config in PRETRAIN_SIZES:
+        return size_config(model_section.config, **special)
+    config = load_config(resolve_model(model_section.config), model_section.trust_remote_code)
+    for key, value in special.items():
+        setattr(config, key, value)
+    return config
+
+
+def build_full_model(recipe, device: torch.device, tokenizer=None):
+    """The trainable model of a `full` or `pretrain` recipe: (model, tokenizer, names of the VeLoRA layers).
+
+    A fresh initialisation draws from the global RNG: the caller seeds it (train.seed) first.
+    """
+    from transformers import AutoModelForCausalLM
+
+    m = recipe.model
+    dtype = compute_dtype(m.compute_dtype, device)
+    tokenizer = tokenizer or recipe_tokenizer(recipe)
+    if recipe.method == "pretrain":
+        config = pretrain_config(m, tokenizer)
+        kwargs = {"attn_implementation": m.attn_implementation} if m.attn_implementation else {}
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=m.trust_remote_code, **kwargs)
+        model.to(device)
+    else:
+        model = load_base_model(
+            resolve_model(m.name), quantization="none", compute=dtype, device=device,
+            trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation,
+        )  # fmt: skip
+    model.requires_grad_(True)
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, tokenizer, attach_full_velora(model, recipe)
+
+
+def attach_full_velora(model, recipe) -> list[str]:
+    """VeLoRA on the recipe's layers of a fully trainable model (also run on a meta-device model by --dry-run)."""
+    if not recipe.velora.enabled:
+        return []
+    try:
+        return apply_velora(model, recipe.velora.to_config(), mode="full")
+    except VeloraConfigError as exc:
+        raise RecipeError(f"velora.{exc}") from None
+
+
+def meta_model(recipe):
+    """The recipe's architecture on the meta device (no memory): for shape checks and the memory estimate."""
+    from transformers import AutoModelForCausalLM
+
+    if recipe.method == "pretrain":
+        config = pretrain_config(recipe.model, recipe_tokenizer(recipe))
+    else:
+        config = load_config(resolve_model(recipe.model.name), recipe.model.trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+
+
+# ------------------------------------------------------------------------------------------------- export
+
+
+def export_full_model(model_dir: Path, target: Path, dtype: torch.dtype, shard_bytes: int, card: str) -> Path:
+    """Copy a full/pretrain run's model (RUN_DIR or checkpoint-N) to `target` in `dtype`: load, save, staged."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{model_dir}: cannot load the trained model: {first_line(exc)}") from exc
+    for name, param in model.named_parameters():
+        if not torch.isfinite(param).all():
+            raise UsageError(f"{model_dir}: weight {name} is not finite (NaN/inf); the run diverged")
+    with staged_dir(target) as staging:
+        model.config.use_cache = True
+        model.save_pretrained(staging, max_shard_size=shard_bytes)
+        tokenizer_dir = model_dir if (model_dir / "tokenizer_config.json").is_file() else model_dir.parent
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(staging)
+        (staging / "README.md").write_text(card, encoding="utf-8")
+        if (model_dir / "generation_config.json").is_file() and not (staging / "generation_config.json").exists():
+            shutil.copy2(model_dir / "generation_config.json", staging / "generation_config.json")
+    return target
+
+
+def full_model_card(recipe, recipe_text: str, run_dir: Path, dtype_name: str) -> str:
+    v = recipe.velora
+    how = "pre-trained from a fresh initialisation" if recipe.method == "pretrain" else "fully fine-tuned"
+    base = recipe.model.config if recipe.method == "pretrain" else recipe.model.name
+    velora = f" with VeLoRA on {', '.join(v.module_names)} (num_groups {v.num_groups})" if v.enabled else ""
+    return "\n".join([
+        "---", "library_name: transformers", "tags:", "- velora", f"- {recipe.method}", "---", "",
+        f"# {recipe.name or run_dir.name}", "",
+        f"`{base}` {how}{velora}; every weight trained. Saved in {dtype_name}.", "",
+        "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        'model = AutoModelForCausalLM.from_pretrained("THIS_DIR")', "```", "",
+        "## Recipe", "", "```yaml", recipe_text.rstrip(), "```", "",
+    ])  # fmt: skip
+

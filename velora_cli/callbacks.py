@@ -40,12 +40,9 @@ class StepGuard(TrainerCallback):
     measured with the ActivationMeter (what this configuration keeps for backward), and a non-finite loss stops
     the run before its backward pass, so no checkpoint ever holds the weights it would produce."""
 
-    def __init__(self, run_dir: Path, measure: bool, velora: bool) -> None:
+    def __init__(self, run_dir: Path, velora: bool) -> None:
         self.run_dir = run_dir
         self.velora = velora
-        # The meter cannot see inside non-reentrant checkpointed regions, and wrapping them in its
-        # saved-tensor hooks made host memory grow without bound (17 GB on SmolLM2 at 4 x 128 tokens).
-        self.measure = measure
         self.activation_bytes_per_token: float | None = None
         self._meter: ActivationMeter | None = None
         self._tokens = 0
@@ -70,10 +67,12 @@ class StepGuard(TrainerCallback):
         self._handles = []
 
     def _before(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.measure and self.activation_bytes_per_token is None and module.training and torch.is_grad_enabled():
+        if self.activation_bytes_per_token is None and module.training and torch.is_grad_enabled():
             mask = kwargs.get("attention_mask")
             self._tokens = int(mask.sum()) if mask is not None else int(kwargs["input_ids"].numel())
-            self._meter = ActivationMeter(module, attribute=False).__enter__()  # totals only: cheap
+            # Totals only: attributing bytes to ops would read the saved tensors of checkpointed regions, and each
+            # read recomputes the region (host memory grew without bound on SmolLM2 under checkpointing).
+            self._meter = ActivationMeter(module, attribute=False).__enter__()
 
     def _after(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
         if self._meter is not None:

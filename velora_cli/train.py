@@ -245,8 +245,7 @@ class FinetuneSession:
             lean=type(self.model.get_base_model()).__name__ in SUPPORTED_MODELS,
         )
         self.interrupt = InterruptHandler()
-        measure = not getattr(self.model, "is_activation_checkpointing", False)
-        self.guard = StepGuard(self.run_dir, measure=measure, velora=bool(self.compressed))
+        self.guard = StepGuard(self.run_dir, velora=bool(self.compressed))
         self.keeper = CheckpointKeeper(self.run_dir, self.recipe.train.save_total_limit, bool(self.compressed))
         self.trainer = Trainer(
             model=self.model,

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from velora_cli.errors import UsageError
+from velora_cli.hub import is_hub_id
 from velora_cli.models import ModelSource, load_base_model, load_tokenizer, resolve_model
 
 
@@ -46,4 +47,4 @@ def test_bad_model_references_fail_with_one_line(reference: str, message: str) -
 
 def test_hub_ids_pass_through_unchanged() -> None:
     source = resolve_model("huggyllama/llama-7b")
-    assert source.path == "huggyllama/llama-7b" and not Path(source.path).exists()
+    assert source.path == "huggyllama/llama-7b" and is_hub_id(source.path)

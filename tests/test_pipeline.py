@@ -85,10 +85,12 @@ def test_demo_recipe_trains_exports_and_scores(tmp_path: Path, capsys: pytest.Ca
     assert (run_dir / "metrics.jsonl").read_text() == metrics
     assert again["train"]["steps"] == 2  # the earlier stages' results are kept in the summary
 
-    # A rerun of the whole command skips the finished training stage.
+    # A rerun of the whole command is a no-op that says so (every stage is done).
     capsys.readouterr()
+    summary_text = (run_dir / "summary.json").read_text()
     run_pipeline(DEMO, overrides=QUICK, output_dir=run_dir, stages=None)
-    assert "train: already done" in capsys.readouterr().err
+    assert "nothing to do" in capsys.readouterr().err
+    assert (run_dir / "summary.json").read_text() == summary_text
     assert (run_dir / "metrics.jsonl").read_text() == metrics
 
     # `velora runs` lists it in the paper's Table 3 layout.

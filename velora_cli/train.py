@@ -46,7 +46,7 @@ from velora_cli.velora import (
     save_velora_vectors,
     velora_saving_per_token,
 )
-from velora_cli.velora.lean import SUPPORTED_MODELS
+from velora_cli.velora.lean import SUPPORTED_MODELS, find_causal_lm
 
 STAGING = ".staging"
 
@@ -242,7 +242,7 @@ class FinetuneSession:
             gradient_accumulation=accumulation,
             compressed_layers=self.compressed,
             memory_choice=choice,
-            lean=type(self.model.get_base_model()).__name__ in SUPPORTED_MODELS,
+            lean=type(find_causal_lm(self.model)).__name__ in SUPPORTED_MODELS,
         )
         self.interrupt = InterruptHandler()
         self.guard = StepGuard(self.run_dir, velora=bool(self.compressed))

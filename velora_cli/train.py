@@ -191,7 +191,7 @@ class FinetuneSession:
             from velora_cli.corpus import load_text_sets
 
             self.train_set, self.val_set, _ = load_text_sets(d, self.tokenizer, self.recipe.train.seed)
-            self.val_records, self.skipped = [], 0
+            self.val_records, self.skipped, self.dropped = [], 0, 0
             return
         loaded = load_records(d.path, d.split, d.skip_bad_rows)
         train_rows, val_rows = split_validation(loaded.records, d.val_set_size, self.recipe.train.seed)

@@ -448,6 +448,7 @@ def test_smollm2_nf4_lora_velora_stack(tmp_path: Path, embedded_model_dir: Path)
         "velora": {"layers": TARGETS, "num_groups": 32},
         "data": {"path": str(tmp_path / "unused.json")},
         "output": {"dir": str(tmp_path / "run")},
+        "memory": {"loss": "full", "lean_ops": False},  # the stock path; apply_lean below adds the techniques
     })  # fmt: skip
     torch.manual_seed(0)
     model, _, _ = build_training_model(recipe, torch.device("cpu"))

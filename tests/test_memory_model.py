@@ -316,3 +316,15 @@ def test_quantized_stack_is_what_the_estimate_counts(tmp_path: Path, tiny_llama_
         loss="chunked", lean_ops=True,  # the recipe's memory defaults
     )  # fmt: skip
     assert activations(arch, s).meter_view == pytest.approx(meter.total_bytes, rel=1e-3)
+
+
+def test_cli_checkpointing_override_without_a_recipe(tmp_path: Path) -> None:
+    """The recipe defaults behind --preset/--model are defaults, not choices: train.gradient_checkpointing=true
+    (memory.checkpointing's alias) must not collide with a default memory.checkpointing."""
+    out = tmp_path / "gc.json"
+    main(["memory-estimate", "--preset", "llama-7b", "--set", "train.gradient_checkpointing=true", "--json", str(out)])
+    plain = tmp_path / "plain.json"
+    main(["memory-estimate", "--preset", "llama-7b", "--json", str(plain)])
+    with_gc, without = json.loads(out.read_text()), json.loads(plain.read_text())
+    assert with_gc["settings"]["checkpointing"] == "all"
+    assert with_gc["components"]["activations"] < without["components"]["activations"] / 5

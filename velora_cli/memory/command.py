@@ -62,7 +62,7 @@ def resolve_inputs(
         rec = load_recipe(recipe, extra)
     else:
         rec = _default_recipe(model)
-        data = apply_overrides(rec.model_dump(mode="json"), extra)
+        data = apply_overrides(rec.model_dump(mode="json", exclude_unset=True), extra)  # defaults stay defaults
         rec = validate_recipe(data, source="--set")
     if preset is not None:
         return rec, arch_for(preset=preset)

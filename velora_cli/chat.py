@@ -70,7 +70,7 @@ def run_chat(
         ),
     )
     source, out = source or sys.stdin, out or sys.stdout
-    notices = Console(stderr=True, highlight=False)
+    notices = Console(stderr=True, highlight=False, soft_wrap=True)
     interactive = source.isatty() and source is sys.stdin
     notices.print(f"{loaded.description}, prompted with {loaded.style.describe()}; {COMMANDS}")
 

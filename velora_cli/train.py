@@ -491,5 +491,8 @@ def check_trainable(recipe: Recipe) -> None:
     """Combinations that cannot train, caught before any weights are loaded."""
     if recipe.model.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
         raise RecipeError(f"model.quantization={recipe.model.quantization!r} needs bitsandbytes (not installed)")
+    for backend in recipe.train.report_to:  # transformers would only fail once the model is loaded
+        if importlib.util.find_spec(backend) is None:
+            raise RecipeError(f"train.report_to: {backend} is not installed (pip install {backend})")
     if recipe.train.optimizer in ("paged_adamw_8bit", "paged_adamw_32bit") and not torch.cuda.is_available():
         raise UsageError(f"train.optimizer={recipe.train.optimizer!r} needs CUDA; use adamw_torch on CPU")

@@ -229,3 +229,28 @@ def test_refusals_exit_2_before_any_work(case, expected, tiny_lora_run, tiny_lla
     assert code == 2 and stdout == ""
     assert len(lines) == 1 and lines[0].startswith("error: " + expected.format(base=tmp_path / "base")), err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_a_sentencepiece_style_vocabulary_round_trips(tmp_path: Path) -> None:
+    """Llama 1/2-style BPE (byte fallback, `▁` for spaces, BOS added): written as tokenizer model `llama` with
+    scores, read back into the same tokenizer and model. A toy vocabulary stands in for Llama-2's (not offline)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaTokenizer
+
+    from velora_cli.gguf_export import check, write_gguf
+
+    pieces = ["▁", "t", "h", "e", "a", "c", "p", "i", "l", "o", "f", "r", "n", "s", "F", "P", "T", "▁t", "he", "▁the"]
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256)), *pieces, "ca", "▁ca", "ra", "is"]
+    merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("c", "a"), ("▁", "ca"), ("r", "a"), ("i", "s")]
+    tokenizer = LlamaTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, add_bos_token=True)
+    config = LlamaConfig(vocab_size=len(tokens), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    write_gguf(model, check(config, tokenizer, "toy"), tmp_path / "model.gguf", "f16", "toy")
+
+    text = "The capital of France is Paris; ça va?"
+    back = AutoTokenizer.from_pretrained(tmp_path, gguf_file="model.gguf")
+    assert back(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert tokenizer(text)["input_ids"][0] == 1  # BOS, as the tokenizer adds it
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="model.gguf", dtype=torch.float32).eval()
+    assert (_logits(loaded, tokenizer, text) - _logits(model, tokenizer, text)).abs().max() < 1e-2

@@ -122,6 +122,19 @@ def _byte_level(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
+def _special(tokenizer: Any, tokenizer_dir: Path, **kwargs: Any) -> Any:
+    """gguf's SpecialVocab, with whether BOS/EOS are added stated as the tokenizer behaves: a file that leaves it
+    out gets llama.cpp's (and transformers') default, BOS on for SentencePiece vocabularies, whatever the model
+    trained with."""
+    import gguf
+
+    special = gguf.SpecialVocab(tokenizer_dir, **kwargs)
+    ids = tokenizer("a")["input_ids"]
+    special.add_special_token["bos"] = bool(ids) and ids[0] == tokenizer.bos_token_id
+    special.add_special_token["eos"] = bool(ids) and ids[-1] == tokenizer.eos_token_id
+    return special
+
+
 def read_vocab(tokenizer_dir: Path, vocab_size: int, reference: str) -> Vocab:
     """The tokenizer saved in `tokenizer_dir` as GGUF metadata; UsageError for one llama.cpp would not read the
     same way."""
@@ -136,12 +149,12 @@ def read_vocab(tokenizer_dir: Path, vocab_size: int, reference: str) -> Vocab:
             f"--format gguf: the tokenizer of {reference} is not BPE ({kind}); the GGUF writer knows "
             "byte-level and SentencePiece-style BPE"
         )
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if model.get("byte_fallback"):  # SentencePiece-style (Llama 1/2): tokens with scores, no merges needed
         hf_vocab = gguf.LlamaHfVocab(tokenizer_dir)
         tokens, scores, types = (list(column) for column in zip(*hf_vocab.all_tokens(), strict=True))
-        special = gguf.SpecialVocab(tokenizer_dir, n_vocab=len(tokens))
+        special = _special(tokenizer, tokenizer_dir, n_vocab=len(tokens))
         return Vocab("llama", "default", tokens, [int(t) for t in types], scores, special)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     digest = hashlib.sha256(str(tokenizer.encode(_PROBE)).encode()).hexdigest()
     pre = _PRE_TOKENIZERS.get(digest)
     if pre is None:
@@ -150,7 +163,7 @@ def read_vocab(tokenizer_dir: Path, vocab_size: int, reference: str) -> Vocab:
             f"for LLaMA models (pre-tokenizer hash {digest[:12]}); export safetensors instead"
         )
     tokens, types = _byte_level(tokenizer, max(vocab_size, len(tokenizer)))
-    return Vocab("gpt2", pre, tokens, types, None, gguf.SpecialVocab(tokenizer_dir, load_merges=True))
+    return Vocab("gpt2", pre, tokens, types, None, _special(tokenizer, tokenizer_dir, load_merges=True))
 
 
 # ------------------------------------------------------------------------------------------------- weights

@@ -58,8 +58,6 @@ def run_chat(
     system: str | None = None,
     load_in_4bit: bool = False,
     trust_remote_code: bool = False,
-    source: TextIO | None = None,
-    out: TextIO | None = None,
 ) -> None:
     """`velora chat`: load once, then answer each line until /exit or the end of input."""
     sampling.check()
@@ -69,9 +67,9 @@ def run_chat(
             reference, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code, check_style=system_check(system)
         ),
     )
-    source, out = source or sys.stdin, out or sys.stdout
+    source, out = sys.stdin, sys.stdout
     notices = Console(stderr=True, highlight=False, soft_wrap=True)
-    interactive = source.isatty() and source is sys.stdin
+    interactive = source.isatty()
     notices.print(f"{loaded.description}, prompted with {loaded.style.describe()}; {COMMANDS}")
 
     def write(piece: str) -> None:

@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 
@@ -76,12 +76,11 @@ class Sampling:
     top_p: float = 0.9
     seed: int | None = None
 
-    def check(self) -> Sampling:
+    def check(self) -> None:
         if self.temperature < 0:
             raise UsageError(f"--temperature {self.temperature:g}: must be >= 0 (0 is greedy)")
         if not 0 < self.top_p <= 1:
             raise UsageError(f"--top-p {self.top_p:g}: must be in (0, 1]")
-        return self
 
 
 def _run_dir_of(path: Path) -> Path | None:
@@ -248,7 +247,6 @@ def run_generate(
     system: str | None = None,
     load_in_4bit: bool = False,
     trust_remote_code: bool = False,
-    out: TextIO | None = None,
 ) -> None:
     """`velora generate`: one answer on stdout, streamed, and nothing else there."""
     sampling.check()
@@ -258,7 +256,7 @@ def run_generate(
             reference, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code, check_style=system_check(system)
         ),
     )
-    out = out or sys.stdout
+    out = sys.stdout
     text = render(loaded.style, loaded.tokenizer, [{"role": "user", "content": prompt}], system)
 
     def write(piece: str) -> None:

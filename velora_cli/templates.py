@@ -84,9 +84,6 @@ def render(style: PromptStyle, tokenizer: Any, messages: list[dict[str, str]], s
 
 
 def served_chat_template(style: PromptStyle, tokenizer: Any) -> str | None:
-    """The chat template an export of the model should carry, so servers prompt it as it was trained."""
-    if style.kind == "alpaca":
-        return ALPACA_CHAT_TEMPLATE
-    if style.kind == "chat":
-        return tokenizer.chat_template
-    return None
+    """The chat template an export of the model should carry, so servers prompt it as it was trained (a model
+    trained on plain text keeps its tokenizer's, for lack of a better one)."""
+    return ALPACA_CHAT_TEMPLATE if style.kind == "alpaca" else tokenizer.chat_template

@@ -6,6 +6,10 @@ The merged export is the base model reloaded WITHOUT quantisation in the chosen 
 model card (README.md). VeLoRA only changed how gradients were computed during training, so nothing of it
 is left to merge: the exported model computes base + LoRA, exactly what PeftModel over the same base does.
 
+With `--format gguf` the merge is done in fp32 and handed to gguf_export.py (one .gguf file for llama.cpp and an
+Ollama Modelfile) instead of `save_pretrained`. The exported tokenizer carries the chat template the run trained with
+(templates.py): an Alpaca run's export is prompted with the Alpaca prompt by any server that applies it.
+
 What the export reproduces: the adapter applied to the *unquantised* base. A QLoRA run trained the adapter
 against the NF4-dequantised base, so the export differs from the training-time forward pass by the base's
 quantisation error; this is the standard QLoRA deployment (serve a full-precision merged model).

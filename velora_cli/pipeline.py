@@ -82,6 +82,8 @@ def stage_train(recipe: Recipe, run_dir: Path, resume: bool, summary: RunSummary
 
     session = checks.session  # its data were loaded and checked by the pre-flight
     plan = session.setup()
+    # What ran, from the recipe as the session resolved and applied it (the planner's choice for auto).
+    summary.description = RunDescription.of(session.recipe)
     if is_main_process():
         report.print_plan(plan.lines(), out)
     fresh = not (resume and runs.resumable_checkpoints(run_dir, bool(session.compressed)))
@@ -255,9 +257,8 @@ def _run_stages(recipe: Recipe, run_dir: Path, todo: list[str], resume: bool, su
 
 
 def _write_summary(recipe: Recipe, run_dir: Path, summary: RunSummary) -> None:
-    summary.description = RunDescription.of(recipe)
-    if recipe.method != "qlora":
-        summary.extra["method"] = recipe.method
+    if summary.description is None:  # the train stage sets it from the recipe as trained
+        summary.description = RunDescription.of(recipe)
     summary.write(run_dir)
 
 

@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from velora_cli.errors import UsageError
 from velora_cli.memstats import MemoryStats
@@ -197,13 +197,54 @@ def write_json_atomic(path: Path, data: Any) -> None:
 # ------------------------------------------------------------------------------------- run description
 
 
-def method_name(quantization: str | None, velora_layers: Sequence[str] = (), gradient_checkpointing: bool = False,
-                *, show_layers: bool = True) -> str:  # fmt: skip
-    """'QLoRA + VeLoRA (v_proj,down_proj) + GC': the training method in the paper's Table 3 words."""
-    name = "QLoRA" if quantization not in (None, "none") else "LoRA"
+@dataclass
+class MemoryPart:
+    """What the memory techniques of a run were, as applied: the recipe's memory section once resolved (the
+    planner's choice for `checkpointing: auto`; the stock equivalent for a model the lean techniques do not know)
+    and, for full/pretrain, whether the optimizer stepped in backward."""
+
+    loss: str = "full"  # full | chunked
+    lean_ops: bool = False
+    checkpointing: str = "none"  # none | all | mlp | every:K
+    offload: bool = False
+    optimizer_in_backward: bool = False
+
+    def parts(self) -> list[str]:
+        """The label's pieces, in the planner's words: lean, chunked, GC / GC every:K / GC mlp, offload."""
+        out = ["lean"] if self.lean_ops else []
+        out += ["chunked"] if self.loss == "chunked" else []
+        if self.checkpointing != "none":
+            out.append("GC" if self.checkpointing == "all" else f"GC {self.checkpointing}")
+        out += ["offload"] if self.offload else []
+        out += ["optimizer in backward"] if self.optimizer_in_backward else []
+        return out
+
+
+def method_name(
+    method: str,
+    quantization: str | None = None,
+    velora_layers: Sequence[str] = (),
+    memory: MemoryPart | None = None,
+    *,
+    layers: Literal["names", "short", "none"] = "names",
+    gradient_checkpointing: bool = False,
+) -> str:
+    """The one label of a training configuration, e.g. 'QLoRA + VeLoRA (v_proj,down_proj) + lean + chunked + GC
+    every:2': `velora runs`, the live panel, memory-estimate's columns and the planner's frontier all use it.
+
+    layers: "names" lists VeLoRA's modules, "short" says `all` or their letters (the planner's tables), "none"
+    only that VeLoRA is on. `gradient_checkpointing`: summaries written before the memory section (no `memory`)."""
+    name = method if method in ("full", "pretrain") else "QLoRA" if quantization not in (None, "none") else "LoRA"
     if velora_layers:
-        name += f" + VeLoRA ({','.join(velora_layers)})" if show_layers else " + VeLoRA"
-    return name + (" + GC" if gradient_checkpointing else "")
+        if layers == "names":
+            name += f" + VeLoRA ({','.join(velora_layers)})"
+        elif layers == "short":
+            every = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+            name += " + VeLoRA " + ("all" if set(velora_layers) >= every else ",".join(m[0] for m in velora_layers))
+        else:
+            name += " + VeLoRA"
+    parts = memory.parts() if memory is not None else (["GC"] if gradient_checkpointing else [])
+    return " + ".join([name, *parts])
 
 
 def _split(cls: type, data: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -248,50 +289,65 @@ class VeloraPart:
 
 @dataclass
 class RunDescription:
-    """What was trained and how: the recipe's facts every summary, table and model card describes a run by."""
+    """What was trained and how: the resolved recipe's facts every summary, table, panel and model card describes a
+    run by. `memory` is None only in summaries written before the memory section existed (they kept a
+    `gradient_checkpointing` flag instead)."""
 
     recipe: str | None
     base_model: str
     quantization: str
     velora: VeloraPart
     lora: LoraPart
-    gradient_checkpointing: bool
+    kind: str = "qlora"  # the recipe's method: qlora | lora | full | pretrain ("method" in summary.json)
+    memory: MemoryPart | None = None
+    gradient_checkpointing: bool = False  # older summaries only
 
     @classmethod
     def of(cls, recipe: Any) -> RunDescription:
-        """The one translation of a Recipe into its description."""
-        v = recipe.velora
+        """The one translation of a (resolved) Recipe into its description."""
+        v, m = recipe.velora, recipe.memory
         velora = VeloraPart(True, v.module_names, v.num_groups, v.subtoken_size, v.init, v.scale) if v.enabled else (
             VeloraPart())  # fmt: skip
         lora = LoraPart(recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.module_names)
-        return cls(recipe.name, recipe.model.name, recipe.model.quantization, velora, lora,
-                   recipe.train.gradient_checkpointing)  # fmt: skip
+        memory = MemoryPart(m.loss, m.lean_ops, m.checkpointing, m.offload, recipe.train.optimizer_in_backward)
+        return cls(recipe.name, recipe.model.name, recipe.model.quantization, velora, lora, recipe.method, memory)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunDescription | None:
         if "base_model" not in data:
             return None
         lora = data.get("lora") or {}
+        quantization = data.get("quantization", "none")
+        memory = data.get("memory")
         return cls(
             recipe=data.get("recipe"),
             base_model=data["base_model"],
-            quantization=data.get("quantization", "none"),
+            quantization=quantization,
             velora=VeloraPart(**_split(VeloraPart, data.get("velora"))[0]),
             lora=LoraPart(
                 lora.get("r", 0), lora.get("alpha", 0), lora.get("dropout", 0), lora.get("target_modules", [])
             ),
+            # summaries of qlora runs carry no `method` (the layout before full/pretrain)
+            kind=str(data.get("method") or ("qlora" if quantization != "none" else "lora")),
+            memory=MemoryPart(**_split(MemoryPart, memory)[0]) if isinstance(memory, dict) else None,
             gradient_checkpointing=bool(data.get("gradient_checkpointing", False)),
         )
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "recipe": self.recipe,
             "base_model": self.base_model,
             "quantization": self.quantization,
             "velora": self.velora.as_dict(),
             "lora": asdict(self.lora),
-            "gradient_checkpointing": self.gradient_checkpointing,
         }
+        if self.kind != "qlora":
+            out["method"] = self.kind
+        if self.memory is not None:
+            out["memory"] = asdict(self.memory)
+        else:
+            out["gradient_checkpointing"] = self.gradient_checkpointing
+        return out
 
     @property
     def model_text(self) -> str:
@@ -299,8 +355,10 @@ class RunDescription:
 
     @property
     def method(self) -> str:
+        """The run's label (method_name)."""
         layers = self.velora.layers if self.velora.enabled else ()
-        return method_name(self.quantization, layers, self.gradient_checkpointing)
+        return method_name(self.kind, self.quantization, layers, self.memory,
+                           gradient_checkpointing=self.gradient_checkpointing)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- run summary
@@ -422,7 +480,8 @@ class RunSummary:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSummary:
-        description_keys = {"recipe", "base_model", "quantization", "velora", "lora", "gradient_checkpointing"}
+        description_keys = {"recipe", "base_model", "quantization", "velora", "lora", "method", "memory",
+                            "gradient_checkpointing"}  # fmt: skip
         own = {"stages", "train", "export", "eval", "wall_seconds"} | description_keys
         mmlu = (data.get("eval") or {}).get("mmlu")
         export = data.get("export")

@@ -37,7 +37,7 @@ from velora_cli.device import compute_dtype, default_device, dtype_name, is_main
 from velora_cli.errors import DataError, RecipeError, TrainingAborted, UsageError, VeloraError
 from velora_cli.memstats import human_bytes, memory_stats, reset_peak
 from velora_cli.metrics import read_metrics, truncate_metrics
-from velora_cli.models import build_training_model, load_tokenizer, resolve_model
+from velora_cli.models import build_training_model, lean_supported, load_tokenizer, memory_as_trained, resolve_model
 from velora_cli.recipe import Recipe, dump_recipe
 from velora_cli.report import TrainingDisplay
 from velora_cli.velora import (
@@ -46,7 +46,6 @@ from velora_cli.velora import (
     save_velora_vectors,
     velora_saving_per_token,
 )
-from velora_cli.velora.lean import SUPPORTED_MODELS, find_causal_lm
 
 STAGING = ".staging"
 
@@ -133,6 +132,7 @@ class Plan:
             if r.train.optimizer_in_backward:
                 lora += "; optimizer steps in backward (no gradient clipping)"
         return [
+            ("method", runs.RunDescription.of(r).method),
             ("model", model),
             ("LoRA", lora),
             ("VeLoRA", velora),
@@ -229,6 +229,8 @@ class FinetuneSession:
             self.model, self.tokenizer, self.compressed = build_training_model(
                 self.recipe, self.device, self.tokenizer
             )
+        lean = lean_supported(self.model, self.recipe)
+        self.recipe = memory_as_trained(self.recipe, self.model)  # what summaries, recipe.yaml and the panel say
         sized = hasattr(self.train_set, "__len__")
         self.plan = Plan(
             recipe=self.recipe,
@@ -242,7 +244,7 @@ class FinetuneSession:
             gradient_accumulation=accumulation,
             compressed_layers=self.compressed,
             memory_choice=choice,
-            lean=type(find_causal_lm(self.model)).__name__ in SUPPORTED_MODELS,
+            lean=lean,
         )
         self.interrupt = InterruptHandler()
         self.guard = StepGuard(self.run_dir, velora=bool(self.compressed))
@@ -271,13 +273,11 @@ class FinetuneSession:
         written into self.recipe before the model is built; returns the planner's reason."""
         if self.recipe.memory.checkpointing != "auto":
             return None
-        from velora_cli.memory.arch import arch_for
+        from velora_cli.memory.arch import recipe_arch
         from velora_cli.memory.estimate import settings_from_recipe
         from velora_cli.memory.plan import resolve_auto
-        from velora_cli.models import resolve_model
 
-        m = self.recipe.model
-        arch = arch_for(model=resolve_model(m.name).path, trust_remote_code=m.trust_remote_code)
+        arch = recipe_arch(self.recipe)
         budget = self.recipe.memory.budget_bytes
         if budget is None and self.device.type == "cuda":
             budget = torch.cuda.get_device_properties(self.device).total_memory
@@ -362,7 +362,8 @@ class FinetuneSession:
         viewer = None
         if display and is_main_process():
             notes = {
-                "model": f"{self.recipe.model.name} ({self.recipe.model.quantization}, {dtype_name(self._compute())})"
+                "model": f"{self.recipe.model.name} ({self.recipe.model.quantization}, {dtype_name(self._compute())})",
+                "method": runs.RunDescription.of(self.recipe).method,
             }
             if self.compressed:
                 notes["VeLoRA"] = f"{len(self.compressed)} layers compressed"

@@ -36,7 +36,7 @@ from velora_cli.device import DTYPES, compute_dtype, dtype_name
 from velora_cli.errors import RecipeError
 from velora_cli.memory.arch import LLAMA_PROJECTIONS, Arch
 from velora_cli.memory.full import full_components, full_head_activations, full_layer_activations, trainable_norm_bytes
-from velora_cli.runs import method_name
+from velora_cli.runs import MemoryPart, method_name
 from velora_cli.velora.config import DEFAULT_NUM_GROUPS
 from velora_cli.velora.lean import Recompute, default_chunk_size, parse_checkpointing
 
@@ -435,14 +435,17 @@ def variants(arch: Arch, s: Settings, velora_layers: tuple[str, ...]) -> list[tu
     recipe's loss, lean ops and offload kept)."""
     on = velora_layers or ("v_proj", "down_proj")
     out = []
-    for gc in (False, True):
+    for rec in ("none", "all"):
         for vel in ((), on):
-            label = method_name(s.quantization, vel, gc, show_layers=False)
-            if s.full:
-                label = label.replace("LoRA", s.method, 1)
-            v = dataclasses.replace(s, velora=vel, gradient_checkpointing=False, checkpointing="all" if gc else "none")
-            out.append((label, estimate(arch, v)))
+            v = dataclasses.replace(s, velora=vel, gradient_checkpointing=False, checkpointing=rec)
+            out.append((settings_label(v, layers="none"), estimate(arch, v)))
     return out
+
+
+def settings_label(s: Settings, layers: str = "short") -> str:
+    """runs.method_name for a configuration of the estimate (the planner's frontier, the table's columns)."""
+    memory = MemoryPart(s.loss, s.lean_ops, str(s.recompute), s.offload, s.optimizer_in_backward)
+    return method_name(s.method, s.quantization, s.velora, memory, layers=layers)  # type: ignore[arg-type]
 
 
 def paper_totals(arch: Arch, s: Settings, velora_layers: tuple[str, ...]) -> dict[str, dict[str, float]] | None:

@@ -19,6 +19,7 @@ from typing import Any
 from rich.console import Console
 
 from velora_cli import logs, report, runs
+from velora_cli.description import RunDescription
 from velora_cli.device import is_main_process
 from velora_cli.errors import UsageError, VeloraError
 from velora_cli.eval.heldout import exact_match
@@ -27,7 +28,7 @@ from velora_cli.memory.arch import arch_for
 from velora_cli.memory.estimate import estimate, settings_from_recipe
 from velora_cli.memstats import human_bytes
 from velora_cli.recipe import Recipe, load_recipe
-from velora_cli.runs import ExportSummary, MmluSummary, RunDescription, RunSummary, Scores, StageRecord, TrainSummary
+from velora_cli.runs import ExportSummary, MmluSummary, RunSummary, Scores, StageRecord, TrainSummary
 from velora_cli.validate import Preflight, preflight
 
 STAGES = ("train", "export", "eval")

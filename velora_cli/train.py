@@ -33,6 +33,7 @@ from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 from velora_cli import runs
 from velora_cli.callbacks import CheckpointKeeper, InterruptHandler, RunMonitor, StepGuard
 from velora_cli.data import load_records, make_collator, split_validation, tokenize_counted
+from velora_cli.description import RunDescription
 from velora_cli.device import compute_dtype, default_device, dtype_name, is_main_process, world_size
 from velora_cli.errors import DataError, RecipeError, TrainingAborted, UsageError, VeloraError
 from velora_cli.memstats import human_bytes, memory_stats, reset_peak
@@ -132,7 +133,7 @@ class Plan:
             if r.train.optimizer_in_backward:
                 lora += "; optimizer steps in backward (no gradient clipping)"
         return [
-            ("method", runs.RunDescription.of(r).method),
+            ("method", RunDescription.of(r).method),
             ("model", model),
             ("LoRA", lora),
             ("VeLoRA", velora),
@@ -363,7 +364,7 @@ class FinetuneSession:
         if display and is_main_process():
             notes = {
                 "model": f"{self.recipe.model.name} ({self.recipe.model.quantization}, {dtype_name(self._compute())})",
-                "method": runs.RunDescription.of(self.recipe).method,
+                "method": RunDescription.of(self.recipe).method,
             }
             if self.compressed:
                 notes["VeLoRA"] = f"{len(self.compressed)} layers compressed"

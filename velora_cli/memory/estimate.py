@@ -32,11 +32,11 @@ from typing import Any
 
 import torch
 
+from velora_cli.description import MemoryPart, method_name
 from velora_cli.device import DTYPES, compute_dtype, dtype_name
 from velora_cli.errors import RecipeError
 from velora_cli.memory.arch import LLAMA_PROJECTIONS, Arch
 from velora_cli.memory.full import full_components, full_head_activations, full_layer_activations, trainable_norm_bytes
-from velora_cli.runs import MemoryPart, method_name
 from velora_cli.velora.config import DEFAULT_NUM_GROUPS
 from velora_cli.velora.lean import Recompute, default_chunk_size, parse_checkpointing
 
@@ -443,7 +443,7 @@ def variants(arch: Arch, s: Settings, velora_layers: tuple[str, ...]) -> list[tu
 
 
 def settings_label(s: Settings, layers: str = "short") -> str:
-    """runs.method_name for a configuration of the estimate (the planner's frontier, the table's columns)."""
+    """description.method_name for a configuration of the estimate (the planner's frontier, the table's columns)."""
     memory = MemoryPart(s.loss, s.lean_ops, str(s.recompute), s.offload, s.optimizer_in_backward)
     return method_name(s.method, s.quantization, s.velora, memory, layers=layers)  # type: ignore[arg-type]
 

@@ -278,6 +278,8 @@ def dry_run_plan(recipe: Recipe, run_dir: Path, out: Console, stages: list[str] 
     check_writable(run_dir, "output.dir", directory=True)
     checks = preflight(recipe, [s for s in STAGES if s in {"train", *stages}], run_dir, has_adapter=False)
     session = checks.session
+    choice = session.resolve_memory_plan()  # checkpointing: auto -> the planner's choice (one line when none fits)
+    recipe = session.recipe
     if recipe.method == "pretrain":
         from velora_cli.memory.arch import arch_of_model
         from velora_cli.methods import meta_model
@@ -291,9 +293,12 @@ def dry_run_plan(recipe: Recipe, run_dir: Path, out: Console, stages: list[str] 
         ("val rows", str(len(session.val_set) if session.val_set is not None else 0)),
         ("steps", str(session.total_steps())),
         ("gradient accumulation", str(session.gradient_accumulation())),
+        ("method", RunDescription.of(recipe).method),
         ("estimated peak memory", human_bytes(est.total)),
         ("run dir", str(run_dir)),
     ]
+    if choice:
+        rows.insert(-1, ("planner", choice))
     if session.dropped:
         rows.insert(1, ("rows dropped (prompt fills cutoff_len)", str(session.dropped)))
     report.print_dry_run(recipe.name, rows, out)

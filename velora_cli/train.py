@@ -495,3 +495,8 @@ def check_trainable(recipe: Recipe) -> None:
         raise RecipeError(f"model.quantization={recipe.model.quantization!r} needs bitsandbytes (not installed)")
     if recipe.train.optimizer in ("paged_adamw_8bit", "paged_adamw_32bit") and not torch.cuda.is_available():
         raise UsageError(f"train.optimizer={recipe.train.optimizer!r} needs CUDA; use adamw_torch on CPU")
+    if recipe.memory.offload and not torch.cuda.is_available():
+        raise RecipeError(
+            "memory.offload=true copies saved activations from the GPU to CPU memory; there is no CUDA device "
+            "here (on CPU they are in CPU memory already): set memory.offload: false"
+        )

@@ -41,6 +41,7 @@ from velora_cli.description import method_name
 from velora_cli.errors import RecipeError
 from velora_cli.memory.arch import LLAMA_PROJECTIONS, Arch
 from velora_cli.memory.estimate import Estimate, Settings, estimate, largest_fitting, settings_label
+from velora_cli.memstats import human_bytes
 
 BACKWARD_PER_FORWARD = 1.2  # backward FLOP-time per forward (frozen 4-bit base), calibrated on SmolLM2's GC cost
 BACKWARD_PER_FORWARD_FULL = 2.0  # every weight trains: input and weight gradients, two matmuls per forward one
@@ -196,8 +197,8 @@ def plan(
     if not fitting:
         smallest = min(options, key=lambda o: o.total)
         reason = (
-            f"nothing fits {budget / 2**30:.2f} GiB at micro-batch {smallest.settings.batch} x seq "
-            f"{smallest.settings.seq}: the smallest, {smallest.name}, needs {smallest.total / 2**30:.2f} GiB"
+            f"nothing fits {human_bytes(budget)} at micro-batch {smallest.settings.batch} x seq "
+            f"{smallest.settings.seq}: the smallest, {smallest.name}, needs {human_bytes(smallest.total)}"
         )
         return PlanResult(budget, options, frontier, None, reason, baseline(smallest.settings))
     choice = min(fitting, key=lambda o: (-round(o.speed, 6), _approximation(o.settings), o.total))

@@ -301,14 +301,22 @@ def lean_supported(model, recipe) -> bool:
     return False
 
 
-def memory_as_trained(recipe, model):
-    """The recipe with its memory section as `model` got it: as written when apply_lean patched the model, else the
-    stock path's equivalent (full loss, stock ops, no offload; stock checkpointing all or none). What summaries,
-    the run's recipe.yaml and the live panel describe."""
-    if lean_supported(model, recipe):
-        return recipe
-    stock = {"loss": "full", "lean_ops": False, "offload": False}
-    return recipe.model_copy(update={"memory": recipe.memory.model_copy(update=stock)})
+def memory_as_trained(recipe, model, device: torch.device):
+    """(recipe, kernels): the recipe with its memory section as `model` got it - as written when apply_lean patched
+    the model, else the stock path's equivalent (full loss, stock ops, no offload; stock checkpointing all or
+    none) - which summaries, the run's recipe.yaml and the live panel describe; and what the chunked loss and the
+    lean ops run on here (a fused CUDA kernel when installed: Liger Kernel, Cut Cross-Entropy; else the torch
+    ops), None for the stock path."""
+    from velora_cli.velora.lean import select_backend, select_ops_backend
+
+    if not lean_supported(model, recipe):
+        stock = {"loss": "full", "lean_ops": False, "offload": False}
+        return recipe.model_copy(update={"memory": recipe.memory.model_copy(update=stock)}), None
+    m = recipe.memory
+    parts = [f"loss: {select_backend(device)}"] if m.loss == "chunked" else []
+    if m.lean_ops:
+        parts.append(f"ops: {select_ops_backend({p.device.type for p in model.parameters()})}")
+    return recipe, ", ".join(parts)
 
 
 def apply_memory(model, recipe):

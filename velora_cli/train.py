@@ -38,7 +38,7 @@ from velora_cli.device import compute_dtype, default_device, dtype_name, is_main
 from velora_cli.errors import DataError, RecipeError, TrainingAborted, UsageError, VeloraError
 from velora_cli.memstats import human_bytes, memory_stats, reset_peak
 from velora_cli.metrics import read_metrics, truncate_metrics
-from velora_cli.models import build_training_model, lean_supported, load_tokenizer, memory_as_trained, resolve_model
+from velora_cli.models import build_training_model, load_tokenizer, memory_as_trained, resolve_model
 from velora_cli.recipe import Recipe, dump_recipe
 from velora_cli.report import TrainingDisplay
 from velora_cli.velora import (
@@ -103,6 +103,7 @@ class Plan:
     compressed_layers: list[str]
     memory_choice: str | None = None  # the planner's reason, when memory.checkpointing was auto
     lean: bool = True  # the memory techniques went through apply_lean (LLaMA family)
+    kernels: str = ""  # which implementation the lean loss and ops run on (Liger / Cut Cross-Entropy / torch)
 
     def memory_line(self) -> str:
         m = self.recipe.memory
@@ -111,6 +112,7 @@ class Plan:
             return f"stock path (lean techniques need LLaMA-family blocks); gradient checkpointing {gc}"
         text = f"loss {m.loss}, lean ops {'on' if m.lean_ops else 'off'}, checkpointing {m.checkpointing}"
         text += ", offload" if m.offload else ""
+        text += f" [{self.kernels}]" if self.kernels else ""
         return text + (f" (planner: {self.memory_choice})" if self.memory_choice else "")
 
     def lines(self) -> list[tuple[str, str]]:
@@ -230,8 +232,8 @@ class FinetuneSession:
             self.model, self.tokenizer, self.compressed = build_training_model(
                 self.recipe, self.device, self.tokenizer
             )
-        lean = lean_supported(self.model, self.recipe)
-        self.recipe = memory_as_trained(self.recipe, self.model)  # what summaries, recipe.yaml and the panel say
+        # What summaries, recipe.yaml and the panel say; kernels None: the stock path (not a LLaMA-family model).
+        self.recipe, kernels = memory_as_trained(self.recipe, self.model, self.device)
         sized = hasattr(self.train_set, "__len__")
         self.plan = Plan(
             recipe=self.recipe,
@@ -245,7 +247,8 @@ class FinetuneSession:
             gradient_accumulation=accumulation,
             compressed_layers=self.compressed,
             memory_choice=choice,
-            lean=lean,
+            lean=kernels is not None,
+            kernels=kernels or "",
         )
         self.interrupt = InterruptHandler()
         self.guard = StepGuard(self.run_dir, velora=bool(self.compressed))
@@ -495,8 +498,3 @@ def check_trainable(recipe: Recipe) -> None:
         raise RecipeError(f"model.quantization={recipe.model.quantization!r} needs bitsandbytes (not installed)")
     if recipe.train.optimizer in ("paged_adamw_8bit", "paged_adamw_32bit") and not torch.cuda.is_available():
         raise UsageError(f"train.optimizer={recipe.train.optimizer!r} needs CUDA; use adamw_torch on CPU")
-    if recipe.memory.offload and not torch.cuda.is_available():
-        raise RecipeError(
-            "memory.offload=true copies saved activations from the GPU to CPU memory; there is no CUDA device "
-            "here (on CPU they are in CPU memory already): set memory.offload: false"
-        )

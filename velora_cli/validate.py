@@ -87,10 +87,17 @@ def check_shapes(recipe, config) -> None:
 
 
 def check_memory(recipe, config) -> None:
-    """The memory section against the model's config: every:K needs K <= the number of decoder layers (a larger K
-    checkpoints layer 0 only, which every:L already says)."""
+    """The memory section against the model's config and this machine: every:K needs K <= the number of decoder
+    layers (a larger K checkpoints layer 0 only, which every:L already says); offload needs CUDA."""
+    import torch
+
     from velora_cli.errors import RecipeError
 
+    if recipe.memory.offload and not torch.cuda.is_available():
+        raise RecipeError(
+            "memory.offload=true copies saved activations from the GPU to CPU memory; there is no CUDA device "
+            "here (on CPU they are in CPU memory already): set memory.offload: false"
+        )
     spec, layers = recipe.memory.checkpointing, getattr(config, "num_hidden_layers", None)
     if spec.startswith("every:") and layers and int(spec.partition(":")[2]) > layers:
         raise RecipeError(

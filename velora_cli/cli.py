@@ -225,7 +225,12 @@ def chat(
 def memory_estimate(
     recipe: Path | None = typer.Argument(None, help="A recipe to estimate (or use --model / --preset)."),
     model: str | None = typer.Option(None, "--model", help="Hub id or checkpoint dir (config only)."),
-    preset: str | None = typer.Option(None, "--preset", help="llama-7b | llama-13b | smollm2-135m."),
+    preset: str | None = typer.Option(
+        None, "--preset", help="llama-7b | llama-13b | llama-3.1-8b | smollm2-135m | llama-60m | llama-130m | ..."
+    ),
+    method: str | None = typer.Option(
+        None, "--method", help="qlora | lora | full | pretrain (the same as --set method=...)."
+    ),
     overrides: list[str] | None = SetOption,
     batch: int | None = typer.Option(None, "--batch", min=1, max=1 << 16, help="Micro-batch size."),
     seq: int | None = typer.Option(None, "--seq", min=1, max=1 << 20, help="Sequence length."),
@@ -248,6 +253,7 @@ def memory_estimate(
         gpu_mem=gpu_mem,
         measure=measure,
         json_path=json_path,
+        method=method,
     )
 
 

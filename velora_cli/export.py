@@ -46,6 +46,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from velora_cli.description import RunDescription
 from velora_cli.device import DTYPES, dtype_name
 from velora_cli.errors import UsageError, VeloraError
 from velora_cli.memstats import human_bytes, parse_bytes
@@ -58,7 +59,6 @@ from velora_cli.runs import (
     MODEL_CONFIG,
     RECIPE_FILE,
     SUMMARY_FILE,
-    RunDescription,
     RunSummary,
     adapter_dir,
     staged_dir,

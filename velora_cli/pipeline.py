@@ -19,6 +19,7 @@ from typing import Any
 from rich.console import Console
 
 from velora_cli import logs, report, runs
+from velora_cli.description import RunDescription
 from velora_cli.device import is_main_process
 from velora_cli.errors import UsageError, VeloraError
 from velora_cli.eval.heldout import exact_match
@@ -27,7 +28,7 @@ from velora_cli.memory.arch import arch_for
 from velora_cli.memory.estimate import estimate, settings_from_recipe
 from velora_cli.memstats import human_bytes
 from velora_cli.recipe import Recipe, load_recipe
-from velora_cli.runs import ExportSummary, MmluSummary, RunDescription, RunSummary, Scores, StageRecord, TrainSummary
+from velora_cli.runs import ExportSummary, MmluSummary, RunSummary, Scores, StageRecord, TrainSummary
 from velora_cli.validate import Preflight, preflight
 
 STAGES = ("train", "export", "eval")
@@ -82,6 +83,8 @@ def stage_train(recipe: Recipe, run_dir: Path, resume: bool, summary: RunSummary
 
     session = checks.session  # its data were loaded and checked by the pre-flight
     plan = session.setup()
+    # What ran, from the recipe as the session resolved and applied it (the planner's choice for auto).
+    summary.description = RunDescription.of(session.recipe)
     if is_main_process():
         report.print_plan(plan.lines(), out)
     fresh = not (resume and runs.resumable_checkpoints(run_dir, bool(session.compressed)))
@@ -255,9 +258,8 @@ def _run_stages(recipe: Recipe, run_dir: Path, todo: list[str], resume: bool, su
 
 
 def _write_summary(recipe: Recipe, run_dir: Path, summary: RunSummary) -> None:
-    summary.description = RunDescription.of(recipe)
-    if recipe.method != "qlora":
-        summary.extra["method"] = recipe.method
+    if summary.description is None:  # the train stage sets it from the recipe as trained
+        summary.description = RunDescription.of(recipe)
     summary.write(run_dir)
 
 
@@ -276,6 +278,8 @@ def dry_run_plan(recipe: Recipe, run_dir: Path, out: Console, stages: list[str] 
     check_writable(run_dir, "output.dir", directory=True)
     checks = preflight(recipe, [s for s in STAGES if s in {"train", *stages}], run_dir, has_adapter=False)
     session = checks.session
+    choice = session.resolve_memory_plan()  # checkpointing: auto -> the planner's choice (one line when none fits)
+    recipe = session.recipe
     if recipe.method == "pretrain":
         from velora_cli.memory.arch import arch_of_model
         from velora_cli.methods import meta_model
@@ -289,9 +293,12 @@ def dry_run_plan(recipe: Recipe, run_dir: Path, out: Console, stages: list[str] 
         ("val rows", str(len(session.val_set) if session.val_set is not None else 0)),
         ("steps", str(session.total_steps())),
         ("gradient accumulation", str(session.gradient_accumulation())),
+        ("method", RunDescription.of(recipe).method),
         ("estimated peak memory", human_bytes(est.total)),
         ("run dir", str(run_dir)),
     ]
+    if choice:
+        rows.insert(-1, ("planner", choice))
     if session.dropped:
         rows.insert(1, ("rows dropped (prompt fills cutoff_len)", str(session.dropped)))
     report.print_dry_run(recipe.name, rows, out)

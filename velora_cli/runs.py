@@ -2,8 +2,8 @@
 
 Owns where every file of a finetune run lives, how any file or directory the tool writes is put in place (staged
 beside its target, then renamed, so readers never see half of it), `RunSummary` (summary.json, written and read
-only here: what a run cost and how good it is, one dataclass per part), the description of a run's method that
-every table and card shows, and the data behind `velora runs`.
+only here: what a run cost and how good it is, one dataclass per part; the description of the run's method is
+description.py's), and the data behind `velora runs`.
 
 RUN_DIR/
   adapter_config.json, adapter_model.safetensors   the PEFT adapter (PeftModel.from_pretrained loads it)
@@ -26,12 +26,13 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from velora_cli.description import RunDescription
 from velora_cli.errors import UsageError
 from velora_cli.memstats import MemoryStats
 from velora_cli.velora.state import VECTORS_FILE
@@ -194,113 +195,12 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
-# ------------------------------------------------------------------------------------- run description
-
-
-def method_name(quantization: str | None, velora_layers: Sequence[str] = (), gradient_checkpointing: bool = False,
-                *, show_layers: bool = True) -> str:  # fmt: skip
-    """'QLoRA + VeLoRA (v_proj,down_proj) + GC': the training method in the paper's Table 3 words."""
-    name = "QLoRA" if quantization not in (None, "none") else "LoRA"
-    if velora_layers:
-        name += f" + VeLoRA ({','.join(velora_layers)})" if show_layers else " + VeLoRA"
-    return name + (" + GC" if gradient_checkpointing else "")
-
-
 def _split(cls: type, data: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """A JSON object's keys that are fields of dataclass `cls`, and the rest (kept as written)."""
     data = data if isinstance(data, dict) else {}
     names = {f.name for f in fields(cls)} - {"extra"}
     return {k: v for k, v in data.items() if k in names}, {k: v for k, v in data.items() if k not in names}
 
-
-@dataclass
-class LoraPart:
-    r: int
-    alpha: float
-    dropout: float
-    target_modules: list[str]
-
-    def text(self) -> str:
-        return f"r={self.r}, alpha={self.alpha:g} on {', '.join(self.target_modules)}"
-
-
-@dataclass
-class VeloraPart:
-    enabled: bool = False
-    layers: list[str] = field(default_factory=list)
-    num_groups: int | None = None
-    subtoken_size: int | None = None
-    init: str | None = None
-    scale: float | None = None
-
-    @property
-    def grouping(self) -> str:
-        return f"{self.num_groups} groups" if self.num_groups else f"M={self.subtoken_size} groups"
-
-    def text(self) -> str:
-        if not self.enabled:
-            return "off"
-        return f"{', '.join(self.layers)} / {self.grouping}, init {self.init}, scale {self.scale}"
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self) if self.enabled else {"enabled": False}
-
-
-@dataclass
-class RunDescription:
-    """What was trained and how: the recipe's facts every summary, table and model card describes a run by."""
-
-    recipe: str | None
-    base_model: str
-    quantization: str
-    velora: VeloraPart
-    lora: LoraPart
-    gradient_checkpointing: bool
-
-    @classmethod
-    def of(cls, recipe: Any) -> RunDescription:
-        """The one translation of a Recipe into its description."""
-        v = recipe.velora
-        velora = VeloraPart(True, v.module_names, v.num_groups, v.subtoken_size, v.init, v.scale) if v.enabled else (
-            VeloraPart())  # fmt: skip
-        lora = LoraPart(recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.module_names)
-        return cls(recipe.name, recipe.model.name, recipe.model.quantization, velora, lora,
-                   recipe.train.gradient_checkpointing)  # fmt: skip
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunDescription | None:
-        if "base_model" not in data:
-            return None
-        lora = data.get("lora") or {}
-        return cls(
-            recipe=data.get("recipe"),
-            base_model=data["base_model"],
-            quantization=data.get("quantization", "none"),
-            velora=VeloraPart(**_split(VeloraPart, data.get("velora"))[0]),
-            lora=LoraPart(
-                lora.get("r", 0), lora.get("alpha", 0), lora.get("dropout", 0), lora.get("target_modules", [])
-            ),
-            gradient_checkpointing=bool(data.get("gradient_checkpointing", False)),
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "recipe": self.recipe,
-            "base_model": self.base_model,
-            "quantization": self.quantization,
-            "velora": self.velora.as_dict(),
-            "lora": asdict(self.lora),
-            "gradient_checkpointing": self.gradient_checkpointing,
-        }
-
-    @property
-    def model_text(self) -> str:
-        return f"{self.base_model} ({self.quantization})"
-
-    @property
-    def method(self) -> str:
-        layers = self.velora.layers if self.velora.enabled else ()
-        return method_name(self.quantization, layers, self.gradient_checkpointing)
 
 
 # ------------------------------------------------------------------------------------------- run summary
@@ -422,7 +322,8 @@ class RunSummary:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSummary:
-        description_keys = {"recipe", "base_model", "quantization", "velora", "lora", "gradient_checkpointing"}
+        description_keys = {"recipe", "base_model", "quantization", "velora", "lora", "method", "memory",
+                            "gradient_checkpointing"}  # fmt: skip
         own = {"stages", "train", "export", "eval", "wall_seconds"} | description_keys
         mmlu = (data.get("eval") or {}).get("mmlu")
         export = data.get("export")

@@ -33,11 +33,12 @@ from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 from velora_cli import runs
 from velora_cli.callbacks import CheckpointKeeper, InterruptHandler, RunMonitor, StepGuard
 from velora_cli.data import load_records, make_collator, split_validation, tokenize_counted
+from velora_cli.description import RunDescription
 from velora_cli.device import compute_dtype, default_device, dtype_name, is_main_process, world_size
 from velora_cli.errors import DataError, RecipeError, TrainingAborted, UsageError, VeloraError
 from velora_cli.memstats import human_bytes, memory_stats, reset_peak
 from velora_cli.metrics import read_metrics, truncate_metrics
-from velora_cli.models import build_training_model, load_tokenizer, resolve_model
+from velora_cli.models import build_training_model, load_tokenizer, memory_as_trained, resolve_model
 from velora_cli.recipe import Recipe, dump_recipe
 from velora_cli.report import TrainingDisplay
 from velora_cli.velora import (
@@ -46,7 +47,6 @@ from velora_cli.velora import (
     save_velora_vectors,
     velora_saving_per_token,
 )
-from velora_cli.velora.lean import SUPPORTED_MODELS, find_causal_lm
 
 STAGING = ".staging"
 
@@ -103,6 +103,7 @@ class Plan:
     compressed_layers: list[str]
     memory_choice: str | None = None  # the planner's reason, when memory.checkpointing was auto
     lean: bool = True  # the memory techniques went through apply_lean (LLaMA family)
+    kernels: str = ""  # which implementation the lean loss and ops run on (Liger / Cut Cross-Entropy / torch)
 
     def memory_line(self) -> str:
         m = self.recipe.memory
@@ -111,6 +112,7 @@ class Plan:
             return f"stock path (lean techniques need LLaMA-family blocks); gradient checkpointing {gc}"
         text = f"loss {m.loss}, lean ops {'on' if m.lean_ops else 'off'}, checkpointing {m.checkpointing}"
         text += ", offload" if m.offload else ""
+        text += f" [{self.kernels}]" if self.kernels else ""
         return text + (f" (planner: {self.memory_choice})" if self.memory_choice else "")
 
     def lines(self) -> list[tuple[str, str]]:
@@ -133,6 +135,7 @@ class Plan:
             if r.train.optimizer_in_backward:
                 lora += "; optimizer steps in backward (no gradient clipping)"
         return [
+            ("method", RunDescription.of(r).method),
             ("model", model),
             ("LoRA", lora),
             ("VeLoRA", velora),
@@ -229,6 +232,8 @@ class FinetuneSession:
             self.model, self.tokenizer, self.compressed = build_training_model(
                 self.recipe, self.device, self.tokenizer
             )
+        # What summaries, recipe.yaml and the panel say; kernels None: the stock path (not a LLaMA-family model).
+        self.recipe, kernels = memory_as_trained(self.recipe, self.model, self.device)
         sized = hasattr(self.train_set, "__len__")
         self.plan = Plan(
             recipe=self.recipe,
@@ -242,7 +247,8 @@ class FinetuneSession:
             gradient_accumulation=accumulation,
             compressed_layers=self.compressed,
             memory_choice=choice,
-            lean=type(find_causal_lm(self.model)).__name__ in SUPPORTED_MODELS,
+            lean=kernels is not None,
+            kernels=kernels or "",
         )
         self.interrupt = InterruptHandler()
         self.guard = StepGuard(self.run_dir, velora=bool(self.compressed))
@@ -271,13 +277,11 @@ class FinetuneSession:
         written into self.recipe before the model is built; returns the planner's reason."""
         if self.recipe.memory.checkpointing != "auto":
             return None
-        from velora_cli.memory.arch import arch_for
+        from velora_cli.memory.arch import recipe_arch
         from velora_cli.memory.estimate import settings_from_recipe
         from velora_cli.memory.plan import resolve_auto
-        from velora_cli.models import resolve_model
 
-        m = self.recipe.model
-        arch = arch_for(model=resolve_model(m.name).path, trust_remote_code=m.trust_remote_code)
+        arch = recipe_arch(self.recipe)
         budget = self.recipe.memory.budget_bytes
         if budget is None and self.device.type == "cuda":
             budget = torch.cuda.get_device_properties(self.device).total_memory
@@ -362,7 +366,8 @@ class FinetuneSession:
         viewer = None
         if display and is_main_process():
             notes = {
-                "model": f"{self.recipe.model.name} ({self.recipe.model.quantization}, {dtype_name(self._compute())})"
+                "model": f"{self.recipe.model.name} ({self.recipe.model.quantization}, {dtype_name(self._compute())})",
+                "method": RunDescription.of(self.recipe).method,
             }
             if self.compressed:
                 notes["VeLoRA"] = f"{len(self.compressed)} layers compressed"
@@ -491,8 +496,5 @@ def check_trainable(recipe: Recipe) -> None:
     """Combinations that cannot train, caught before any weights are loaded."""
     if recipe.model.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
         raise RecipeError(f"model.quantization={recipe.model.quantization!r} needs bitsandbytes (not installed)")
-    for backend in recipe.train.report_to:  # transformers would only fail once the model is loaded
-        if importlib.util.find_spec(backend) is None:
-            raise RecipeError(f"train.report_to: {backend} is not installed (pip install {backend})")
     if recipe.train.optimizer in ("paged_adamw_8bit", "paged_adamw_32bit") and not torch.cuda.is_available():
         raise UsageError(f"train.optimizer={recipe.train.optimizer!r} needs CUDA; use adamw_torch on CPU")

@@ -86,6 +86,37 @@ def check_shapes(recipe, config) -> None:
         attach_adapters(model, recipe)
 
 
+def check_memory(recipe, config) -> None:
+    """The memory section against the model's config and this machine: every:K needs K <= the number of decoder
+    layers (a larger K checkpoints layer 0 only, which every:L already says); offload needs CUDA."""
+    import torch
+
+    from velora_cli.errors import RecipeError
+
+    if recipe.memory.offload and not torch.cuda.is_available():
+        raise RecipeError(
+            "memory.offload=true copies saved activations from the GPU to CPU memory; there is no CUDA device "
+            "here (on CPU they are in CPU memory already): set memory.offload: false"
+        )
+    spec, layers = recipe.memory.checkpointing, getattr(config, "num_hidden_layers", None)
+    if spec.startswith("every:") and layers and int(spec.partition(":")[2]) > layers:
+        raise RecipeError(
+            f"memory.checkpointing={spec}: the model has {layers} decoder layers; every:K checkpoints layers 0, K, "
+            f"2K, ..., so K must be at most {layers} (every:{layers} checkpoints layer 0 only)"
+        )
+
+
+def check_reporting(recipe) -> None:
+    """train.report_to's backends are installed: transformers only finds out once the model is loaded."""
+    import importlib.util
+
+    from velora_cli.errors import RecipeError
+
+    for backend in recipe.train.report_to:
+        if importlib.util.find_spec(backend) is None:
+            raise RecipeError(f"train.report_to: {backend} is not installed (pip install {backend})")
+
+
 def preflight(recipe, stages: list[str], run_dir: Path, *, has_adapter: bool) -> Preflight:
     """Check every input and output of the chosen `stages` (see the module docstring); raise before writing."""
     from velora_cli.data import load_records
@@ -105,6 +136,8 @@ def preflight(recipe, stages: list[str], run_dir: Path, *, has_adapter: bool) ->
         else:
             checks.config = load_config(resolve_model(recipe.model.name), recipe.model.trust_remote_code)
             check_shapes(recipe, checks.config)
+        check_memory(recipe, checks.config)  # both methods' configs
+        check_reporting(recipe)
         from velora_cli.train import FinetuneSession
 
         checks.session = FinetuneSession(recipe, run_dir)

@@ -129,6 +129,14 @@ def test_chat_through_stdin_keeps_resets_and_exits(tiny_lora_run: Path, referenc
     assert (code, out) == (0, f"{first}\n")
 
 
+def test_chat_says_when_a_message_leaves_no_room_to_answer(tiny_lora_run: Path, monkeypatch, capsys) -> None:
+    # The tiny LLaMA's context is 1024 tokens; the prompt plus 1010 new tokens does not fit, so nothing is generated.
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{PROMPT}\n"))
+    code, out, err = _cli(["chat", str(tiny_lora_run), "--max-new-tokens", "1010"], capsys)
+    assert (code, out) == (0, "")
+    assert "that message alone fills the model's context; say it in fewer words" in err
+
+
 def test_a_merged_export_is_prompted_as_its_run(tiny_lora_run: Path, tmp_path: Path, capsys) -> None:
     """The export's tokenizer carries the Alpaca prompt as its chat template, so the merged model answers alike."""
     from transformers import AutoTokenizer

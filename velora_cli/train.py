@@ -93,14 +93,17 @@ class Plan:
 
     recipe: Recipe
     run_dir: Path
-    train_rows: int
+    train_rows: int  # examples (packed: several per sequence)
+    sequences: int  # rows of the training set the Trainer batches (packed sequences, or the examples)
     val_rows: int
     skipped_rows: int
-    dropped_rows: int  # prompt alone fills cutoff_len: nothing to learn
+    dropped_rows: int  # no whole answer fits cutoff_len: nothing to learn
+    truncated_rows: int  # cut to cutoff_len (conversations: after their last whole assistant turn that fits)
     train_tokens: int
     steps: int
     gradient_accumulation: int
     compressed_layers: list[str]
+    format: str = "alpaca"  # the data format, as named or detected
     memory_choice: str | None = None  # the planner's reason, when memory.checkpointing was auto
     lean: bool = True  # the memory techniques went through apply_lean (LLaMA family)
 
@@ -112,6 +115,16 @@ class Plan:
         text = f"loss {m.loss}, lean ops {'on' if m.lean_ops else 'off'}, checkpointing {m.checkpointing}"
         text += ", offload" if m.offload else ""
         return text + (f" (planner: {self.memory_choice})" if self.memory_choice else "")
+
+    def cutoff_note(self) -> str:
+        pairs = ((self.dropped_rows, "dropped"), (self.truncated_rows, "truncated"))
+        counts = [f"{n} {what}" for n, what in pairs if n]
+        return f" ({', '.join(counts)} by cutoff_len={self.recipe.data.cutoff_len})" if counts else ""
+
+    def data_format(self) -> str:
+        d = self.recipe.data
+        text = f"format={self.format}" + (f", template={d.template}" if self.format == "alpaca" else "")
+        return text + (f", packed into {self.sequences} sequences" if d.packing and self.format != "text" else "")
 
     def lines(self) -> list[tuple[str, str]]:
         r = self.recipe
@@ -140,8 +153,8 @@ class Plan:
                 "data",
                 f"{r.data.path}: {self.train_rows} train / {self.val_rows} val rows"
                 + (f" ({self.skipped_rows} bad rows skipped)" if self.skipped_rows else "")
-                + (f" ({self.dropped_rows} rows dropped: prompt fills cutoff_len)" if self.dropped_rows else "")
-                + f", {self.train_tokens} train tokens, template={r.data.template}",
+                + self.cutoff_note()
+                + f", {self.train_tokens} train tokens, {self.data_format()}",
             ),
             (
                 "batch",
@@ -187,24 +200,29 @@ class FinetuneSession:
 
             reference = tokenizer_reference(self.recipe.model)
             self.tokenizer = load_tokenizer(resolve_model(reference), self.recipe.model.trust_remote_code)
-        if self.recipe.text_data:  # plain text packed into blocks (pre-training, continued pre-training)
+        loaded = None if self.recipe.text_data else load_records(d.path, d.split, d.skip_bad_rows, fmt=d.format)
+        if loaded is None or loaded.format == "text":  # plain text packed into blocks (pre-training, continued)
             from velora_cli.corpus import load_text_sets
 
             self.train_set, self.val_set, _ = load_text_sets(d, self.tokenizer, self.recipe.train.seed)
-            self.val_records, self.skipped, self.dropped = [], 0, 0
+            self.val_records, self.skipped, self.dropped, self.truncated, self.format = [], 0, 0, 0, "text"
+            self.examples = len(self.train_set) if hasattr(self.train_set, "__len__") else 0
             return
-        loaded = load_records(d.path, d.split, d.skip_bad_rows)
         train_rows, val_rows = split_validation(loaded.records, d.val_set_size, self.recipe.train.seed)
         if d.val_path:
-            val_rows = load_records(d.val_path, "validation", d.skip_bad_rows, field="data.val_path").records
-        self.val_records, self.skipped = val_rows, loaded.skipped
-        self.train_set, self.dropped = tokenize_counted(train_rows, self.tokenizer, d)
+            val_rows = load_records(d.val_path, "validation", d.skip_bad_rows, field="data.val_path",
+                                    fmt=loaded.format).records  # fmt: skip
+        self.val_records, self.skipped, self.format = val_rows, loaded.skipped, loaded.format
+        tokenized = tokenize_counted(train_rows, self.tokenizer, d, pack=d.packing)
+        self.train_set, self.dropped, self.truncated = tokenized.dataset, tokenized.dropped, tokenized.truncated
+        self.examples = tokenized.rows - tokenized.dropped
         if self.train_set is None:
             raise DataError(
                 f"data.path {d.path}: all {len(train_rows)} training rows are longer than data.cutoff_len="
-                f"{d.cutoff_len} tokens before their answer starts; nothing is left to train on (raise cutoff_len)"
+                f"{d.cutoff_len} tokens before their first answer ends; nothing is left to train on (raise cutoff_len)"
             )
-        self.val_set = tokenize_counted(val_rows, self.tokenizer, d)[0] if val_rows else None
+        # Held-out rows stay unpacked: the same evaluation loss with packing on or off.
+        self.val_set = tokenize_counted(val_rows, self.tokenizer, d).dataset if val_rows else None
 
     def total_steps(self) -> int:
         t = self.recipe.train
@@ -233,10 +251,13 @@ class FinetuneSession:
         self.plan = Plan(
             recipe=self.recipe,
             run_dir=self.run_dir,
-            train_rows=len(self.train_set) if sized else 0,
+            train_rows=self.examples,
+            sequences=len(self.train_set) if sized else 0,
             val_rows=len(self.val_set) if self.val_set is not None else 0,
             skipped_rows=self.skipped,
             dropped_rows=self.dropped,
+            truncated_rows=self.truncated,
+            format=self.format,
             train_tokens=int(sum(self.train_set["length"])) if sized else 0,
             steps=self.total_steps(),
             gradient_accumulation=accumulation,

@@ -108,7 +108,7 @@ def _conversation(row: dict, fmt: str, where: str) -> list[dict[str, str]]:
 
 
 def check_row(row: Any, fmt: str, where: str) -> dict[str, Any]:
-    """The normalised record of one row in format `fmt`; DataError (one line, prefixed with `where`) if it does not fit."""
+    """The normalised record of one row in format `fmt`; else a one-line DataError starting with `where`."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected an object ({fmt} format), got {type(row).__name__}")
     if fmt == "alpaca":
@@ -158,8 +158,9 @@ def conversation_pieces(messages: list[dict[str, str]], tokenizer) -> list[tuple
             continue
         prompt, full = render(k, True), render(k + 1, False)
         if not prompt.startswith(done) or not full.startswith(prompt):
-            raise DataError("the tokenizer's chat template rewrites earlier turns when a turn is added, so assistant "
-                            "turns cannot be masked exactly; use train_on_inputs: true or another template")  # fmt: skip
+            raise DataError("the tokenizer's chat template rewrites earlier turns when a turn is added, so the "
+                            "assistant turns cannot be masked exactly; set model.tokenizer to one with another "
+                            "template")  # fmt: skip
         answer = full[len(prompt) :].rstrip()
         pieces += [(prompt[len(done) :], False), (answer, True)]
         done = prompt + answer

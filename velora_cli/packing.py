@@ -4,9 +4,10 @@ attention kept inside each example, and the collator that batches packed and pad
 A packed row is built by transformers' `DataCollatorWithFlattening`: input_ids concatenated, position_ids
 restarting at 0 for each example, the first label of each example set to -100 (so no example is scored on
 predicting the next one's first token; the causal shift never scores an example's own first token anyway). The
-rows carry `position_ids` and no attention_mask: with attention_mask None, transformers' masking_utils
-(find_packed_sequence_indices) reads the restarts in position_ids and builds a block-diagonal causal mask for sdpa
-and eager attention (tests/test_packing.py checks that each example's logits equal its own forward pass). A
+rows carry `position_ids` and no attention_mask: with attention_mask None and no KV cache (the collator passes
+use_cache=False), transformers' masking_utils (find_packed_sequence_indices) reads the restarts in position_ids and
+builds a block-diagonal causal mask for sdpa and eager attention (tests/test_packing.py checks that each example's
+logits equal its own forward pass; with a cache they do not). A
 micro-batch is `micro_batch_size` packed rows, right-padded to the longest (pad position 0: each pad token is a
 one-token sequence of its own, label -100); rows are not flattened into one, because sdpa/eager attention would
 then build one (rows x cutoff)^2 mask and do that much attention work.
@@ -75,8 +76,10 @@ class PackedCollator:
             rows = [torch.as_tensor(f[key], dtype=torch.long) for f in features]
             return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=fill)
 
+        # use_cache=False: with a KV cache (LLaMA configs default to use_cache: true, and a training forward builds
+        # one then) masking_utils ignores the position_ids restarts and every example would see the ones before it.
         return {"input_ids": stack("input_ids", self.pad), "labels": stack("labels", IGNORE_INDEX),
-                "position_ids": stack("position_ids", 0)}  # fmt: skip
+                "position_ids": stack("position_ids", 0), "use_cache": False}  # fmt: skip
 
 
 def padding_waste(lengths: list[int], batches: list[list[int]]) -> float:

@@ -123,7 +123,8 @@ BAD = [
 def test_bad_rows_are_one_line_exit_2(rows, message: str, tmp_path: Path, tiny_llama_dir: Path, capsys) -> None:
     data = tmp_path / "data.json"
     data.write_text(json.dumps(rows))
-    recipe = {"model": {"name": str(tiny_llama_dir)}, "data": {"path": str(data)}, "output": {"dir": str(tmp_path / "r")}}
+    recipe = {"model": {"name": str(tiny_llama_dir)}, "data": {"path": str(data)},
+              "output": {"dir": str(tmp_path / "r")}}  # fmt: skip
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
     with pytest.raises(SystemExit) as info:
         main(["finetune", str(tmp_path / "r.yaml"), "--dry-run"])

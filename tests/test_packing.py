@@ -5,6 +5,7 @@ chunked loss; a packed recipe trains end to end."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -101,7 +102,8 @@ def test_packed_batch_equals_unpacked(tiny, attn: str) -> None:
         i = next(i for i, row in enumerate(rows) if row["input_ids"] == ids.tolist())
         labels = torch.tensor(rows[i]["labels"])
         loss_alone = F.cross_entropy(alone[:-1], labels[1:], ignore_index=IGNORE_INDEX)
-        loss_packed = F.cross_entropy(out_p.logits[r, s : e - 1], packed["labels"][r, s + 1 : e], ignore_index=IGNORE_INDEX)
+        target = packed["labels"][r, s + 1 : e]
+        loss_packed = F.cross_entropy(out_p.logits[r, s : e - 1], target, ignore_index=IGNORE_INDEX)
         torch.testing.assert_close(loss_packed, loss_alone, rtol=1e-5, atol=0)
     out_p.loss.backward()
     grads_p = _grads(model)
@@ -163,3 +165,35 @@ def test_packed_recipe_trains(tiny, tmp_path: Path) -> None:
     session.setup_data()
     assert session.examples == 10 and 1 < len(session.train_set) < 10
     assert "position_ids" in session.train_set.column_names and "position_ids" not in session.val_set.column_names
+
+
+def test_memory_estimate_counts_packed_batches(tiny, tmp_path: Path) -> None:
+    """The estimate with data.packing equals what the meter measures on a packed batch (nf4 + LoRA + VeLoRA, sdpa)."""
+    from velora_cli.memory.arch import arch_for
+    from velora_cli.memory.estimate import activations, settings_from_recipe
+    from velora_cli.models import build_training_model
+    from velora_cli.recipe import validate_recipe
+    from velora_cli.velora.meter import ActivationMeter
+
+    _, path = tiny
+    recipe = validate_recipe({
+        "model": {"name": str(path), "quantization": "nf4", "compute_dtype": "fp32"},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.05}, "velora": {"layers": ["v", "d"], "num_groups": 8},
+        "data": {"path": str(tmp_path / "unused.json"), "packing": True, "cutoff_len": 32},
+        "train": {"micro_batch_size": 2, "batch_size": 2}, "output": {"dir": str(tmp_path / "run")},
+    })  # fmt: skip
+    model, _, _ = build_training_model(recipe, torch.device("cpu"))
+    model.train()
+    ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
+    positions = torch.cat([torch.arange(10), torch.arange(22)]).repeat(2, 1)
+    measured = {}
+    for packed in (False, True):
+        extra = {"position_ids": positions, "use_cache": False} if packed else {}
+        with ActivationMeter(model) as meter:
+            model(input_ids=ids, labels=ids, **extra)
+        measured[packed] = meter.total_bytes
+    s = settings_from_recipe(recipe, device="cpu")
+    arch = arch_for(model=str(path))
+    assert s.packing and measured[True] > measured[False]
+    assert activations(arch, s).meter_view == measured[True]
+    assert activations(arch, dataclasses.replace(s, packing=False)).meter_view == measured[False]

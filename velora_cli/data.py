@@ -109,7 +109,7 @@ def load_records(
             require_hub(f"{field} {path!r}")
         rows = _read_dataset_rows(path, split)
     if not rows:
-        raise DataError(f"{field} {path}: no records")
+        raise DataError(f"{field} {path}: no usable records")
     if fmt is None:  # the first row that says a format (with skip_bad_rows, bad ones before it are skipped)
         first = next((r for _, r in rows if isinstance(r, dict)), None) if skip_bad_rows else rows[0][1]
         fmt = detect_format(first, f"{path}: {rows[0][0]}")

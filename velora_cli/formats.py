@@ -55,19 +55,20 @@ CONVERSATION_FIELDS = {
 
 def detect_format(row: Any, where: str) -> str:
     """The format a row's keys say (the first row decides for a whole file)."""
-    if isinstance(row, dict):
-        if "messages" in row:
-            return "messages"
-        if "conversations" in row:
-            return "sharegpt"
-        if "prompt" in row and "completion" in row:
-            return "prompt_completion"
-        if "instruction" in row:
-            return "alpaca"
-        if "text" in row:
-            return "text"
-    shape = f"keys {', '.join(map(str, row))}" if isinstance(row, dict) else f"a {type(row).__name__}"
-    raise DataError(f"{where}: cannot tell the data format from a row with {shape}; set data.format to one of "
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object (a record), got {type(row).__name__}")
+    if "messages" in row:
+        return "messages"
+    if "conversations" in row:
+        return "sharegpt"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    if "instruction" in row:
+        return "alpaca"
+    if "text" in row:
+        return "text"
+    keys = ", ".join(map(str, row))
+    raise DataError(f"{where}: cannot tell the data format from a row with keys {keys}; set data.format to one of "
                     f"{', '.join(FORMATS)}")  # fmt: skip
 
 

@@ -163,7 +163,7 @@ def test_packed_recipe_trains(tiny, tmp_path: Path) -> None:
 
     session = FinetuneSession(load_recipe(tmp_path / "r.yaml"), tmp_path / "run")
     session.setup_data()
-    assert session.examples == 10 and 1 < len(session.train_set) < 10
+    assert session.counts.examples == 10 and 1 < len(session.train_set) < 10
     assert "position_ids" in session.train_set.column_names and "position_ids" not in session.val_set.column_names
 
 

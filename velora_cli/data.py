@@ -183,6 +183,25 @@ def tokenize_counted(records: list[dict[str, Any]], tokenizer, data_section, pac
     return TokenizedSet(dataset, len(records), counts["truncated"], counts["dropped"])
 
 
+@dataclass
+class DataCounts:
+    """What loading and the cutoff did to the training rows, for the plan and the dry run."""
+
+    format: str = "text"
+    examples: int = 0  # training examples kept (packed: several per sequence)
+    skipped: int = 0  # bad rows skipped (data.skip_bad_rows)
+    truncated: int = 0
+    dropped: int = 0
+
+    def describe(self, data_section, sequences: int) -> str:
+        d = data_section
+        cut = [f"{n} {what}" for n, what in ((self.dropped, "dropped"), (self.truncated, "truncated")) if n]
+        text = f" ({self.skipped} bad rows skipped)" if self.skipped else ""
+        text += f" ({', '.join(cut)} by cutoff_len={d.cutoff_len})" if cut else ""
+        text += f", format={self.format}" + (f", template={d.template}" if self.format == "alpaca" else "")
+        return text + (f", packed into {sequences} sequences" if d.packing and self.format != "text" else "")
+
+
 def make_collator(tokenizer, on_gpu: bool):
     """Padded rows: input_ids / attention_mask right-padded, labels padded with IGNORE_INDEX (multiples of 8 on GPU).
     Packed rows (they carry position_ids): see velora_cli/packing.py."""

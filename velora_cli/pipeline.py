@@ -285,7 +285,7 @@ def dry_run_plan(recipe: Recipe, run_dir: Path, out: Console, stages: list[str] 
         arch = arch_for(model=recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
     est = estimate(arch, settings_from_recipe(recipe, device=session.device.type))
     rows = [
-        ("train rows", str(session.examples)),
+        ("train rows", str(session.counts.examples)),
         ("val rows", str(len(session.val_set) if session.val_set is not None else 0)),
         ("steps", str(session.total_steps())),
         ("gradient accumulation", str(session.gradient_accumulation())),
@@ -294,7 +294,7 @@ def dry_run_plan(recipe: Recipe, run_dir: Path, out: Console, stages: list[str] 
     ]
     if recipe.data.packing and not recipe.text_data:
         rows.insert(1, ("packed sequences", str(len(session.train_set))))
-    for count, what in ((session.truncated, "truncated"), (session.dropped, "dropped")):
+    for count, what in ((session.counts.truncated, "truncated"), (session.counts.dropped, "dropped")):
         if count:
             rows.insert(1, (f"rows {what} by cutoff_len", str(count)))
     report.print_dry_run(recipe.name, rows, out)

@@ -32,7 +32,7 @@ from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from velora_cli import runs
 from velora_cli.callbacks import CheckpointKeeper, InterruptHandler, RunMonitor, StepGuard
-from velora_cli.data import load_records, make_collator, split_validation, tokenize_counted
+from velora_cli.data import DataCounts, load_records, make_collator, split_validation, tokenize_counted
 from velora_cli.device import compute_dtype, default_device, dtype_name, is_main_process, world_size
 from velora_cli.errors import DataError, RecipeError, TrainingAborted, UsageError, VeloraError
 from velora_cli.memstats import human_bytes, memory_stats, reset_peak
@@ -96,14 +96,11 @@ class Plan:
     train_rows: int  # examples (packed: several per sequence)
     sequences: int  # rows of the training set the Trainer batches (packed sequences, or the examples)
     val_rows: int
-    skipped_rows: int
-    dropped_rows: int  # no whole answer fits cutoff_len: nothing to learn
-    truncated_rows: int  # cut to cutoff_len (conversations: after their last whole assistant turn that fits)
+    counts: DataCounts  # format, rows skipped, truncated, dropped
     train_tokens: int
     steps: int
     gradient_accumulation: int
     compressed_layers: list[str]
-    format: str = "alpaca"  # the data format, as named or detected
     memory_choice: str | None = None  # the planner's reason, when memory.checkpointing was auto
     lean: bool = True  # the memory techniques went through apply_lean (LLaMA family)
 
@@ -115,16 +112,6 @@ class Plan:
         text = f"loss {m.loss}, lean ops {'on' if m.lean_ops else 'off'}, checkpointing {m.checkpointing}"
         text += ", offload" if m.offload else ""
         return text + (f" (planner: {self.memory_choice})" if self.memory_choice else "")
-
-    def cutoff_note(self) -> str:
-        pairs = ((self.dropped_rows, "dropped"), (self.truncated_rows, "truncated"))
-        counts = [f"{n} {what}" for n, what in pairs if n]
-        return f" ({', '.join(counts)} by cutoff_len={self.recipe.data.cutoff_len})" if counts else ""
-
-    def data_format(self) -> str:
-        d = self.recipe.data
-        text = f"format={self.format}" + (f", template={d.template}" if self.format == "alpaca" else "")
-        return text + (f", packed into {self.sequences} sequences" if d.packing and self.format != "text" else "")
 
     def lines(self) -> list[tuple[str, str]]:
         r = self.recipe
@@ -151,10 +138,8 @@ class Plan:
             ("VeLoRA", velora),
             (
                 "data",
-                f"{r.data.path}: {self.train_rows} train / {self.val_rows} val rows"
-                + (f" ({self.skipped_rows} bad rows skipped)" if self.skipped_rows else "")
-                + self.cutoff_note()
-                + f", {self.train_tokens} train tokens, {self.data_format()}",
+                f"{r.data.path}: {self.train_rows} train / {self.val_rows} val rows, {self.train_tokens} train tokens"
+                + self.counts.describe(r.data, self.sequences),
             ),
             (
                 "batch",
@@ -205,17 +190,18 @@ class FinetuneSession:
             from velora_cli.corpus import load_text_sets
 
             self.train_set, self.val_set, _ = load_text_sets(d, self.tokenizer, self.recipe.train.seed)
-            self.val_records, self.skipped, self.dropped, self.truncated, self.format = [], 0, 0, 0, "text"
-            self.examples = len(self.train_set) if hasattr(self.train_set, "__len__") else 0
+            self.val_records = []
+            self.counts = DataCounts(examples=len(self.train_set) if hasattr(self.train_set, "__len__") else 0)
             return
         train_rows, val_rows = split_validation(loaded.records, d.val_set_size, self.recipe.train.seed)
         if d.val_path:
             val_rows = load_records(d.val_path, "validation", d.skip_bad_rows, field="data.val_path",
                                     fmt=loaded.format).records  # fmt: skip
-        self.val_records, self.skipped, self.format = val_rows, loaded.skipped, loaded.format
+        self.val_records = val_rows
         tokenized = tokenize_counted(train_rows, self.tokenizer, d, pack=d.packing)
-        self.train_set, self.dropped, self.truncated = tokenized.dataset, tokenized.dropped, tokenized.truncated
-        self.examples = tokenized.rows - tokenized.dropped
+        self.train_set = tokenized.dataset
+        self.counts = DataCounts(loaded.format, tokenized.rows - tokenized.dropped, loaded.skipped,
+                                 tokenized.truncated, tokenized.dropped)  # fmt: skip
         if self.train_set is None:
             raise DataError(
                 f"data.path {d.path}: all {len(train_rows)} training rows are longer than data.cutoff_len="
@@ -251,13 +237,10 @@ class FinetuneSession:
         self.plan = Plan(
             recipe=self.recipe,
             run_dir=self.run_dir,
-            train_rows=self.examples,
+            train_rows=self.counts.examples,
             sequences=len(self.train_set) if sized else 0,
             val_rows=len(self.val_set) if self.val_set is not None else 0,
-            skipped_rows=self.skipped,
-            dropped_rows=self.dropped,
-            truncated_rows=self.truncated,
-            format=self.format,
+            counts=self.counts,
             train_tokens=int(sum(self.train_set["length"])) if sized else 0,
             steps=self.total_steps(),
             gradient_accumulation=accumulation,

@@ -267,6 +267,24 @@ def runs(
     list_runs(root)
 
 
+data_app = typer.Typer(help="Look at training data as the model will see it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("preview")
+def data_preview(
+    recipe: Path = typer.Argument(..., help="The YAML recipe whose data to show."),
+    rows: int = typer.Option(3, "-n", "--rows", min=0, help="How many rows to print."),
+    overrides: list[str] | None = SetOption,
+    verbose: bool = VerboseOption,
+) -> None:
+    """The first rows with trained tokens highlighted, lengths, cutoff losses and padding (tokenizer only)."""
+    from velora_cli.preview import run_preview
+
+    _quiet(verbose)
+    run_preview(recipe, overrides or [], rows)
+
+
 class _DropBitsandbytesKernelHubNotice(logging.Filter):
     """bitsandbytes logs, on every import on CPU, that it could not fetch an optional kernel from the Hugging
     Face hub (`kernels` package); its own CPU kernels are used instead, so the line is noise for our users."""

@@ -20,10 +20,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from velora_cli.data import split_validation
+from velora_cli.data import TEXT_SUFFIXES, split_validation
 from velora_cli.errors import DataError
-
-TEXT_SUFFIXES = (".txt", ".md", ".text")
 
 
 def _paragraphs(text: str) -> list[str]:

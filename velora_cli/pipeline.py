@@ -29,7 +29,7 @@ from velora_cli.memory.estimate import estimate, settings_from_recipe
 from velora_cli.memstats import human_bytes
 from velora_cli.recipe import Recipe, load_recipe
 from velora_cli.runs import ExportSummary, MmluSummary, RunSummary, Scores, StageRecord, TrainSummary
-from velora_cli.validate import Preflight, preflight
+from velora_cli.validate import Preflight, check_trainable, preflight
 
 STAGES = ("train", "export", "eval")
 
@@ -42,7 +42,7 @@ def console() -> Console:
     return Console(stderr=True)
 
 
-def _resolve_relative(recipe: Recipe, base: Path) -> None:
+def resolve_relative(recipe: Recipe, base: Path) -> None:
     """Relative data paths are read beside the recipe file when they exist there (else as given: CWD or hub)."""
 
     def fix(value: str | None) -> str | None:
@@ -202,13 +202,12 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run the chosen stages; return summary.json's content (or, with `dry_run`, the planned steps and memory)."""
     recipe = load_recipe(recipe_path, overrides)
-    from velora_cli.train import check_trainable  # heavy imports only for a valid recipe
 
     if output_dir is not None:
         recipe.output.dir = str(output_dir)
     if max_steps is not None:
         recipe.train.max_steps = max_steps
-    _resolve_relative(recipe, Path(recipe_path).resolve().parent)
+    resolve_relative(recipe, Path(recipe_path).resolve().parent)
     chosen = select_stages(recipe, stages)
     check_trainable(recipe)
     run_dir = recipe.run_dir()
@@ -289,7 +288,7 @@ def dry_run_plan(recipe: Recipe, run_dir: Path, out: Console, stages: list[str] 
         arch = arch_for(model=recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
     est = estimate(arch, settings_from_recipe(recipe, device=session.device.type))
     rows = [
-        ("train rows", str(len(session.train_set))),
+        ("train rows", str(session.counts.examples)),
         ("val rows", str(len(session.val_set) if session.val_set is not None else 0)),
         ("steps", str(session.total_steps())),
         ("gradient accumulation", str(session.gradient_accumulation())),
@@ -299,7 +298,10 @@ def dry_run_plan(recipe: Recipe, run_dir: Path, out: Console, stages: list[str] 
     ]
     if choice:
         rows.insert(-1, ("planner", choice))
-    if session.dropped:
-        rows.insert(1, ("rows dropped (prompt fills cutoff_len)", str(session.dropped)))
+    if recipe.data.packing and not recipe.text_data:
+        rows.insert(1, ("packed sequences", str(len(session.train_set))))
+    for count, what in ((session.counts.truncated, "truncated"), (session.counts.dropped, "dropped")):
+        if count:
+            rows.insert(1, (f"rows {what} by cutoff_len", str(count)))
     report.print_dry_run(recipe.name, rows, out)
     return {"steps": session.total_steps(), "estimated_total_bytes": est.total}

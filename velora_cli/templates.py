@@ -1,12 +1,12 @@
 """How a trained model is prompted: the prompt style a run trained with, and a conversation rendered in it.
 
 A model fine-tuned on the Alpaca prompt must be prompted with that prompt, so `velora generate`/`chat` and the
-exports read the style from the run's recipe (`data.template`): `alpaca`, `chat` (the tokenizer's own chat
-template, with the recipe's system prompt as the default system message) or `raw` (plain-text training: the
-prompt is continued as is). A model that is not a run is prompted with its chat template when it has one.
+exports read the style from the run's recipe (`data.format`, `data.template`): `alpaca`, `chat` (the tokenizer's
+own chat template, with the recipe's system prompt as the default system message) or `raw` (plain-text training,
+prompt_completion: the prompt is continued as is). A model that is not a run is prompted with its chat template when it has one.
 
 The Alpaca prompt is also written out as a Jinja chat template (`ALPACA_CHAT_TEMPLATE`), built from the very
-strings training formats rows with (data.py), so one renderer serves single prompts and multi-turn chats, and an
+strings training formats rows with (formats.py), so one renderer serves single prompts and multi-turn chats, and an
 export of an Alpaca run carries the prompt it was trained on in its tokenizer (and GGUF) for other servers to use.
 Its single-turn rendering is exactly training's prompt (tests/test_inference.py checks); later turns are
 appended in the same `### Instruction` / `### Response` form, which Alpaca training never saw but which keeps a
@@ -19,7 +19,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from velora_cli.data import ALPACA_NO_INPUT
+from velora_cli.formats import ALPACA_NO_INPUT
 
 Style = Literal["alpaca", "chat", "raw"]
 
@@ -59,8 +59,10 @@ class PromptStyle:
 def style_of_recipe(recipe: Any) -> PromptStyle:
     """The prompt a run trained with, from its recipe."""
     data = recipe.data
-    if recipe.method == "pretrain" or data.format == "text":
+    if recipe.method == "pretrain" or data.format in ("text", "prompt_completion"):
         return PromptStyle("raw")
+    if data.format in ("messages", "sharegpt"):  # the conversations carry their own system turns
+        return PromptStyle("chat", data.system_prompt)
     return PromptStyle(data.template, data.system_prompt if data.template == "chat" else None)
 
 

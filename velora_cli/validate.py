@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from velora_cli.errors import UsageError, VeloraError
+from velora_cli.errors import RecipeError, UsageError, VeloraError
 
 MIN_FREE_BYTES = 1 << 20  # below this a run cannot even write its summary
 
@@ -71,6 +71,30 @@ class Preflight:
     heldout: list[dict[str, str]] = field(default_factory=list)
     mmlu: dict[str, Any] | None = None  # local MMLU data (eval stage)
     config: Any = None  # the base model's config
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """The message of a no-space-left error anywhere in `exc`'s chain (torch.save and safetensors wrap it in
+    RuntimeErrors of their own), else None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        if getattr(seen, "errno", None) == errno.ENOSPC or "No space left" in text or "file write failed" in text:
+            return "No space left on device"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def check_trainable(recipe) -> None:
+    """Combinations that cannot train, caught before any weights are loaded."""
+    import importlib.util
+
+    import torch
+
+    if recipe.model.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise RecipeError(f"model.quantization={recipe.model.quantization!r} needs bitsandbytes (not installed)")
+    if recipe.train.optimizer in ("paged_adamw_8bit", "paged_adamw_32bit") and not torch.cuda.is_available():
+        raise UsageError(f"train.optimizer={recipe.train.optimizer!r} needs CUDA; use adamw_torch on CPU")
 
 
 def check_shapes(recipe, config) -> None:

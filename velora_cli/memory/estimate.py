@@ -18,7 +18,10 @@ The model is exact bookkeeping, not rules of thumb:
   velora_cli/velora/lean/patch.py and counted byte for byte there in fp32; recompute adds the one layer (or
   region) re-run at a time in backward, offload keeps the decoder stack's saved tensors in host memory and
   OFFLOAD_IN_FLIGHT layers' worth of them on the GPU (copies in flight, the layer backward is working on);
-- overhead: CUDA context + allocator slack, a stated assumption (OVERHEAD_*).
+- overhead: CUDA context + allocator slack, a stated assumption (OVERHEAD_*);
+- packing (data.packing): a micro-batch is micro_batch_size rows of cutoff_len real tokens (the worst case an
+  unpacked batch is counted at too), plus what the meter shows packing adds on CPU: k/v repeated to every head and
+  the (batch, S, S) mask in each layer's SDPA, and rotary tables per row (tests/test_packing.py checks it).
 
 It also reproduces the VeLoRA paper's own accounting (Table 3) so the two can be put side by side.
 """
@@ -84,6 +87,7 @@ class Settings:
     chunk_size: int | None = None
     method: str = "qlora"  # full / pretrain: every weight trains (memory/full.py)
     optimizer_in_backward: bool = False
+    packing: bool = False  # data.packing: rows of several examples, position_ids per row (see `activations`)
 
     @property
     def recompute(self) -> Recompute:
@@ -159,6 +163,7 @@ def settings_from_recipe(recipe: Any, device: str = "cuda") -> Settings:
         chunk_size=recipe.memory.chunk_size,
         method=recipe.method,
         optimizer_in_backward=recipe.train.optimizer_in_backward,
+        packing=recipe.data.packing and not recipe.text_data,
     )
 
 
@@ -283,6 +288,11 @@ def layer_activations(arch: Arch, s: Settings, first: bool = False) -> dict[str,
         ops["attention"] = 3 * h * hd * c + probs
     else:
         ops["attention"] = (2 * h * hd + 2 * kv * hd) * c + 4 * h
+        if s.packing:
+            # A packed batch's block-diagonal mask turns SDPA's GQA off (k/v repeated to every head), and the CPU
+            # kernel keeps the mask in the compute dtype, (batch, S, S) per layer: S x c bytes per token.
+            ops["attention"] += 2 * (h - kv) * hd * c
+            ops["packing_mask"] = s.seq * c
     # gate, silu(gate), up; the lean SwiGLU recomputes silu(gate) in backward
     add("mlp", (2 if s.lean_ops else 3) * arch.intermediate * c, "mlp_in")
     if s.recompute.mode == "mlp":
@@ -317,7 +327,8 @@ def activations(arch: Arch, s: Settings) -> Activations:
     transient = mid.pop("mlp_region_recompute", 0.0)
     first.pop("mlp_region_recompute", None)
     per_mid, per_first = sum(mid.values()), sum(first.values())
-    rotary = 2 * s.seq * arch.head_dim * s.c  # cos and sin, (1, S, head_dim), shared by all layers
+    # cos and sin, (1, S, head_dim), shared by all layers; packed rows have position_ids of their own: (batch, S, hd)
+    rotary = 2 * s.seq * arch.head_dim * s.c * (s.batch if s.packing else 1)
     frozen_norm = (s.c * arch.hidden + 4) if s.lean_ops else (4 * arch.hidden + 4)
     final_norm = n * (trainable_norm_bytes(arch, s) if s.full else frozen_norm)
     if s.loss == "chunked":

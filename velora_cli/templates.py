@@ -3,7 +3,8 @@
 A model fine-tuned on the Alpaca prompt must be prompted with that prompt, so `velora generate`/`chat` and the
 exports read the style from the run's recipe (`data.format`, `data.template`): `alpaca`, `chat` (the tokenizer's
 own chat template, with the recipe's system prompt as the default system message) or `raw` (plain-text training,
-prompt_completion: the prompt is continued as is). A model that is not a run is prompted with its chat template when it has one.
+prompt_completion: the prompt is continued as is). A model that is not a run is prompted with its chat
+template when it has one.
 
 The Alpaca prompt is also written out as a Jinja chat template (`ALPACA_CHAT_TEMPLATE`), built from the very
 strings training formats rows with (formats.py), so one renderer serves single prompts and multi-turn chats, and an

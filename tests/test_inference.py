@@ -16,7 +16,7 @@ import torch
 from conftest import write_run_recipe
 
 from velora_cli.cli import main
-from velora_cli.data import ALPACA_NO_INPUT, build_prompt
+from velora_cli.formats import ALPACA_NO_INPUT, record_pieces
 from velora_cli.recipe import read_run_recipe
 from velora_cli.templates import PromptStyle, render
 
@@ -54,6 +54,11 @@ def reference(tiny_lora_run: Path, tiny_llama_dir: Path):
     return model, tokenizer, answer
 
 
+def _training_prompt(record: dict, template: str, tokenizer, system: str | None = None) -> str:
+    """The untrained text training puts before the first answer (formats.record_pieces' first piece)."""
+    return record_pieces(record, tokenizer, template, system)[0][0][0]
+
+
 def _run_with(tiny_lora_run: Path, tmp_path: Path, **data) -> Path:
     run = tmp_path / "run"
     shutil.copytree(tiny_lora_run, run)
@@ -65,9 +70,9 @@ def test_the_alpaca_chat_template_renders_trainings_prompt(reference) -> None:
     _, tokenizer, _ = reference
     record = {"instruction": PROMPT, "input": "", "output": "Blue."}
     user = [{"role": "user", "content": PROMPT}]
-    assert render(PromptStyle("alpaca"), tokenizer, user) == build_prompt(record, "alpaca", tokenizer)[0]
-    assert build_prompt(record, "alpaca", tokenizer)[0] == ALPACA_NO_INPUT.format(instruction=PROMPT)
-    chat = build_prompt(record, "chat", tokenizer, "Be brief.")[0]
+    assert render(PromptStyle("alpaca"), tokenizer, user) == _training_prompt(record, "alpaca", tokenizer)
+    assert _training_prompt(record, "alpaca", tokenizer) == ALPACA_NO_INPUT.format(instruction=PROMPT)
+    chat = _training_prompt(record, "chat", tokenizer, "Be brief.")
     assert render(PromptStyle("chat", "Be brief."), tokenizer, user) == chat
     # A conversation continues in the same form; --system replaces the preamble.
     turns = [*user, {"role": "assistant", "content": "Blue."}, {"role": "user", "content": FOLLOW_UP}]
@@ -104,6 +109,21 @@ def test_a_chat_template_run_is_prompted_with_its_system_message(tiny_lora_run, 
         messages = [{"role": "system", "content": system}, *user]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         assert out == answer(text) + "\n"
+
+
+@pytest.mark.parametrize("fmt", ["messages", "sharegpt", "prompt_completion"])
+def test_a_run_is_prompted_as_its_data_format_trained(fmt, tiny_lora_run, reference, tmp_path, capsys) -> None:
+    # alpaca is the default template: a conversations run must not be prompted with it, nor a prompt_completion one
+    _, tokenizer, answer = reference
+    run = _run_with(tiny_lora_run, tmp_path, format=fmt)
+    code, out, err = _cli(["generate", str(run), "--prompt", PROMPT, "--max-new-tokens", str(TOKENS)], capsys)
+    assert code == 0, err
+    if fmt == "prompt_completion":
+        text = _training_prompt({"prompt": PROMPT, "completion": "Blue."}, "alpaca", tokenizer)
+    else:
+        text = _training_prompt({"messages": [{"role": "user", "content": PROMPT}, {"role": "assistant",
+                                 "content": "Blue."}]}, "alpaca", tokenizer)  # fmt: skip
+    assert out == answer(text) + "\n"
 
 
 def test_chat_through_stdin_keeps_resets_and_exits(tiny_lora_run: Path, reference, monkeypatch, capsys) -> None:

@@ -19,6 +19,7 @@ RUN_DIR/
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -202,7 +203,6 @@ def _split(cls: type, data: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     return {k: v for k, v in data.items() if k in names}, {k: v for k, v in data.items() if k not in names}
 
 
-
 # ------------------------------------------------------------------------------------------- run summary
 
 
@@ -372,3 +372,15 @@ def summaries(root: Path) -> list[tuple[Path, RunSummary]]:
     if not found:
         raise UsageError(f"no runs with {SUMMARY_FILE} under {root}/")
     return [(path, RunSummary.load(path) or RunSummary()) for path in found]
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """The message of a no-space-left error anywhere in `exc`'s chain (torch.save and safetensors wrap it in
+    RuntimeErrors of their own), else None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        if getattr(seen, "errno", None) == errno.ENOSPC or "No space left" in text or "file write failed" in text:
+            return "No space left on device"
+        seen = seen.__cause__ or seen.__context__
+    return None

@@ -39,7 +39,6 @@ from velora_cli.metrics import read_metrics, truncate_metrics
 from velora_cli.models import build_training_model, load_tokenizer, memory_as_trained, resolve_model
 from velora_cli.recipe import Recipe, dump_recipe
 from velora_cli.report import TrainingDisplay
-from velora_cli.validate import disk_full
 from velora_cli.velora import (
     VeloraCallback,
     load_velora_vectors,
@@ -390,7 +389,7 @@ class FinetuneSession:
             raise TrainingAborted(self._oom_message()) from exc
         except BaseException as exc:
             self._remove_incomplete_checkpoints()
-            full = disk_full(exc)
+            full = runs.disk_full(exc)
             if full is not None:
                 raise VeloraError(
                     f"{self.run_dir}: no space left on the device ({full}); the partial checkpoint was removed. "
@@ -473,7 +472,7 @@ class FinetuneSession:
                     shutil.rmtree(target)
                 os.replace(item, target)
         except BaseException as exc:
-            full = disk_full(exc)
+            full = runs.disk_full(exc)
             if full is not None:
                 raise VeloraError(
                     f"{self.run_dir}: no space left on the device ({full}) while saving the adapter; nothing "

@@ -73,18 +73,6 @@ class Preflight:
     config: Any = None  # the base model's config
 
 
-def disk_full(exc: BaseException) -> str | None:
-    """The message of a no-space-left error anywhere in `exc`'s chain (torch.save and safetensors wrap it in
-    RuntimeErrors of their own), else None."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        text = str(seen)
-        if getattr(seen, "errno", None) == errno.ENOSPC or "No space left" in text or "file write failed" in text:
-            return "No space left on device"
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
 def check_trainable(recipe) -> None:
     """Combinations that cannot train, caught before any weights are loaded."""
     import importlib.util

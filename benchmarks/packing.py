@@ -15,6 +15,7 @@ trained tokens/s and its ratio (the issue's target: packed >= 1.6x), held-out lo
 within 1%).
 
     python benchmarks/packing.py [--steps 40] [--cutoff-len 512] [--micro-batch 8] [--batch-size 16]
+        [--packed-micro-batch 2] [--packed-batch-size 4]
         [--data ../shared/data/instruct/alpaca_libre.json] [--json out.json]
     python benchmarks/packing.py --steps 2 --micro-batch 2 --batch-size 2 --val-rows 4   # a quick check it runs
 """
@@ -51,7 +52,8 @@ def recipe_for(packing: bool, args: argparse.Namespace, run_dir: Path) -> dict[s
         "velora": {"enabled": True, "layers": ["v", "d"], "num_groups": 32},
         "data": {"path": str(args.data), "template": "alpaca", "cutoff_len": args.cutoff_len, "packing": packing,
                  "val_set_size": args.val_rows, "skip_bad_rows": True},  # alpaca_libre: 34 rows have no output
-        "train": {"micro_batch_size": args.micro_batch, "batch_size": args.batch_size, "max_steps": args.steps,
+        "train": {"micro_batch_size": args.packed_micro_batch if packing else args.micro_batch,
+                  "batch_size": args.packed_batch_size if packing else args.batch_size, "max_steps": args.steps,
                   "learning_rate": args.lr, "scheduler": args.scheduler, "warmup_steps": args.warmup,
                   "seed": args.seed, "save_steps": 1 << 20},
         "output": {"dir": str(run_dir)},
@@ -122,6 +124,10 @@ def main() -> None:
     parser.add_argument("--cutoff-len", type=int, default=512)
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=16)
+    # A packed row holds several examples: a smaller packed batch keeps the tokens per optimizer step (and so the
+    # number of updates at equal trained tokens) close to the unpacked run's; default: the same batch in rows.
+    parser.add_argument("--packed-micro-batch", type=int)
+    parser.add_argument("--packed-batch-size", type=int)
     parser.add_argument("--val-rows", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--scheduler", default="constant_with_warmup")
@@ -129,6 +135,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    args.packed_micro_batch = args.packed_micro_batch or args.micro_batch
+    args.packed_batch_size = args.packed_batch_size or args.batch_size
     if not args.data.is_file():
         sys.exit(f"data not found: {args.data} (../shared is not beside the checkout?)")
     with tempfile.TemporaryDirectory(prefix="velora-packing-") as tmp:
@@ -140,8 +148,10 @@ def main() -> None:
                 packed.step()
         rows = {"unpacked": unpacked.result(), "packed": packed.result()}
     u, p = rows["unpacked"], rows["packed"]
-    print(f"\n{args.model}, {args.data.name}, cutoff {args.cutoff_len}, micro-batch {args.micro_batch}, batch "
-          f"{args.batch_size}, lr {args.lr:g} ({args.scheduler}), seed {args.seed}, {args.val_rows} held-out rows; "
+    packed_shape = f"{args.packed_micro_batch} x {args.packed_batch_size // args.packed_micro_batch}"
+    print(f"\n{args.model}, {args.data.name}, cutoff {args.cutoff_len}, micro-batch x accumulation "
+          f"{args.micro_batch} x {args.batch_size // args.micro_batch} (packed {packed_shape}), lr {args.lr:g} "
+          f"({args.scheduler}), seed {args.seed}, {args.val_rows} held-out rows; "
           f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")  # fmt: skip
     print("| batches | examples / sequences | steps | trained tokens | real tokens | seconds | trained tokens/s "
           "| held-out loss |")  # fmt: skip

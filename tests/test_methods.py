@@ -214,3 +214,116 @@ def test_memory_estimate_counts_full_training_states() -> None:
     assert layerwise["gradients"] == 4 * 32000 * 512  # the largest tensor: the (untied) embedding or lm_head
     plain = estimate(arch, dataclasses.replace(s, velora=())).components
     assert plain["activations"] > full["activations"]
+
+
+def pretrain_recipe(tmp_path: Path, model_dir: Path, **train) -> Path:
+    data = recipe(model_dir, tmp_path / "runs" / "pre", method="pretrain", **train)
+    data["model"] = {"config": str(model_dir)}
+    data["data"] = {"path": str(corpus(tmp_path)), "cutoff_len": 32, "val_set_size": 6}
+    path = tmp_path / "pre.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def crashing(monkeypatch, step: int | None = None) -> None:
+    """The next `velora finetune` in this process crashes during step `step` (None: while saving the final
+    model, after its last checkpoint), as a kill -9 would stop it."""
+    setup = FinetuneSession.setup
+
+    def crash_setup(self):
+        plan = setup(self)
+        self.trainer.add_callback(CrashAt(step))
+        return plan
+
+    def crash_save(self):
+        raise RuntimeError("simulated crash")
+
+    if step is None:
+        monkeypatch.setattr(FinetuneSession, "save", crash_save)
+    else:
+        monkeypatch.setattr(FinetuneSession, "setup", crash_setup)
+
+
+def cli_exit(argv: list[str], capsys) -> tuple[int, str]:
+    from velora_cli.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    return exited.value.code, capsys.readouterr().err
+
+
+def test_pretrain_from_the_cli_resumes_bit_for_bit_exports_and_lists(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch, capsys
+) -> None:
+    """Crashes during step 3 and after the last checkpoint, each rerun continuing: the same weights as a straight
+    run; `velora export` gives a model with the trained logits; the panel and `velora runs` name the architecture."""
+    from transformers import AutoModelForCausalLM
+
+    from velora_cli.cli import main
+
+    path = pretrain_recipe(tmp_path, tiny_llama_dir)
+    straight, crashed = tmp_path / "runs" / "pre", tmp_path / "runs" / "crashed"
+    main(["finetune", str(path)])
+    err = capsys.readouterr().err
+    assert f"model={tiny_llama_dir} (from scratch, fp32)" in err and "embedded:" not in err
+    crashing(monkeypatch, step=3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["finetune", str(path), "--output-dir", str(crashed)])
+    monkeypatch.undo()
+    # checkpoint-2 holds an ordinary AdamW state: the optimizer in backward cannot take it over
+    code, err = cli_exit(["finetune", str(path), "--output-dir", str(crashed),
+                          "--set", "train.optimizer_in_backward=true"], capsys)  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and "checkpoint-2: written with train.optimizer_in_backward=false" in err
+    crashing(monkeypatch, step=None)
+    with pytest.raises(RuntimeError, match="simulated crash"):  # resumed at 2, trained 3-4, saved checkpoint-4
+        main(["finetune", str(path), "--output-dir", str(crashed)])
+    monkeypatch.undo()
+    main(["finetune", str(path), "--output-dir", str(crashed)])  # finishes from checkpoint-4, no step trained
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(crashed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    main(["export", str(straight), "--out", str(tmp_path / "export"), "--dtype", "fp32"])
+    ids = torch.tensor([[1, 200, 300, 400, 500]])
+    with torch.no_grad():
+        trained = AutoModelForCausalLM.from_pretrained(straight)(ids).logits
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")(ids).logits
+    assert torch.equal(trained, exported)
+    capsys.readouterr()
+    main(["runs", str(tmp_path / "runs")])
+    listing = capsys.readouterr().out
+    assert f"{tiny_llama_dir} (from scratch)" in listing and "pretrain + VeLoRA (v_proj,down_proj)" in listing
+
+
+def test_full_from_the_cli_names_the_model_and_exports_its_logits(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch, capsys
+) -> None:
+    """A full run with the optimizer in backward: its checkpoint cannot resume ordinary AdamW; panel, summary table
+    and `velora runs` say `full`; the export's logits equal the trained model's."""
+    from transformers import AutoModelForCausalLM
+
+    from velora_cli.cli import main
+
+    run_dir = tmp_path / "runs" / "full"
+    data = recipe(tiny_llama_dir, run_dir, max_steps=2, save_steps=1, optimizer_in_backward=True)
+    path = tmp_path / "full.yaml"
+    path.write_text(yaml.safe_dump(data))
+    crashing(monkeypatch, step=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["finetune", str(path)])
+    monkeypatch.undo()
+    code, err = cli_exit(["finetune", str(path), "--set", "train.optimizer_in_backward=false"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"{run_dir / 'checkpoint-1'}: written with train.optimizer_in_backward=true" in err
+    main(["finetune", str(path)])
+    err = capsys.readouterr().err
+    assert f"model={tiny_llama_dir} (full, fp32)" in err and f"{tiny_llama_dir} (full)" in err  # panel, summary
+    main(["export", str(run_dir), "--out", str(tmp_path / "export"), "--dtype", "fp32"])
+    ids = torch.tensor([[1, 200, 300, 400, 500]])
+    with torch.no_grad():
+        trained = AutoModelForCausalLM.from_pretrained(run_dir)(ids).logits
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")(ids).logits
+    assert torch.equal(trained, exported)
+    capsys.readouterr()
+    main(["runs", str(tmp_path / "runs")])
+    assert "full + VeLoRA (v_proj,down_proj)" in capsys.readouterr().out

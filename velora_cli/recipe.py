@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from velora_cli.errors import RecipeError, UsageError, did_you_mean
 from velora_cli.memstats import parse_bytes
 from velora_cli.models import DEFAULT_MODEL
-from velora_cli.runs import RECIPE_FILE
+from velora_cli.runs import FULL_METHODS, RECIPE_FILE
 from velora_cli.velora.config import (
     DEFAULT_NUM_GROUPS,
     INIT_TYPES,
@@ -260,7 +260,6 @@ class EvalSection(Section):
 
 
 METHODS = ("qlora", "lora", "full", "pretrain")
-FULL_METHODS = ("full", "pretrain")  # every weight trains; no adapters
 
 
 class Recipe(Section):

@@ -45,6 +45,7 @@ MMLU_FILE = "eval/mmlu.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 MODEL_CONFIG = "config.json"  # a full/pretrain run (or its checkpoint) holds a whole model, not an adapter
 TRAINER_STATE = "trainer_state.json"  # transformers' Trainer writes it last into each checkpoint
+FULL_METHODS = ("full", "pretrain")  # recipe methods whose run holds a whole model: every weight trains
 
 
 def has_weights(path: Path) -> bool:
@@ -198,9 +199,10 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 
 def method_name(quantization: str | None, velora_layers: Sequence[str] = (), gradient_checkpointing: bool = False,
-                *, show_layers: bool = True) -> str:  # fmt: skip
-    """'QLoRA + VeLoRA (v_proj,down_proj) + GC': the training method in the paper's Table 3 words."""
-    name = "QLoRA" if quantization not in (None, "none") else "LoRA"
+                *, show_layers: bool = True, method: str | None = None) -> str:  # fmt: skip
+    """'QLoRA + VeLoRA (v_proj,down_proj) + GC': the training method in the paper's Table 3 words (`method` full or
+    pretrain: 'full + VeLoRA (...)', every weight trains and VeLoRA compresses the base layers' inputs)."""
+    name = method if method in FULL_METHODS else "QLoRA" if quantization not in (None, "none") else "LoRA"
     if velora_layers:
         name += f" + VeLoRA ({','.join(velora_layers)})" if show_layers else " + VeLoRA"
     return name + (" + GC" if gradient_checkpointing else "")
@@ -256,16 +258,20 @@ class RunDescription:
     velora: VeloraPart
     lora: LoraPart
     gradient_checkpointing: bool
+    # The recipe's method (stored as "method"); None in summaries written before it was recorded (qlora or lora).
+    recipe_method: str | None = None
 
     @classmethod
     def of(cls, recipe: Any) -> RunDescription:
-        """The one translation of a Recipe into its description."""
+        """The one translation of a Recipe into its description. A pretrain run's base is the architecture it
+        initialised (model.config), not model.name, which it never loads."""
         v = recipe.velora
         velora = VeloraPart(True, v.module_names, v.num_groups, v.subtoken_size, v.init, v.scale) if v.enabled else (
             VeloraPart())  # fmt: skip
         lora = LoraPart(recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.module_names)
-        return cls(recipe.name, recipe.model.name, recipe.model.quantization, velora, lora,
-                   recipe.train.gradient_checkpointing)  # fmt: skip
+        base = recipe.model.config if recipe.method == "pretrain" else recipe.model.name
+        return cls(recipe.name, base, recipe.model.quantization, velora, lora, recipe.train.gradient_checkpointing,
+                   recipe.method)  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunDescription | None:
@@ -281,10 +287,11 @@ class RunDescription:
                 lora.get("r", 0), lora.get("alpha", 0), lora.get("dropout", 0), lora.get("target_modules", [])
             ),
             gradient_checkpointing=bool(data.get("gradient_checkpointing", False)),
+            recipe_method=data.get("method") if isinstance(data.get("method"), str) else None,
         )
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "recipe": self.recipe,
             "base_model": self.base_model,
             "quantization": self.quantization,
@@ -292,15 +299,26 @@ class RunDescription:
             "lora": asdict(self.lora),
             "gradient_checkpointing": self.gradient_checkpointing,
         }
+        return out if self.recipe_method is None else {**out, "method": self.recipe_method}
+
+    @property
+    def how(self) -> str:
+        """How the base was trained: 'from scratch' (pretrain), 'full' (every weight), else its quantisation."""
+        return {"pretrain": "from scratch", "full": "full"}.get(self.recipe_method or "", self.quantization)
+
+    @property
+    def base_text(self) -> str:
+        """The base column of `velora runs`: a pretrain run names the architecture it started from."""
+        return f"{self.base_model} (from scratch)" if self.recipe_method == "pretrain" else self.base_model
 
     @property
     def model_text(self) -> str:
-        return f"{self.base_model} ({self.quantization})"
+        return f"{self.base_model} ({self.how})"
 
     @property
     def method(self) -> str:
         layers = self.velora.layers if self.velora.enabled else ()
-        return method_name(self.quantization, layers, self.gradient_checkpointing)
+        return method_name(self.quantization, layers, self.gradient_checkpointing, method=self.recipe_method)
 
 
 # ------------------------------------------------------------------------------------------- run summary
@@ -422,7 +440,8 @@ class RunSummary:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSummary:
-        description_keys = {"recipe", "base_model", "quantization", "velora", "lora", "gradient_checkpointing"}
+        description_keys = {"recipe", "base_model", "quantization", "velora", "lora", "gradient_checkpointing",
+                            "method"}  # fmt: skip
         own = {"stages", "train", "export", "eval", "wall_seconds"} | description_keys
         mmlu = (data.get("eval") or {}).get("mmlu")
         export = data.get("export")

@@ -129,7 +129,7 @@ class Plan:
         model = f"{r.model.name} ({r.model.quantization}{double})"
         if r.full:  # method full/pretrain: no adapter, every weight trains
             lora = f"none: method {r.method}, every weight trains"
-            model = f"{r.model.config} (fresh initialisation)" if r.method == "pretrain" else f"{r.model.name} (full)"
+            model = runs.RunDescription.of(r).model_text
             if r.train.optimizer_in_backward:
                 lora += "; optimizer steps in backward (no gradient clipping)"
         return [
@@ -361,9 +361,8 @@ class FinetuneSession:
             return self._finish_from(resume_from, done_step)
         viewer = None
         if display and is_main_process():
-            notes = {
-                "model": f"{self.recipe.model.name} ({self.recipe.model.quantization}, {dtype_name(self._compute())})"
-            }
+            described = runs.RunDescription.of(self.recipe)
+            notes = {"model": f"{described.base_model} ({described.how}, {dtype_name(self._compute())})"}
             if self.compressed:
                 notes["VeLoRA"] = f"{len(self.compressed)} layers compressed"
             viewer = TrainingDisplay(self.recipe.name or self.run_dir.name, self.plan.steps, notes)
@@ -402,7 +401,12 @@ class FinetuneSession:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        set_peft_model_state_dict(self.model, load_file(str(checkpoint / runs.ADAPTER_WEIGHTS)))
+        if self.recipe.full:  # the checkpoint holds the whole model
+            from velora_cli.methods import load_full_checkpoint
+
+            load_full_checkpoint(self.model, checkpoint)
+        else:
+            set_peft_model_state_dict(self.model, load_file(str(checkpoint / runs.ADAPTER_WEIGHTS)))
         load_velora_vectors(self.model, checkpoint)
         self.trainer.state.global_step = step
         return self._result(step, False, self.evaluate_loss(), 0.0)

@@ -327,3 +327,54 @@ def test_full_from_the_cli_names_the_model_and_exports_its_logits(
     capsys.readouterr()
     main(["runs", str(tmp_path / "runs")])
     assert "full + VeLoRA (v_proj,down_proj)" in capsys.readouterr().out
+
+
+def c4_like(root: Path) -> Path:
+    """A local copy laid out like allenai/c4: a dataset card naming subset `en` and its splits, gzipped JSON lines."""
+    import gzip
+
+    (root / "en").mkdir(parents=True)
+    (root / "README.md").write_text("---\nconfigs:\n- config_name: en\n  data_files:\n  - split: train\n    path: "
+                                    "en/c4-train.*.json.gz\n  - split: validation\n    path: en/c4-validation.*.json.gz"
+                                    "\n---\n")  # fmt: skip
+    for split, n in (("train", 30), ("validation", 8)):
+        with gzip.open(root / "en" / f"c4-{split}.00000-of-00001.json.gz", "wt") as f:
+            for i in range(n):
+                f.write(json.dumps({"text": f"{split} page {i}: the mill by the river {i % 5} " * 3}) + "\n")
+    return root
+
+
+def test_streaming_dataset_trains_with_a_held_out_split_and_needs_max_steps(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch, capsys
+) -> None:
+    """data.streaming on a local dataset takes the hub's path (datasets.load_dataset(path, subset, split=...,
+    streaming=True)): held-out blocks from the first val_set_size documents of val_split, training on the fly."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    source = c4_like(tmp_path / "c4")
+    calls = []
+    load = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or load(*a, **k))
+    data = recipe(tiny_llama_dir, tmp_path / "stream", method="pretrain", max_steps=3, save_steps=10)
+    data["model"] = {"config": str(tiny_llama_dir)}
+    data["data"] = {"path": str(source), "subset": "en", "streaming": True, "val_split": "validation",
+                    "val_set_size": 4, "cutoff_len": 32}  # fmt: skip
+    path = tmp_path / "stream.yaml"
+    path.write_text(yaml.safe_dump(data))
+    summary = run_pipeline(path, overrides=[])
+    assert summary["train"]["steps"] == 3 and summary["train"]["before"]["eval_loss"] > summary["train"]["eval_loss"]
+    assert {(a, k["split"], k["streaming"]) for a, k in calls} == {((str(source), "en"), s, True)
+                                                                   for s in ("train", "validation")}  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    texts = [f"validation page {i}: the mill by the river {i % 5} " * 3 for i in range(4)]
+    blocks = sum(len(tok(t, add_special_tokens=False).input_ids) + 1 for t in texts) // 32
+    assert f"streamed train / {blocks} val rows, text in 32-token blocks" in capsys.readouterr().err  # the plan
+
+    del data["train"]["max_steps"]
+    path.write_text(yaml.safe_dump(data))
+    code, err = cli_exit(["finetune", str(path), "--output-dir", str(tmp_path / "no-max")], capsys)
+    assert (code, err) == (2, "error: data.streaming reads an endless stream: set train.max_steps\n")
+    code, err = cli_exit(["finetune", str(path), "--set", "data.val_set_size=0.1", "--max-steps", "2"], capsys)
+    assert code == 2 and "data.val_set_size=0.1 is a fraction, and a stream has no length" in err
+    assert not (tmp_path / "no-max").exists()

@@ -36,6 +36,7 @@ from velora_cli.data import load_records, make_collator, split_validation, token
 from velora_cli.device import compute_dtype, default_device, dtype_name, is_main_process, world_size
 from velora_cli.errors import DataError, RecipeError, TrainingAborted, UsageError, VeloraError
 from velora_cli.memstats import human_bytes, memory_stats, reset_peak
+from velora_cli.methods import load_full_checkpoint
 from velora_cli.metrics import read_metrics, truncate_metrics
 from velora_cli.models import build_training_model, load_tokenizer, resolve_model
 from velora_cli.recipe import Recipe, dump_recipe
@@ -138,10 +139,11 @@ class Plan:
             ("VeLoRA", velora),
             (
                 "data",
-                f"{r.data.path}: {self.train_rows} train / {self.val_rows} val rows"
+                f"{r.data.path}: {'streamed' if r.data.streaming else self.train_rows} train / {self.val_rows} val rows"
                 + (f" ({self.skipped_rows} bad rows skipped)" if self.skipped_rows else "")
                 + (f" ({self.dropped_rows} rows dropped: prompt fills cutoff_len)" if self.dropped_rows else "")
-                + f", {self.train_tokens} train tokens, template={r.data.template}",
+                + ("" if r.data.streaming else f", {self.train_tokens} train tokens")
+                + (f", text in {r.data.cutoff_len}-token blocks" if r.text_data else f", template={r.data.template}"),
             ),
             (
                 "batch",
@@ -402,8 +404,6 @@ class FinetuneSession:
         from safetensors.torch import load_file
 
         if self.recipe.full:  # the checkpoint holds the whole model
-            from velora_cli.methods import load_full_checkpoint
-
             load_full_checkpoint(self.model, checkpoint)
         else:
             set_peft_model_state_dict(self.model, load_file(str(checkpoint / runs.ADAPTER_WEIGHTS)))

@@ -131,6 +131,7 @@ def preflight(recipe, stages: list[str], run_dir: Path, *, has_adapter: bool, re
         checks.session = FinetuneSession(recipe, run_dir)
         checks.session.gradient_accumulation()
         checks.session.setup_data()
+        checks.session.total_steps()  # a stream has no length: it needs train.max_steps
         h = recipe.eval.heldout
         if h.enabled:
             rows = load_records(h.path, field="eval.heldout.path").records if h.path else checks.session.val_records

@@ -117,8 +117,10 @@ def _lines(file: Path) -> Iterator[str]:
 def _dataset_documents(
     source: str | list[str], split: str, field: str, subset: str | None, streaming: bool
 ) -> Iterator[str]:
-    import datasets
+    from velora_cli.logs import import_datasets
 
+    datasets = import_datasets()
+    shown = ", ".join(source) if isinstance(source, list) else source
     try:
         if isinstance(source, list):  # local parquet (or mixed) files
             kind = "parquet" if all(s.endswith(".parquet") for s in source) else "json"
@@ -126,9 +128,9 @@ def _dataset_documents(
         else:
             dataset = datasets.load_dataset(source, subset, split=split, streaming=streaming)
     except FileNotFoundError as exc:
-        raise DataError(f"data.path {source!r}: not found ({exc})") from None
+        raise DataError(f"data.path {shown}: not found ({exc})") from None
     except Exception as exc:  # datasets raises many types for unreachable hubs and bad files
-        raise DataError(f"data.path {source!r}: cannot load dataset: {str(exc).splitlines()[0]}") from None
+        raise DataError(f"data.path {shown}: cannot load dataset: {str(exc).splitlines()[0]}") from None
     rows, i = iter(dataset), 0
     while True:
         try:  # a streaming dataset parses its files only now, row by row
@@ -136,8 +138,8 @@ def _dataset_documents(
         except StopIteration:
             return
         except Exception as exc:  # as above: pyarrow, json and fsspec errors of a corrupt or vanished file
-            raise DataError(f"data.path {source!r}: cannot read row {i}: {str(exc).splitlines()[0]}") from None
-        yield _text_of(row, field, f"{source}: row {i}")
+            raise DataError(f"data.path {shown}: cannot read row {i}: {str(exc).splitlines()[0]}") from None
+        yield _text_of(row, field, f"{shown}: row {i}")
         i += 1
 
 
@@ -163,8 +165,9 @@ def block_row(ids: list[int]) -> dict[str, Any]:
 
 def pack(documents: Iterable[str], tokenizer, block: int, limit: int | None = None) -> Any:
     """A `datasets.Dataset` of packed blocks (labels = input_ids; the model shifts them)."""
-    import datasets
+    from velora_cli.logs import import_datasets
 
+    datasets = import_datasets()
     rows = [block_row(ids) for ids in itertools.islice(iter_blocks(documents, tokenizer, block), limit)]
     return datasets.Dataset.from_list(rows)
 

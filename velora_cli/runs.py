@@ -258,8 +258,7 @@ class RunDescription:
     velora: VeloraPart
     lora: LoraPart
     gradient_checkpointing: bool
-    # The recipe's method (stored as "method"); None in summaries written before it was recorded (qlora or lora).
-    recipe_method: str | None = None
+    kind: str = "qlora"  # the recipe's method: qlora | lora | full | pretrain ("method" in summary.json)
 
     @classmethod
     def of(cls, recipe: Any) -> RunDescription:
@@ -287,7 +286,8 @@ class RunDescription:
                 lora.get("r", 0), lora.get("alpha", 0), lora.get("dropout", 0), lora.get("target_modules", [])
             ),
             gradient_checkpointing=bool(data.get("gradient_checkpointing", False)),
-            recipe_method=data.get("method") if isinstance(data.get("method"), str) else None,
+            # summaries of qlora runs carry no `method` (the layout before full/pretrain)
+            kind=str(data.get("method") or ("qlora" if data.get("quantization", "none") != "none" else "lora")),
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -299,17 +299,17 @@ class RunDescription:
             "lora": asdict(self.lora),
             "gradient_checkpointing": self.gradient_checkpointing,
         }
-        return out if self.recipe_method is None else {**out, "method": self.recipe_method}
+        return out if self.kind == "qlora" else {**out, "method": self.kind}
 
     @property
     def how(self) -> str:
         """How the base was trained: 'from scratch' (pretrain), 'full' (every weight), else its quantisation."""
-        return {"pretrain": "from scratch", "full": "full"}.get(self.recipe_method or "", self.quantization)
+        return {"pretrain": "from scratch", "full": "full"}.get(self.kind, self.quantization)
 
     @property
     def base_text(self) -> str:
         """The base column of `velora runs`: a pretrain run names the architecture it started from."""
-        return f"{self.base_model} (from scratch)" if self.recipe_method == "pretrain" else self.base_model
+        return f"{self.base_model} (from scratch)" if self.kind == "pretrain" else self.base_model
 
     @property
     def model_text(self) -> str:
@@ -318,7 +318,7 @@ class RunDescription:
     @property
     def method(self) -> str:
         layers = self.velora.layers if self.velora.enabled else ()
-        return method_name(self.quantization, layers, self.gradient_checkpointing, method=self.recipe_method)
+        return method_name(self.quantization, layers, self.gradient_checkpointing, method=self.kind)
 
 
 # ------------------------------------------------------------------------------------------- run summary

@@ -378,3 +378,36 @@ def test_streaming_dataset_trains_with_a_held_out_split_and_needs_max_steps(
     code, err = cli_exit(["finetune", str(path), "--set", "data.val_set_size=0.1", "--max-steps", "2"], capsys)
     assert code == 2 and "data.val_set_size=0.1 is a fraction, and a stream has no length" in err
     assert not (tmp_path / "no-max").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "streaming", "message"),
+    [
+        ("bin.txt", b"\xff\xfe\x00text", False, "bin.txt: not UTF-8 text (byte 0)"),
+        ("empty.txt", b"", False, "empty.txt: no text"),
+        ("bad.parquet", b"not parquet at all", False, "bad.parquet: cannot load dataset: Parquet magic bytes"),
+        ("bad.jsonl", b'{"text": "a"}\n{oops\n', True, "bad.jsonl: invalid JSON at line 2"),
+        ("dir/train.jsonl", b'{"text": "a"}\n{oops\n', True, "dir: unreadable after 0 rows: JSON parse error"),
+        ("empty.txt", b"", True, "empty.txt: fewer than data.cutoff_len=16 tokens of training text"),
+    ],
+)
+def test_bad_corpus_files_are_one_line(
+    tmp_path: Path, tiny_llama_dir: Path, name: str, content: bytes, streaming: bool, message: str, capfd
+) -> None:
+    from transformers import AutoTokenizer
+
+    from velora_cli.corpus import load_text_sets
+    from velora_cli.errors import DataError
+    from velora_cli.logs import configure
+    from velora_cli.recipe import DataSection
+
+    configure()  # as every command: the libraries' own log lines go to the log file
+    path = tmp_path / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(content)
+    source = path.parent if name.startswith("dir/") else path
+    section = DataSection(path=str(source), format="text", cutoff_len=16, streaming=streaming)
+    with pytest.raises(DataError) as err:
+        load_text_sets(section, AutoTokenizer.from_pretrained(tiny_llama_dir), seed=0)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert capfd.readouterr().err == ""  # nothing else printed beside the error line

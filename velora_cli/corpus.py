@@ -138,7 +138,7 @@ def _dataset_documents(
         except StopIteration:
             return
         except Exception as exc:  # as above: pyarrow, json and fsspec errors of a corrupt or vanished file
-            raise DataError(f"data.path {shown}: cannot read row {i}: {str(exc).splitlines()[0]}") from None
+            raise DataError(f"data.path {shown}: unreadable after {i} rows: {str(exc).splitlines()[0]}") from None
         yield _text_of(row, field, f"{shown}: row {i}")
         i += 1
 

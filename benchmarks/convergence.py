@@ -10,6 +10,10 @@ Configurations (LoRA r=8 alpha=16 dropout=0.05 on all seven projections):
   qlora_velora_vd   + VeLoRA on v_proj and down_proj (the paper's default), --num-groups sub-tokens per token
   qlora_velora_all  + VeLoRA on all seven projections
   qlora_gc          the baseline with gradient checkpointing (the usual way to save activation memory)
+  qlora_velora_vd_lean_chunked, qlora_velora_all_lean_chunked
+                    VeLoRA (v,d / all seven) + the exact lean savers of the recipe's memory section: lean RMSNorm
+                    and SwiGLU, the chunked loss, no recompute (issue 19's "VeLoRA all + lean + chunked" target)
+The other configurations run the stock path (memory.loss: full, lean_ops: false), so the baseline is plain QLoRA.
 With --quantization none the base is not quantised (names start with "lora").
 
 Reported per configuration: held-out eval loss (and its difference from the baseline; the project's target
@@ -43,14 +47,17 @@ from velora_cli.recipe import validate_recipe  # noqa: E402
 from velora_cli.train import FinetuneSession  # noqa: E402
 
 ALPACA = REPO.parent / "shared" / "data" / "instruct" / "alpaca_libre.json"
-CONFIGS = ["qlora", "qlora_velora_vd", "qlora_velora_all", "qlora_gc"]
+CONFIGS = [
+    "qlora", "qlora_velora_vd", "qlora_velora_all", "qlora_gc", "qlora_velora_vd_lean_chunked",
+    "qlora_velora_all_lean_chunked",
+]  # fmt: skip
 DEFAULT_CONFIGS = "qlora,qlora_velora_vd,qlora_gc"
 
 
 def recipe_for(config: str, args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     velora: dict[str, Any] = {"enabled": False}
     if config.startswith("qlora_velora"):
-        layers = ["v", "d"] if config.endswith("_vd") else ["qkvogud"]
+        layers = ["v", "d"] if config.startswith("qlora_velora_vd") else ["qkvogud"]
         velora = {"enabled": True, "layers": layers, "num_groups": args.num_groups, "init": "batch_average_once"}
     return {
         "name": config,
@@ -77,6 +84,10 @@ def recipe_for(config: str, args: argparse.Namespace, run_dir: Path) -> dict[str
             "save_steps": args.steps + 1,  # no checkpoint: writing one is not what is measured
         },
         "output": {"dir": str(run_dir)},
+        # through the recipe's memory section, as `velora finetune` applies it (models.apply_memory)
+        "memory": {"loss": "chunked", "lean_ops": True, "checkpointing": "none"}
+        if config.endswith("_lean_chunked")
+        else {"loss": "full", "lean_ops": False},
     }
 
 

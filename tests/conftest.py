@@ -87,3 +87,34 @@ def tiny_disk(tmp_path: Path):
     yield make
     for target in mounted:
         subprocess.run(["umount", "-l", str(target)], capture_output=True)
+
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def write_run_recipe(run_dir: Path, base: str, **data) -> None:
+    """recipe.yaml as `velora finetune` leaves it: a QLoRA run of `base` with `data` fields (alpaca by default)."""
+    from velora_cli.recipe import dump_recipe, validate_recipe
+
+    recipe = validate_recipe(
+        {"name": run_dir.name, "model": {"name": base, "quantization": "nf4"}, "data": {"path": "x.json", **data}}
+    )
+    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe), encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
+    """A finished QLoRA run on the tiny LLaMA, trained on the Alpaca prompt: a LoRA adapter on every projection
+    with random, non-zero A and B (peft's init_lora_weights=False), so it changes what the model says."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(1)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=ALL_LINEAR, init_lora_weights=False, task_type="CAUSAL_LM")
+    run = tmp_path_factory.mktemp("runs") / "tiny-alpaca"
+    get_peft_model(base, lora).save_pretrained(run)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(run)
+    write_run_recipe(run, str(tiny_llama_dir))
+    return run

@@ -8,22 +8,20 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from velora_cli.data import (
-    ALPACA_NO_INPUT,
-    ALPACA_WITH_INPUT,
-    IGNORE_INDEX,
-    build_prompt,
-    load_records,
-    make_collator,
-    split_validation,
-    tokenize_record,
-)
+from velora_cli.data import load_records, make_collator, split_validation, tokenize_record
 from velora_cli.errors import DataError
+from velora_cli.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, IGNORE_INDEX, record_pieces
 
 ROWS = [
     {"instruction": "Add the numbers.", "input": "2 + 3", "output": "5"},
     {"instruction": "Name a colour.", "input": "", "output": "Blue"},
 ]
+
+
+def build_prompt(record: dict, template: str, tokenizer) -> tuple[str, str]:
+    """(prompt, completion) text of a single-turn record."""
+    (prompt, _), (completion, _) = record_pieces(record, tokenizer, template, None)[0]
+    return prompt, completion
 
 
 @pytest.fixture(scope="module")

@@ -492,3 +492,50 @@ def test_smollm2_nf4_lora_velora_stack(tmp_path: Path, embedded_model_dir: Path)
     swiglu_saved = cfg.num_hidden_layers * n * cfg.intermediate_size * 4
     assert stock_bytes - lean_bytes == chunked + swiglu_saved
     assert lean_bytes / stock_bytes < 0.85
+
+
+def test_lean_ops_pick_liger_on_cuda_only_when_installed(tiny_base: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Liger's RMSNorm/SwiGLU are chosen for CUDA weights when liger_kernel imports (a stand-in here: nothing runs
+    on CUDA), the torch Functions otherwise; apply_lean's summary says which."""
+    from velora_cli.velora.lean import select_ops_backend
+
+    monkeypatch.setattr(lean_loss, "_installed", lambda module: False)
+    assert select_ops_backend({"cuda"}) == "torch"
+    monkeypatch.setattr(lean_loss, "_installed", lambda module: module == "liger_kernel")
+    assert select_ops_backend({"cuda"}) == "liger" and select_backend(torch.device("cuda")) == "liger"
+    assert select_ops_backend({"cpu"}) == "torch" and select_ops_backend({"cuda", "cpu"}) == "torch"
+    report = apply_lean(lora_model(tiny_base), loss="chunked", lean_ops=True)  # CPU weights: the fallback
+    assert report.ops_backend == "torch" and report.loss_backend == "torch"
+    assert "SwiGLU on 2 MLPs (torch)" in str(report) and "chunked linear cross-entropy (torch" in str(report)
+
+
+@pytest.mark.parametrize("velora", [False, True], ids=["full", "full_velora"])
+def test_full_method_applies_the_memory_section_exactly(tmp_path: Path, tiny_llama_dir: Path, velora: bool) -> None:
+    """method full builds through apply_memory: chunked loss + lean ops + MLP recompute patch the model, and its
+    loss and every weight's gradient (norms, embeddings and the tied lm_head included) equal the stock path's."""
+    from velora_cli.methods import build_full_model
+    from velora_cli.recipe import validate_recipe
+
+    def build(memory: dict[str, Any]) -> nn.Module:
+        recipe = validate_recipe({
+            "method": "full", "model": {"name": str(tiny_llama_dir)},
+            "velora": {"layers": ["v", "d"], "num_groups": 8} if velora else {"enabled": False},
+            "data": {"path": str(tmp_path / "unused.json")}, "memory": memory,
+        })  # fmt: skip
+        torch.manual_seed(0)
+        model, _, _ = build_full_model(recipe, torch.device("cpu"))
+        return model.train()
+
+    ids, labels = batch(build({"loss": "full"}).config.vocab_size)
+    stock = build({"loss": "full", "lean_ops": False})
+    assert not any("forward" in m.__dict__ for m in stock.modules())  # nothing patched: the stock path
+    lean = build({"loss": "chunked", "lean_ops": True, "checkpointing": "mlp", "chunk_size": 5})
+    assert "forward" in lean.__dict__ and "forward" in lean.model.layers[0].mlp.__dict__
+    for _ in range(1 + velora):  # VeLoRA's v comes from the first batch: compare the second step
+        stock.zero_grad(set_to_none=True)
+        lean.zero_grad(set_to_none=True)
+        want_loss, want_grads, _ = train_step(stock, ids, labels)
+        loss, grads, out = train_step(lean, ids, labels)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=0)
+    assert_close_grads(grads, want_grads)
+    assert out.logits is None and len(grads) == len(list(stock.parameters()))

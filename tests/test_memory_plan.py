@@ -235,3 +235,64 @@ def test_estimate_within_5_percent_of_meter(smollm2_base, config: str) -> None:
         model.unload()
     est = activations(arch_for(preset="smollm2-135m"), s).meter_view
     assert abs(est - measured) / measured < 0.05, (config, est, measured)
+
+
+@pytest.mark.slow
+def test_full_method_estimate_within_5_percent_of_meter(smollm2_base) -> None:
+    """method full (every weight trains, fp32): VeLoRA v,d + lean ops + chunked loss + MLP recompute, short
+    sequences. The chunked loss keeps the trainable lm_head's V x H weight gradient from forward to backward."""
+    import copy
+
+    from velora_cli.velora import VeloraConfig, apply_velora
+    from velora_cli.velora.lean import apply_lean
+    from velora_cli.velora.meter import ActivationMeter
+
+    batch, seq = 1, 32
+    s = Settings(batch=batch, seq=seq, quantization="none", compute="fp32", device="cpu", method="full", targets=(),
+                 velora=("v_proj", "down_proj"), num_groups=32, loss="chunked", lean_ops=True,
+                 checkpointing="mlp")  # fmt: skip
+    model = copy.deepcopy(smollm2_base).requires_grad_(True)
+    apply_velora(model, VeloraConfig(layers=list(s.velora), num_groups=32), mode="full")
+    apply_lean(model, loss=s.loss, lean_ops=s.lean_ops, checkpointing=s.checkpointing)
+    model.train()
+    ids = torch.randint(0, smollm2_base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
+    with ActivationMeter(model, attribute=False) as meter:
+        out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    est = activations(arch_for(preset="smollm2-135m"), s).meter_view
+    assert abs(est - meter.total_bytes) / meter.total_bytes < 0.05, (est, meter.total_bytes)
+
+
+def test_cli_plans_full_and_pretrain(capsys: pytest.CaptureFixture[str]) -> None:
+    """memory-estimate plans full/pretrain runs: frontier and choice in the method's words; a pretrain recipe whose
+    micro-batch fits nowhere gets the largest micro-batch that fits (more accumulation, the same batch)."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "llama60m_c4_pretrain.yaml"
+    code, out, err = run_cli(["memory-estimate", str(recipe), "--gpu-mem", "2GiB"], capsys)
+    text = " ".join(out.split())
+    assert code == 0, err
+    assert "speed: modelled tokens/s vs pretrain" in text and "choice: nothing fits at micro-batch 128" in text
+    assert "set train.micro_batch_size=" in text and "pretrain + " in text
+    code, out, err = run_cli(["memory-estimate", "--method", "full", "--model", "embedded:smollm2-135m",
+                              "--batch", "1", "--seq", "512", "--gpu-mem", "2GiB"], capsys)  # fmt: skip
+    text = " ".join(out.split())
+    assert code == 0, err
+    assert "choice: full + " in text and "full's tokens/s" in text and "optimizer in backward" in text
+
+
+def test_hostile_memory_settings_stop_before_a_model_loads(
+    tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = {"model": {"name": str(tiny_llama_dir)}, "data": {"path": str(DEMO_DATA), "template": "chat"},
+            "output": {"dir": str(tmp_path / "run")}}  # fmt: skip
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(data))
+    for setting, message in [
+        ("memory.checkpointing=every:3", "the model has 2 decoder layers; every:K checkpoints layers 0, K, 2K"),
+        ("memory.offload=true", "memory.offload=true copies saved activations from the GPU"),
+        ("memory.checkpointing=auto", "memory.checkpointing=auto needs memory.budget"),
+        ("memory.budget=1KiB", "memory.checkpointing=auto: nothing fits 1.00 KiB"),
+    ]:
+        extra = ["--set", "memory.checkpointing=auto"] if "budget" in setting else []
+        code, _, err = run_cli(["finetune", str(path), "--dry-run", "--set", setting, *extra], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (setting, err)
+    assert not (tmp_path / "run").exists()

@@ -315,6 +315,7 @@ def test_full_from_the_cli_names_the_model_and_exports_its_logits(
     code, err = cli_exit(["finetune", str(path), "--set", "train.optimizer_in_backward=false"], capsys)
     assert code == 2 and err.count("\n") == 1
     assert f"{run_dir / 'checkpoint-1'}: written with train.optimizer_in_backward=true" in err
+    monkeypatch.setenv("COLUMNS", "250")  # the tables' rows unwrapped
     main(["finetune", str(path)])
     err = capsys.readouterr().err
     assert f"model={tiny_llama_dir} (full, fp32)" in err and f"{tiny_llama_dir} (full)" in err  # panel, summary
@@ -352,6 +353,7 @@ def test_streaming_dataset_trains_with_a_held_out_split_and_needs_max_steps(
     import datasets
     from transformers import AutoTokenizer
 
+    monkeypatch.setenv("COLUMNS", "250")  # the plan table's rows unwrapped
     source = c4_like(tmp_path / "c4")
     calls = []
     load = datasets.load_dataset
@@ -369,7 +371,7 @@ def test_streaming_dataset_trains_with_a_held_out_split_and_needs_max_steps(
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     texts = [f"validation page {i}: the mill by the river {i % 5} " * 3 for i in range(4)]
     blocks = sum(len(tok(t, add_special_tokens=False).input_ids) + 1 for t in texts) // 32
-    assert f"streamed train / {blocks} val rows, text in 32-token blocks" in capsys.readouterr().err  # the plan
+    assert f"streamed train / {blocks} val rows, format=text" in capsys.readouterr().err  # the plan
 
     del data["train"]["max_steps"]
     path.write_text(yaml.safe_dump(data))

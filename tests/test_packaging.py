@@ -23,7 +23,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_help_lists_every_command() -> None:
     result = run_cli("--help")
     assert result.returncode == 0
-    for command in ("finetune", "eval", "export", "memory-estimate", "runs"):
+    for command in ("finetune", "eval", "export", "generate", "chat", "memory-estimate", "runs"):
         assert command in result.stdout
 
 

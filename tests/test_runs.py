@@ -72,3 +72,30 @@ def test_staged_writes_appear_whole_or_not_at_all(tmp_path: Path) -> None:
         tmp.write_text("two")
         raise RuntimeError
     assert path.read_text() == "one" and [p.name for p in path.parent.iterdir()] == ["file.json"]
+
+
+def test_runs_listing_describes_the_memory_techniques_that_ran(tmp_path: Path, capsys) -> None:
+    """`velora runs` labels a run from its resolved memory section (the planner's checkpointing choice, chunked
+    loss, lean ops, offload), a full-method run by its method, and an older summary (no `memory`) by its GC flag."""
+    from velora_cli.cli import main
+
+    memory = {"loss": "chunked", "lean_ops": True, "checkpointing": "every:2", "offload": True,
+              "optimizer_in_backward": False}  # fmt: skip
+    rows = {
+        "planned": {**SUMMARY, "memory": memory},
+        "full": {**SUMMARY, "method": "full", "quantization": "none", "velora": {"enabled": False},
+                 "memory": {**memory, "checkpointing": "mlp", "offload": False, "optimizer_in_backward": True}},
+        "legacy": {**SUMMARY, "gradient_checkpointing": True},
+    }  # fmt: skip
+    for name, data in rows.items():
+        data = {k: v for k, v in data.items() if not (k == "gradient_checkpointing" and "memory" in data)}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / SUMMARY_FILE).write_text(json.dumps(data))
+    main(["runs", str(tmp_path)])
+    lines = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("│ ")}
+    assert "QLoRA + VeLoRA (v_proj,down_proj) + lean + chunked + GC every:2 + offload" in lines["planned"]
+    assert "full + lean + chunked + GC mlp + optimizer in backward" in lines["full"]
+    assert "QLoRA + VeLoRA (v_proj,down_proj) + GC " in lines["legacy"] and "lean" not in lines["legacy"]
+    again = RunSummary.load(tmp_path / "planned")
+    assert again.description.memory.checkpointing == "every:2" and "gradient_checkpointing" not in (
+        again.as_dict())  # fmt: skip

@@ -119,6 +119,18 @@ def test_dropout_folding_matches_explicit_dropout_with_the_same_mask() -> None:
     torch.testing.assert_close(gw.double(), _closed_form(g, dropped.detach(), layer.velora_v), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("p", [0.05, 0.5, 0.9])
+def test_dropout_mask_drops_p_of_the_elements_and_keeps_the_mean(p: float) -> None:
+    mask = dropout_mask((1001, 999), p, 11, torch.device("cpu"), torch.float32)  # odd count: the last int64 half unused
+    sigma = (p * (1 - p) / mask.numel()) ** 0.5
+    assert abs((mask == 0).double().mean().item() - p) < 5 * sigma
+    assert mask.unique().tolist() == [0.0, pytest.approx(1 / (1 - p))]
+    assert abs(mask.double().mean().item() - 1.0) < 5 * sigma / (1 - p)
+    # neighbouring elements come from the two halves of one 64-bit draw: they must not be correlated
+    pairs = (mask.flatten()[:-1:2] == 0).double(), (mask.flatten()[1::2] == 0).double()
+    assert abs((pairs[0] * pairs[1]).mean().item() - p * p) < 10 * sigma
+
+
 def test_dropout_mask_is_reproducible_and_not_stored() -> None:
     a = dropout_mask((4, 64), 0.5, 7, torch.device("cpu"), torch.float32)
     assert torch.equal(a, dropout_mask((4, 64), 0.5, 7, torch.device("cpu"), torch.float32))

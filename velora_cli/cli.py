@@ -140,7 +140,9 @@ def evaluate(
 def export(
     run_dir: Path = typer.Argument(..., help="A finetune run directory (holds the adapter)."),
     out: Path | None = typer.Option(None, "--out", help="Output directory (default: RUN_DIR/merged)."),
-    dtype: str = typer.Option("bf16", "--dtype", help="bf16 | fp16 | fp32."),
+    fmt: str = typer.Option("safetensors", "--format", help="safetensors | gguf (llama.cpp / Ollama, LLaMA models)."),
+    quant: str | None = typer.Option(None, "--quant", help="GGUF weights: f16 (default) | q8_0."),
+    dtype: str = typer.Option("bf16", "--dtype", help="safetensors weights: bf16 | fp16 | fp32."),
     checkpoint: int | None = typer.Option(None, "--checkpoint", help="Export checkpoint-N, not the final adapter."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
     adapter_only: bool = typer.Option(False, "--adapter-only", help="Copy the PEFT adapter only, no merge."),
@@ -148,7 +150,7 @@ def export(
     trust_remote_code: bool = TrustOption,
     verbose: bool = VerboseOption,
 ) -> None:
-    """Merge the adapter into full-precision weights that any transformers loader can serve."""
+    """Merge the adapter into full-precision weights that any transformers loader can serve (or into GGUF)."""
     from velora_cli.export import run_export
 
     _quiet(verbose)
@@ -161,14 +163,74 @@ def export(
         adapter_only=adapter_only,
         force=force,
         trust_remote_code=trust_remote_code,
+        fmt=fmt,
+        quant=quant,
     )
+
+
+ModelArgument = typer.Argument(
+    ..., help="A run dir (or its checkpoint-N), a merged export, a model dir, a hub id or embedded:smollm2-135m."
+)
+MaxNewTokensOption = typer.Option(256, "--max-new-tokens", min=1, help="Longest answer, in tokens.")
+TemperatureOption = typer.Option(0.0, "--temperature", help="0 (default) is greedy; above 0 samples.")
+TopPOption = typer.Option(0.9, "--top-p", help="Nucleus sampling (with --temperature above 0).")
+SeedOption = typer.Option(None, "--seed", help="Seed for sampling.")
+SystemOption = typer.Option(None, "--system", help="System message (default: the run's data.system_prompt).")
+FourBitOption = typer.Option(False, "--load-in-4bit", help="Load the base in 4-bit as QLoRA trained it (bitsandbytes).")
+
+
+@app.command()
+def generate(
+    model: str = ModelArgument,
+    prompt: str = typer.Option(..., "--prompt", help="The instruction or message to answer."),
+    max_new_tokens: int = MaxNewTokensOption,
+    temperature: float = TemperatureOption,
+    top_p: float = TopPOption,
+    seed: int | None = SeedOption,
+    system: str | None = SystemOption,
+    load_in_4bit: bool = FourBitOption,
+    trust_remote_code: bool = TrustOption,
+    verbose: bool = VerboseOption,
+) -> None:
+    """Answer one prompt, prompted as the run was trained; only the answer goes to stdout."""
+    from velora_cli.inference import Sampling, run_generate
+
+    _quiet(verbose)
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    run_generate(model, prompt, sampling, system=system, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
+
+
+@app.command()
+def chat(
+    model: str = ModelArgument,
+    max_new_tokens: int = MaxNewTokensOption,
+    temperature: float = TemperatureOption,
+    top_p: float = TopPOption,
+    seed: int | None = SeedOption,
+    system: str | None = SystemOption,
+    load_in_4bit: bool = FourBitOption,
+    trust_remote_code: bool = TrustOption,
+    verbose: bool = VerboseOption,
+) -> None:
+    """Talk to a model, answers streamed; /reset forgets the conversation, /exit quits."""
+    from velora_cli.chat import run_chat
+    from velora_cli.inference import Sampling
+
+    _quiet(verbose)
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    run_chat(model, sampling, system=system, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
 
 
 @app.command("memory-estimate")
 def memory_estimate(
     recipe: Path | None = typer.Argument(None, help="A recipe to estimate (or use --model / --preset)."),
     model: str | None = typer.Option(None, "--model", help="Hub id or checkpoint dir (config only)."),
-    preset: str | None = typer.Option(None, "--preset", help="llama-7b | llama-13b | smollm2-135m."),
+    preset: str | None = typer.Option(
+        None, "--preset", help="llama-7b | llama-13b | llama-3.1-8b | smollm2-135m | llama-60m | llama-130m | ..."
+    ),
+    method: str | None = typer.Option(
+        None, "--method", help="qlora | lora | full | pretrain (the same as --set method=...)."
+    ),
     overrides: list[str] | None = SetOption,
     batch: int | None = typer.Option(None, "--batch", min=1, max=1 << 16, help="Micro-batch size."),
     seq: int | None = typer.Option(None, "--seq", min=1, max=1 << 20, help="Sequence length."),
@@ -191,6 +253,7 @@ def memory_estimate(
         gpu_mem=gpu_mem,
         measure=measure,
         json_path=json_path,
+        method=method,
     )
 
 
@@ -202,6 +265,24 @@ def runs(
     from velora_cli.pipeline import list_runs
 
     list_runs(root)
+
+
+data_app = typer.Typer(help="Look at training data as the model will see it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("preview")
+def data_preview(
+    recipe: Path = typer.Argument(..., help="The YAML recipe whose data to show."),
+    rows: int = typer.Option(3, "-n", "--rows", min=0, help="How many rows to print."),
+    overrides: list[str] | None = SetOption,
+    verbose: bool = VerboseOption,
+) -> None:
+    """The first rows with trained tokens highlighted, lengths, cutoff losses and padding (tokenizer only)."""
+    from velora_cli.preview import run_preview
+
+    _quiet(verbose)
+    run_preview(recipe, overrides or [], rows)
 
 
 class _DropBitsandbytesKernelHubNotice(logging.Filter):

@@ -22,10 +22,9 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from velora_cli.data import split_validation
+from velora_cli.data import TEXT_SUFFIXES, split_validation
 from velora_cli.errors import DataError
 
-TEXT_SUFFIXES = (".txt", ".md", ".text")
 DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".gz", ".csv", ".arrow")  # a directory holding any is a dataset
 STREAM_VAL_DOCUMENTS = 1000  # held-out documents of data.val_split / data.val_path when val_set_size is 0
 

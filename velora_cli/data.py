@@ -1,8 +1,21 @@
-"""Instruction data: loading (hub id, .json, .jsonl, .parquet), prompt templates, tokenisation with prompt
-masking, the train/validation split and the padding collator.
+"""Training data: loading (hub id, .json, .jsonl, .parquet) in any of the formats velora_cli/formats.py reads, the
+train/validation split, tokenisation with the cutoff (counting the rows it truncates or drops), packing, and the
+collator.
 
 Local JSON/JSONL files are parsed here rather than through `datasets` so that a bad file is reported with its
 line and row number; hub ids, dataset directories and parquet files go through `datasets`.
+
+TRL was evaluated for conversations, completion-only loss and packing (trl 1.16: SFTTrainer, data_utils.pack_dataset,
+DataCollatorForLanguageModeling(padding_free=True), assistant_only_loss) and is not used. SFTTrainer replaces the
+stock Trainer this project drives (resume bookkeeping, VeloraCallback, the step guard) and re-tokenises the data its
+own way, so our row-numbered errors, turn-boundary truncation counts and the token counts the plan and memory
+estimate use would no longer describe what it trains on. Its assistant_only_loss needs `{% generation %}` markers,
+which SmolLM2's template lacks and TRL's table of patched training templates does not cover. Its padding-free
+collator flattens a whole micro-batch into one row, which on the sdpa/eager attention this project runs makes one
+(batch x cutoff)^2 mask and that much attention work. What is used instead: transformers'
+`DataCollatorWithFlattening` builds each packed row (input_ids concatenated, position_ids restarting at 0, the first
+label of each example -100), the stock Trainer trains on it, and the few lines that assign examples to rows
+(best-fit decreasing) are in velora_cli/packing.py.
 """
 
 from __future__ import annotations
@@ -14,23 +27,16 @@ from pathlib import Path
 from typing import Any
 
 from velora_cli.errors import DataError
+from velora_cli.formats import FORMATS, IGNORE_INDEX, check_row, detect_format, encode, fit_cutoff
 
-ALPACA_WITH_INPUT = (
-    "Below is an instruction that describes a task, paired with an input that provides further context. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-)
-ALPACA_NO_INPUT = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n### Response:\n"
-)
-IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
+TEXT_SUFFIXES = (".txt", ".md", ".text")  # plain text: data.format text (velora_cli/corpus.py)
 
 
 @dataclass(frozen=True)
 class LoadedRecords:
-    records: list[dict[str, str]]
+    records: list[dict[str, Any]]
     skipped: int  # malformed rows dropped because data.skip_bad_rows is on
+    format: str  # the rows' format, as named or detected
 
 
 def _read_local_rows(path: Path) -> list[tuple[str, Any]]:
@@ -59,7 +65,7 @@ def _read_local_rows(path: Path) -> list[tuple[str, Any]]:
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of {{instruction, input, output}} records")
+        raise DataError(f"{path}: expected a JSON list of records")
     return [(f"row {i}", row) for i, row in enumerate(data)]
 
 
@@ -78,25 +84,17 @@ def _read_dataset_rows(path: str, split: str) -> list[tuple[str, Any]]:
     return [(f"row {i}", row) for i, row in enumerate(dataset)]
 
 
-def _check_row(source: str, where: str, row: Any) -> dict[str, str]:
-    if not isinstance(row, dict):
-        raise DataError(f"{source}: {where}: expected an object with instruction/input/output")
-    for key in ("instruction", "output"):
-        value = row.get(key)
-        if not isinstance(value, str) or not value.strip():
-            problem = "missing" if key not in row else "empty or not a string"
-            raise DataError(f"{source}: {where}: field {key!r} is {problem}")
-    extra = row.get("input") or ""
-    if not isinstance(extra, str):
-        raise DataError(f"{source}: {where}: field 'input' is not a string")
-    return {"instruction": row["instruction"], "input": extra, "output": row["output"]}
+def detect_path_format(path: str, fmt: str | None) -> str | None:
+    """The format a path's suffix says (plain text files), else `fmt` (None: detect from the rows)."""
+    return "text" if fmt is None and Path(path).suffix in TEXT_SUFFIXES else fmt
 
 
 def load_records(
-    path: str, split: str = "train", skip_bad_rows: bool = False, field: str = "data.path"
+    path: str, split: str = "train", skip_bad_rows: bool = False, field: str = "data.path", fmt: str | None = None
 ) -> LoadedRecords:
-    """Read Alpaca-format records from a local file, a dataset directory or a hub id (`field` names the recipe
-    field the path came from, for error messages)."""
+    """Read and check records in format `fmt` (None: detected from the first row) from a local file, a dataset
+    directory or a hub id (`field` names the recipe field the path came from, for error messages). Rows that are
+    plain text come back unchecked, with format "text", for the text corpus to read."""
     local = Path(path).expanduser()
     if local.suffix in (".json", ".jsonl"):
         if local.is_dir() or not local.exists():
@@ -110,17 +108,25 @@ def load_records(
         if is_hub_id(path) and not offline():  # offline, `datasets` reads its cache (and fails fast without one)
             require_hub(f"{field} {path!r}")
         rows = _read_dataset_rows(path, split)
+    if not rows:
+        raise DataError(f"{field} {path}: no usable records")
+    if fmt is None:  # the first row that says a format (with skip_bad_rows, bad ones before it are skipped)
+        first = next((r for _, r in rows if isinstance(r, dict)), None) if skip_bad_rows else rows[0][1]
+        fmt = detect_format(first, f"{path}: {rows[0][0]}")
+    if fmt == "text":
+        return LoadedRecords([], 0, fmt)
+    assert fmt in FORMATS
     records, skipped = [], 0
     for where, row in rows:
         try:
-            records.append(_check_row(path, where, row))
+            records.append(check_row(row, fmt, f"{path}: {where}"))
         except DataError:
             if not skip_bad_rows:
                 raise
             skipped += 1
     if not records:
         raise DataError(f"{field} {path}: no usable records" + (f" ({skipped} bad rows skipped)" if skipped else ""))
-    return LoadedRecords(records, skipped)
+    return LoadedRecords(records, skipped, fmt)
 
 
 def split_validation(records: list[dict[str, str]], val_set_size: float, seed: int) -> tuple[list, list]:
@@ -136,87 +142,74 @@ def split_validation(records: list[dict[str, str]], val_set_size: float, seed: i
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in order[:n_val]]
 
 
-def user_message(record: dict[str, str]) -> str:
-    return f"{record['instruction']}\n\n{record['input']}" if record.get("input") else record["instruction"]
+def tokenize_record(record: dict[str, Any], tokenizer, *, template: str, cutoff_len: int, train_on_inputs: bool,
+                    add_eos: bool, system_prompt: str | None = None) -> dict[str, list[int]] | None:  # fmt: skip
+    """input_ids / attention_mask / labels of one record within cutoff_len (None: dropped, see formats.fit_cutoff)."""
+    enc = encode(record, tokenizer, template=template, train_on_inputs=train_on_inputs, add_eos=add_eos,
+                 system_prompt=system_prompt)  # fmt: skip
+    return fit_cutoff(enc, cutoff_len, conversation="messages" in record)[0]
 
 
-def build_prompt(record: dict[str, str], template: str, tokenizer, system_prompt: str | None = None) -> tuple[str, str]:
-    """(prompt, completion) text for one record; the completion is what the model learns to produce."""
-    if template == "alpaca":
-        fmt = ALPACA_WITH_INPUT if record.get("input") else ALPACA_NO_INPUT
-        return fmt.format(**record), record["output"]
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise DataError("data.template='chat' but the tokenizer has no chat template; use template: alpaca")
-    messages = [{"role": "user", "content": user_message(record)}]
-    if system_prompt:
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(
-        [*messages, {"role": "assistant", "content": record["output"]}], tokenize=False
-    )
-    if not full.startswith(prompt):  # templates that rewrite earlier turns: fall back to the plain answer
-        return prompt, record["output"]
-    return prompt, full[len(prompt) :]
+@dataclass
+class TokenizedSet:
+    """A `datasets.Dataset` of tokenised rows (with a `length` column for length-grouped batching; None when no row
+    is left), and how many records the cutoff truncated and dropped."""
+
+    dataset: Any
+    rows: int  # records read
+    truncated: int
+    dropped: int
 
 
-def tokenize_record(
-    record: dict[str, str],
-    tokenizer,
-    *,
-    template: str,
-    cutoff_len: int,
-    train_on_inputs: bool,
-    add_eos: bool,
-    system_prompt: str | None = None,
-) -> dict[str, list[int]]:
-    """input_ids / attention_mask / labels, with the prompt's labels masked unless train_on_inputs."""
-    prompt, completion = build_prompt(record, template, tokenizer, system_prompt)
-    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-    eos = tokenizer.eos_token_id
-    # Chat templates already close the turn with the eos token (SmolLM2: <|im_end|>); don't add a second one.
-    if add_eos and eos is not None and eos not in completion_ids:
-        completion_ids = [*completion_ids, eos]
-    input_ids = (prompt_ids + completion_ids)[:cutoff_len]
-    labels = list(input_ids) if train_on_inputs else [IGNORE_INDEX] * len(prompt_ids) + completion_ids
-    labels = labels[:cutoff_len]
-    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
-
-
-def tokenize_records(records: list[dict[str, str]], tokenizer, data_section) -> Any:
-    """A `datasets.Dataset` of tokenised records with a `length` column for length-grouped batching.
-
-    Rows whose labels are all masked (the prompt alone fills cutoff_len) teach nothing and are dropped.
-    """
-    return tokenize_counted(records, tokenizer, data_section)[0]
-
-
-def tokenize_counted(records: list[dict[str, str]], tokenizer, data_section) -> tuple[Any, int]:
-    """`tokenize_records`, and how many rows it dropped (their prompt alone fills cutoff_len)."""
+def tokenize_counted(records: list[dict[str, Any]], tokenizer, data_section, pack: bool = False) -> TokenizedSet:
+    """Tokenise `records` per the recipe's data section; with `pack`, rows are packed into cutoff_len sequences."""
     import datasets
 
-    rows = []
+    d = data_section
+    rows, counts = [], {"kept": 0, "truncated": 0, "dropped": 0}
     for record in records:
-        row = tokenize_record(
-            record,
-            tokenizer,
-            template=data_section.template,
-            cutoff_len=data_section.cutoff_len,
-            train_on_inputs=data_section.train_on_inputs,
-            add_eos=data_section.add_eos,
-            system_prompt=data_section.system_prompt,
-        )
-        if any(label != IGNORE_INDEX for label in row["labels"]):
+        enc = encode(record, tokenizer, template=d.template, train_on_inputs=d.train_on_inputs, add_eos=d.add_eos,
+                     system_prompt=d.system_prompt)  # fmt: skip
+        row, status = fit_cutoff(enc, d.cutoff_len, conversation="messages" in record)
+        counts[status] += 1
+        if row is not None:
             rows.append({**row, "length": len(row["input_ids"])})
-    if not rows:  # from_list([]) has no columns at all, which fails far away ("Column 'length' doesn't exist")
-        return None, len(records)
-    return datasets.Dataset.from_list(rows), len(records) - len(rows)
+    if pack and rows:
+        from velora_cli.packing import pack_rows
+
+        rows = pack_rows(rows, d.cutoff_len)
+    # from_list([]) has no columns at all, which fails far away ("Column 'length' doesn't exist")
+    dataset = datasets.Dataset.from_list(rows) if rows else None
+    return TokenizedSet(dataset, len(records), counts["truncated"], counts["dropped"])
+
+
+@dataclass
+class DataCounts:
+    """What loading and the cutoff did to the training rows, for the plan and the dry run."""
+
+    format: str = "text"
+    examples: int = 0  # training examples kept (packed: several per sequence)
+    skipped: int = 0  # bad rows skipped (data.skip_bad_rows)
+    truncated: int = 0
+    dropped: int = 0
+
+    def describe(self, data_section, sequences: int) -> str:
+        d = data_section
+        cut = [f"{n} {what}" for n, what in ((self.dropped, "dropped"), (self.truncated, "truncated")) if n]
+        text = f" ({self.skipped} bad rows skipped)" if self.skipped else ""
+        text += f" ({', '.join(cut)} by cutoff_len={d.cutoff_len})" if cut else ""
+        text += f", format={self.format}" + (f", template={d.template}" if self.format == "alpaca" else "")
+        return text + (f", packed into {sequences} sequences" if d.packing and self.format != "text" else "")
 
 
 def make_collator(tokenizer, on_gpu: bool):
-    """Right-pads input_ids / attention_mask and pads labels with IGNORE_INDEX (multiples of 8 on GPU)."""
+    """Padded rows: input_ids / attention_mask right-padded, labels padded with IGNORE_INDEX (multiples of 8 on GPU).
+    Packed rows (they carry position_ids): see velora_cli/packing.py."""
     from transformers import DataCollatorForSeq2Seq
 
-    return DataCollatorForSeq2Seq(
+    from velora_cli.packing import PackedCollator
+
+    padded = DataCollatorForSeq2Seq(
         tokenizer, padding="longest", label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8 if on_gpu else None
     )
+    return PackedCollator(padded, tokenizer.pad_token_id)

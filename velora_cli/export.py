@@ -6,6 +6,10 @@ The merged export is the base model reloaded WITHOUT quantisation in the chosen 
 model card (README.md). VeLoRA only changed how gradients were computed during training, so nothing of it
 is left to merge: the exported model computes base + LoRA, exactly what PeftModel over the same base does.
 
+With `--format gguf` the merge is done in fp32 and handed to gguf_export.py (one .gguf file for llama.cpp and an
+Ollama Modelfile) instead of `save_pretrained`. The exported tokenizer carries the chat template the run trained with
+(templates.py): an Alpaca run's export is prompted with the Alpaca prompt by any server that applies it.
+
 What the export reproduces: the adapter applied to the *unquantised* base. A QLoRA run trained the adapter
 against the NF4-dequantised base, so the export differs from the training-time forward pass by the base's
 quantisation error; this is the standard QLoRA deployment (serve a full-precision merged model).
@@ -42,6 +46,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from velora_cli.description import RunDescription
 from velora_cli.device import DTYPES, dtype_name
 from velora_cli.errors import UsageError, VeloraError
 from velora_cli.memstats import human_bytes, parse_bytes
@@ -54,14 +59,15 @@ from velora_cli.runs import (
     MODEL_CONFIG,
     RECIPE_FILE,
     SUMMARY_FILE,
-    RunDescription,
     RunSummary,
     adapter_dir,
     staged_dir,
 )
+from velora_cli.templates import PromptStyle, served_chat_template, style_of_recipe
 from velora_cli.validate import OutputError, check_writable
 
 DEFAULT_DIR = "merged"
+FORMATS = ("safetensors", "gguf")
 TOKENIZER_MARKERS = ("tokenizer_config.json", "tokenizer.json")
 _CARD_ROWS = 40  # model-card tables stop here; the full JSON stays in the run directory
 
@@ -134,8 +140,8 @@ def _quiet_transformers() -> Iterator[None]:
 # ------------------------------------------------------------------------------------------ target handling
 
 
-def default_out(run_dir: Path, checkpoint: int | None, adapter_only: bool) -> Path:
-    name = "adapter" if adapter_only else DEFAULT_DIR
+def default_out(run_dir: Path, checkpoint: int | None, adapter_only: bool, fmt: str = "safetensors") -> Path:
+    name = "adapter" if adapter_only else "gguf" if fmt == "gguf" else DEFAULT_DIR
     return run_dir / (name if checkpoint is None else f"{name}-checkpoint-{checkpoint}")
 
 
@@ -175,8 +181,26 @@ def _merge(peft_model, adapter_path: Path):
     return peft_model.merge_and_unload()
 
 
-def _save_tokenizer(dirs: list[Path], source: ModelSource | None, staging: Path, trust_remote_code: bool) -> None:
-    """The tokenizer the run saved (checkpoint first, then the run), else the base model's."""
+def _check_format(fmt: str, quant: str | None, adapter_only: bool) -> str | None:
+    """The GGUF quantisation asked for (None for safetensors); UsageError for options that do not go together."""
+    from velora_cli.gguf_export import QUANTS
+
+    if fmt not in FORMATS:
+        raise UsageError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if fmt == "safetensors":
+        if quant is not None:
+            raise UsageError("--quant applies to --format gguf; safetensors exports take --dtype")
+        return None
+    if adapter_only:
+        raise UsageError("--adapter-only copies the PEFT adapter; it cannot be combined with --format gguf")
+    if (quant or "f16") not in QUANTS:
+        raise UsageError(f"--quant {quant!r}: expected one of {', '.join(QUANTS)}")
+    return quant or "f16"
+
+
+def _run_tokenizer(dirs: list[Path], source: ModelSource | None, trust_remote_code: bool, style: PromptStyle):
+    """The tokenizer the run saved (checkpoint first, then the run), else the base model's, carrying the chat
+    template the run trained with (templates.py: an Alpaca run's export is prompted with the Alpaca prompt)."""
     from transformers import AutoTokenizer
 
     where = next((d for d in dirs if any((d / m).is_file() for m in TOKENIZER_MARKERS)), None)
@@ -187,6 +211,11 @@ def _save_tokenizer(dirs: list[Path], source: ModelSource | None, staging: Path,
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as exc:
         raise UsageError(f"cannot load tokenizer from {path}: {first_line(exc)}") from exc
+    tokenizer.chat_template = served_chat_template(style, tokenizer)
+    return tokenizer
+
+
+def _save_tokenizer(tokenizer, staging: Path) -> None:
     tokenizer.save_pretrained(staging)
 
 
@@ -309,37 +338,53 @@ def export_run(
     adapter_only: bool = False,
     force: bool = False,
     trust_remote_code: bool = False,
+    fmt: str = "safetensors",
+    quant: str | None = None,
 ) -> Path:
-    """Export a run's adapter (merged into its base, or as is with `adapter_only`); return the export dir.
+    """Export a run's adapter (merged into its base, or as is with `adapter_only`) as safetensors, or the merged
+    model as GGUF (`fmt="gguf"`, `quant` f16 | q8_0, with an Ollama Modelfile); return the export dir.
 
     Every input problem raises UsageError before anything is written.
     """
     from velora_cli.lock import run_lock
 
+    args = (run_dir, out, dtype, checkpoint, max_shard_size, adapter_only, force, trust_remote_code, fmt, quant)
     if Path(run_dir).is_dir():
         with run_lock(Path(run_dir)):
-            return _export_run(run_dir, out, dtype, checkpoint, max_shard_size, adapter_only, force, trust_remote_code)
-    return _export_run(run_dir, out, dtype, checkpoint, max_shard_size, adapter_only, force, trust_remote_code)
+            return _export_run(*args)
+    return _export_run(*args)
 
 
-def _export_run(run_dir, out, dtype, checkpoint, max_shard_size, adapter_only, force, trust) -> Path:  # noqa: PLR0913
+def _export_run(run_dir, out, dtype, checkpoint, max_shard_size, adapter_only, force, trust, fmt, quant) -> Path:  # noqa: PLR0913
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: run directory not found")
     torch_dtype = parse_dtype(dtype)
     shard_bytes = parse_size(max_shard_size)
+    gguf_quant = _check_format(fmt, quant, adapter_only)
     if not adapter_only and _full_model_dir(run_dir, checkpoint) is not None:
+        if gguf_quant is not None:
+            raise UsageError(f"--format gguf: {run_dir} is a full-training run; export safetensors first, then "
+                             "convert that directory with llama.cpp's convert_hf_to_gguf.py")  # fmt: skip
         return _export_full(run_dir, out, torch_dtype, checkpoint, shard_bytes, force)
     adapter_path = adapter_dir(run_dir, checkpoint)
     if not (adapter_path / ADAPTER_WEIGHTS).is_file():
         raise UsageError(f"{adapter_path}: {ADAPTER_WEIGHTS} missing beside {ADAPTER_CONFIG}")
     recipe = read_run_recipe(run_dir)
-    target = Path(out) if out is not None else default_out(run_dir, checkpoint, adapter_only)
+    target = Path(out) if out is not None else default_out(run_dir, checkpoint, adapter_only, fmt)
     _check_target(target, run_dir, force)
     check_writable(target, "--out", directory=True)
-    # Resolve the base and read its config now, so an unavailable base fails before anything is written.
+    # Resolve the base and read its config and tokenizer now, so an unavailable base (or one the GGUF writer does
+    # not know) fails before anything is written.
     source = resolve_model(recipe.model.name)
     base_config = load_config(source, trust_remote_code=trust)
+    style = style_of_recipe(recipe)
+    tokenizer = _run_tokenizer([adapter_path, run_dir], source, trust, style)
+    if gguf_quant is not None:
+        from velora_cli import gguf_export
+
+        vocab = gguf_export.check(base_config, tokenizer, recipe.model.name)
+        torch_dtype = torch.float32  # merged in fp32, so the weights are rounded once, to f16 or q8_0
 
     with staged_dir(target) as staging, _quiet_transformers(), _steps(total=2 if adapter_only else 5) as steps:
         if adapter_only:
@@ -347,27 +392,33 @@ def _export_run(run_dir, out, dtype, checkpoint, max_shard_size, adapter_only, f
             for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
                 shutil.copy2(adapter_path / name, staging / name)
         else:
-            steps.start(f"loading {recipe.model.name} ({dtype})")
+            steps.start(f"loading {recipe.model.name} ({dtype_name(torch_dtype)})")
             model = load_unquantized_base(source, base_config, torch_dtype, trust)
             steps.start(f"loading adapter from {adapter_path}")
             peft_model = _load_adapter(model, adapter_path)
             steps.start("merging LoRA into the base weights")
             merged = _merge(peft_model, adapter_path)
             merged.config.use_cache = True
-            steps.start(f"saving {dtype} safetensors")
-            merged.save_pretrained(staging, max_shard_size=shard_bytes)
+            if gguf_quant is not None:
+                steps.start(f"writing {gguf_quant} GGUF and Modelfile")
+                name = recipe.name or run_dir.name
+                gguf_export.write_export(merged, vocab, staging, gguf_quant, name, style, tokenizer)
+            else:
+                steps.start(f"saving {dtype} safetensors")
+                merged.save_pretrained(staging, max_shard_size=shard_bytes)
             del merged, peft_model, model
-        steps.start("saving tokenizer and model card")
-        _save_tokenizer([adapter_path, run_dir], source, staging, trust)
-        card = model_card(
-            recipe=recipe,
-            recipe_text=(run_dir / RECIPE_FILE).read_text(encoding="utf-8"),
-            run_dir=run_dir,
-            adapter_path=adapter_path,
-            dtype=None if adapter_only else dtype_name(torch_dtype),
-            adapter_only=adapter_only,
-        )
-        (staging / "README.md").write_text(card, encoding="utf-8")
+        if gguf_quant is None:  # a GGUF file carries its tokenizer; the card's loading code is for transformers
+            steps.start("saving tokenizer and model card")
+            _save_tokenizer(tokenizer, staging)
+            card = model_card(
+                recipe=recipe,
+                recipe_text=(run_dir / RECIPE_FILE).read_text(encoding="utf-8"),
+                run_dir=run_dir,
+                adapter_path=adapter_path,
+                dtype=None if adapter_only else dtype_name(torch_dtype),
+                adapter_only=adapter_only,
+            )
+            (staging / "README.md").write_text(card, encoding="utf-8")
         steps.finish()
     return target
 
@@ -402,6 +453,8 @@ def run_export(
     adapter_only: bool = False,
     force: bool = False,
     trust_remote_code: bool = False,
+    fmt: str = "safetensors",
+    quant: str | None = None,
 ) -> None:
     """`velora export`: export, then say what was written."""
     target = export_run(
@@ -413,8 +466,10 @@ def run_export(
         adapter_only=adapter_only,
         force=force,
         trust_remote_code=trust_remote_code,
+        fmt=fmt,
+        quant=quant,
     )
-    kind = "adapter" if adapter_only else f"merged {dtype} model"
+    kind = "adapter" if adapter_only else f"{quant or 'f16'} GGUF" if fmt == "gguf" else f"merged {dtype} model"
     typer.echo(f"exported {kind} to {target}/")
     for path in sorted(target.iterdir()):
         if path.is_file():

@@ -6,9 +6,11 @@ weight of a freshly initialised model trains), both with VeLoRA on the chosen li
   VeLoRA scripts use) and the config of a `pretrain` recipe: one of those sizes, or a hub id / directory whose
   config.json is read (weights are never loaded), its vocabulary sized to the recipe's tokenizer;
 - the trainable model: unquantised weights in the compute dtype (fp32 on CPU, bf16 on a current GPU), every
-  parameter trainable, optional gradient checkpointing, VeLoRA's VeloraLinear swapped in for the matching
-  nn.Linear (`apply_velora(..., mode="full")`: same parameters, same state-dict keys, so save_pretrained and the
-  Trainer's checkpoints hold an ordinary transformers model);
+  parameter trainable, VeLoRA's VeloraLinear swapped in for the matching nn.Linear (`apply_velora(...,
+  mode="full")`: same parameters, same state-dict keys, so save_pretrained and the Trainer's checkpoints hold an
+  ordinary transformers model), then the recipe's memory section through models.apply_memory, as for
+  qlora/lora (chunked loss, lean ops, selective checkpointing, offload; the stock gradient checkpointing for
+  models outside the LLaMA family);
 - exporting such a run: the run dir already holds the whole model (save_pretrained), so `velora export` loads
   it in the asked dtype and saves it again (staged, then renamed), with the tokenizer; nothing is merged.
 """
@@ -24,7 +26,15 @@ import torch
 
 from velora_cli.device import compute_dtype
 from velora_cli.errors import RecipeError, UsageError
-from velora_cli.models import first_line, load_base_model, load_config, load_tokenizer, resolve_model
+from velora_cli.models import (
+    apply_memory,
+    first_line,
+    lean_supported,
+    load_base_model,
+    load_config,
+    load_tokenizer,
+    resolve_model,
+)
 from velora_cli.runs import staged_dir
 from velora_cli.velora import VeloraConfigError, apply_velora
 
@@ -100,10 +110,14 @@ def build_full_model(recipe, device: torch.device, tokenizer=None):
             trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation,
         )  # fmt: skip
     model.requires_grad_(True)
-    if recipe.train.gradient_checkpointing:
+    lean = lean_supported(model, recipe)
+    if recipe.train.gradient_checkpointing and not lean:  # apply_lean owns the per-layer switch on the others
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    return model, tokenizer, attach_full_velora(model, recipe)
+    compressed = attach_full_velora(model, recipe)
+    if lean:  # after VeLoRA, as for the adapters: the lean forwards call whatever the projections have become
+        apply_memory(model, recipe)
+    return model, tokenizer, compressed
 
 
 def attach_full_velora(model, recipe) -> list[str]:

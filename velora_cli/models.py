@@ -279,14 +279,18 @@ def build_training_model(recipe, device: torch.device, tokenizer=None):
 
 
 def lean_supported(model, recipe) -> bool:
-    """Whether the recipe's memory techniques go through apply_lean for this model.
+    """Whether the recipe's memory techniques go through apply_lean for this model (a base model, or one wrapped
+    by PEFT/DDP).
 
     A model apply_lean does not know keeps the stock path when the memory section is at its defaults (the exact
     savers are on by default), and is a recipe error when the section asks for anything explicitly."""
-    from velora_cli.velora.lean import SUPPORTED_MODELS
+    from velora_cli.velora.lean import find_causal_lm
 
-    if type(model).__name__ in SUPPORTED_MODELS:
+    try:
+        find_causal_lm(model)
         return True
+    except ValueError:
+        pass
     mem = recipe.memory
     asked = mem.model_fields_set - {"budget"}
     if asked and (mem.loss == "chunked" or mem.lean_ops or mem.checkpointing not in ("none", "all") or mem.offload):
@@ -297,8 +301,27 @@ def lean_supported(model, recipe) -> bool:
     return False
 
 
+def memory_as_trained(recipe, model, device: torch.device):
+    """(recipe, kernels): the recipe with its memory section as `model` got it - as written when apply_lean patched
+    the model, else the stock path's equivalent (full loss, stock ops, no offload; stock checkpointing all or
+    none) - which summaries, the run's recipe.yaml and the live panel describe; and what the chunked loss and the
+    lean ops run on here (a fused CUDA kernel when installed: Liger Kernel, Cut Cross-Entropy; else the torch
+    ops), None for the stock path."""
+    from velora_cli.velora.lean import select_backend, select_ops_backend
+
+    if not lean_supported(model, recipe):
+        stock = {"loss": "full", "lean_ops": False, "offload": False}
+        return recipe.model_copy(update={"memory": recipe.memory.model_copy(update=stock)}), None
+    m = recipe.memory
+    parts = [f"loss: {select_backend(device)}"] if m.loss == "chunked" else []
+    if m.lean_ops:
+        parts.append(f"ops: {select_ops_backend({p.device.type for p in model.parameters()})}")
+    return recipe, ", ".join(parts)
+
+
 def apply_memory(model, recipe):
-    """apply_lean as the recipe's memory section says (checkpointing already resolved from `auto`)."""
+    """apply_lean as the recipe's memory section says (checkpointing already resolved from `auto`), on a model
+    lean_supported accepts."""
     from velora_cli.velora.lean import apply_lean
 
     mem = recipe.memory

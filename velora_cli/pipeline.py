@@ -19,6 +19,7 @@ from typing import Any
 from rich.console import Console
 
 from velora_cli import logs, report, runs
+from velora_cli.description import RunDescription
 from velora_cli.device import is_main_process
 from velora_cli.errors import UsageError, VeloraError
 from velora_cli.eval.heldout import exact_match
@@ -27,8 +28,8 @@ from velora_cli.memory.arch import arch_for
 from velora_cli.memory.estimate import estimate, settings_from_recipe
 from velora_cli.memstats import human_bytes
 from velora_cli.recipe import Recipe, load_recipe
-from velora_cli.runs import ExportSummary, MmluSummary, RunDescription, RunSummary, Scores, StageRecord, TrainSummary
-from velora_cli.validate import Preflight, preflight
+from velora_cli.runs import ExportSummary, MmluSummary, RunSummary, Scores, StageRecord, TrainSummary
+from velora_cli.validate import Preflight, check_trainable, preflight
 
 STAGES = ("train", "export", "eval")
 
@@ -41,7 +42,7 @@ def console() -> Console:
     return Console(stderr=True)
 
 
-def _resolve_relative(recipe: Recipe, base: Path) -> None:
+def resolve_relative(recipe: Recipe, base: Path) -> None:
     """Relative data paths are read beside the recipe file when they exist there (else as given: CWD or hub)."""
 
     def fix(value: str | None) -> str | None:
@@ -82,6 +83,8 @@ def stage_train(recipe: Recipe, run_dir: Path, resume: bool, summary: RunSummary
 
     session = checks.session  # its data were loaded and checked by the pre-flight
     plan = session.setup()
+    # What ran, from the recipe as the session resolved and applied it (the planner's choice for auto).
+    summary.description = RunDescription.of(session.recipe)
     if is_main_process():
         report.print_plan(plan.lines(), out)
     fresh = not (resume and runs.resumable_checkpoints(run_dir, bool(session.compressed)))
@@ -199,13 +202,12 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run the chosen stages; return summary.json's content (or, with `dry_run`, the planned steps and memory)."""
     recipe = load_recipe(recipe_path, overrides)
-    from velora_cli.train import check_trainable  # heavy imports only for a valid recipe
 
     if output_dir is not None:
         recipe.output.dir = str(output_dir)
     if max_steps is not None:
         recipe.train.max_steps = max_steps
-    _resolve_relative(recipe, Path(recipe_path).resolve().parent)
+    resolve_relative(recipe, Path(recipe_path).resolve().parent)
     chosen = select_stages(recipe, stages)
     check_trainable(recipe)
     run_dir = recipe.run_dir()
@@ -255,7 +257,8 @@ def _run_stages(recipe: Recipe, run_dir: Path, todo: list[str], resume: bool, su
 
 
 def _write_summary(recipe: Recipe, run_dir: Path, summary: RunSummary) -> None:
-    summary.description = RunDescription.of(recipe)
+    if summary.description is None:  # the train stage sets it from the recipe as trained
+        summary.description = RunDescription.of(recipe)
     summary.write(run_dir)
 
 
@@ -274,6 +277,8 @@ def dry_run_plan(recipe: Recipe, run_dir: Path, out: Console, stages: list[str] 
     check_writable(run_dir, "output.dir", directory=True)
     checks = preflight(recipe, [s for s in STAGES if s in {"train", *stages}], run_dir, has_adapter=False)
     session = checks.session
+    choice = session.resolve_memory_plan()  # checkpointing: auto -> the planner's choice (one line when none fits)
+    recipe = session.recipe
     if recipe.method == "pretrain":
         from velora_cli.memory.arch import arch_of_model
         from velora_cli.methods import meta_model
@@ -283,14 +288,20 @@ def dry_run_plan(recipe: Recipe, run_dir: Path, out: Console, stages: list[str] 
         arch = arch_for(model=recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
     est = estimate(arch, settings_from_recipe(recipe, device=session.device.type))
     rows = [
-        ("train rows", str(len(session.train_set))),
+        ("train rows", str(session.counts.examples)),
         ("val rows", str(len(session.val_set) if session.val_set is not None else 0)),
         ("steps", str(session.total_steps())),
         ("gradient accumulation", str(session.gradient_accumulation())),
+        ("method", RunDescription.of(recipe).method),
         ("estimated peak memory", human_bytes(est.total)),
         ("run dir", str(run_dir)),
     ]
-    if session.dropped:
-        rows.insert(1, ("rows dropped (prompt fills cutoff_len)", str(session.dropped)))
+    if choice:
+        rows.insert(-1, ("planner", choice))
+    if recipe.data.packing and not recipe.text_data:
+        rows.insert(1, ("packed sequences", str(len(session.train_set))))
+    for count, what in ((session.counts.truncated, "truncated"), (session.counts.dropped, "dropped")):
+        if count:
+            rows.insert(1, (f"rows {what} by cutoff_len", str(count)))
     report.print_dry_run(recipe.name, rows, out)
     return {"steps": session.total_steps(), "estimated_total_bytes": est.total}

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from velora_cli.errors import RecipeError, UsageError, did_you_mean
 from velora_cli.memstats import parse_bytes
 from velora_cli.models import DEFAULT_MODEL
-from velora_cli.runs import FULL_METHODS, RECIPE_FILE
+from velora_cli.runs import RECIPE_FILE
 from velora_cli.velora.config import (
     DEFAULT_NUM_GROUPS,
     INIT_TYPES,
@@ -119,7 +119,10 @@ class VeloraSection(Section):
 class DataSection(Section):
     path: str
     split: str = "train"
-    template: Literal["alpaca", "chat"] = "alpaca"
+    # alpaca, messages, sharegpt, prompt_completion (velora_cli/formats.py) or text; None: detected from the rows
+    # (text for method pretrain and .txt files)
+    format: Literal["alpaca", "messages", "sharegpt", "prompt_completion", "text"] | None = None
+    template: Literal["alpaca", "chat"] = "alpaca"  # alpaca rows; conversations always use the chat template
     system_prompt: str | None = None  # chat template only: replaces the tokenizer's default system message
     cutoff_len: int = Field(512, gt=8, le=1 << 20)  # 1M tokens: beyond any model's context
     val_set_size: float = Field(0, ge=0)  # >= 1: number of rows; < 1: fraction
@@ -127,9 +130,9 @@ class DataSection(Section):
     train_on_inputs: bool = False
     add_eos: bool = True
     skip_bad_rows: bool = False
+    packing: bool = False  # several examples per cutoff_len sequence, attention kept inside each (packing.py)
     # Plain text (pre-training, continued pre-training): .txt files/globs, .jsonl/parquet/hub rows with `text_field`,
     # tokenised, joined with EOS and packed into blocks of cutoff_len tokens (see velora_cli/corpus.py).
-    format: Literal["instruct", "text"] | None = None  # default: text for method pretrain, else instruct
     text_field: str = "text"
     subset: str | None = None  # a hub dataset's configuration, e.g. `en` for allenai/c4
     streaming: bool = False  # hub datasets: read on the fly (needs train.max_steps)
@@ -260,6 +263,7 @@ class EvalSection(Section):
 
 
 METHODS = ("qlora", "lora", "full", "pretrain")
+FULL_METHODS = ("full", "pretrain")  # every weight trains; no adapters
 
 
 class Recipe(Section):
@@ -340,7 +344,11 @@ class Recipe(Section):
 
     @property
     def text_data(self) -> bool:
-        return (self.data.format or ("text" if self.method == "pretrain" else "instruct")) == "text"
+        """Plain text, known from the recipe alone (rows that turn out to be text are found when they are read)."""
+        from velora_cli.data import detect_path_format
+
+        default = "text" if self.method == "pretrain" else None
+        return (detect_path_format(self.data.path, self.data.format) or default) == "text"
 
     @model_validator(mode="after")
     def _velora_on_lora_layers(self) -> Recipe:

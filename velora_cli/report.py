@@ -24,7 +24,7 @@ from rich.table import Table
 from velora_cli.memory.estimate import COMPONENTS, OVERHEAD_CONTEXT, OVERHEAD_FRACTION, Estimate
 from velora_cli.memory.plan import PlanResult
 from velora_cli.memstats import human_bytes
-from velora_cli.runs import RunSummary, Scores, method_name
+from velora_cli.runs import RunSummary, Scores
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -235,7 +235,7 @@ def print_runs(root: Path, runs: list[tuple[Path, RunSummary]]) -> None:
         table.add_row(
             path.name,
             d.base_text if d is not None else "-",
-            d.method if d is not None else method_name(None),
+            d.method if d is not None else "-",
             str(train.steps) if train is not None else "-",
             _num(train.eval_loss if train is not None else None),
             _pct(s.mmlu.overall.acc if s.mmlu is not None else None),
@@ -345,7 +345,7 @@ def print_memory_plan(result: PlanResult, seq: int, batch: int) -> None:
     console = Console()
     table = Table(
         title=f"frontier for {human_bytes(result.budget)} (micro-batch {batch} x seq {seq}; "
-        "speed: modelled tokens/s vs QLoRA)",
+        f"speed: modelled tokens/s vs {result.baseline})",
         title_justify="left",
     )
     for col in ("configuration", "GiB", "speed", "max seq @ batch 1", "host GiB"):

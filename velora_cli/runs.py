@@ -2,8 +2,8 @@
 
 Owns where every file of a finetune run lives, how any file or directory the tool writes is put in place (staged
 beside its target, then renamed, so readers never see half of it), `RunSummary` (summary.json, written and read
-only here: what a run cost and how good it is, one dataclass per part), the description of a run's method that
-every table and card shows, and the data behind `velora runs`.
+only here: what a run cost and how good it is, one dataclass per part; the description of the run's method is
+description.py's), and the data behind `velora runs`.
 
 RUN_DIR/
   adapter_config.json, adapter_model.safetensors   the PEFT adapter (PeftModel.from_pretrained loads it)
@@ -19,6 +19,7 @@ RUN_DIR/
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -26,12 +27,13 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from velora_cli.description import RunDescription
 from velora_cli.errors import UsageError
 from velora_cli.memstats import MemoryStats
 from velora_cli.velora.state import VECTORS_FILE
@@ -45,7 +47,6 @@ MMLU_FILE = "eval/mmlu.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 MODEL_CONFIG = "config.json"  # a full/pretrain run (or its checkpoint) holds a whole model, not an adapter
 TRAINER_STATE = "trainer_state.json"  # transformers' Trainer writes it last into each checkpoint
-FULL_METHODS = ("full", "pretrain")  # recipe methods whose run holds a whole model: every weight trains
 
 
 def has_weights(path: Path) -> bool:
@@ -195,130 +196,11 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
-# ------------------------------------------------------------------------------------- run description
-
-
-def method_name(quantization: str | None, velora_layers: Sequence[str] = (), gradient_checkpointing: bool = False,
-                *, show_layers: bool = True, method: str | None = None) -> str:  # fmt: skip
-    """'QLoRA + VeLoRA (v_proj,down_proj) + GC': the training method in the paper's Table 3 words (`method` full or
-    pretrain: 'full + VeLoRA (...)', every weight trains and VeLoRA compresses the base layers' inputs)."""
-    name = method if method in FULL_METHODS else "QLoRA" if quantization not in (None, "none") else "LoRA"
-    if velora_layers:
-        name += f" + VeLoRA ({','.join(velora_layers)})" if show_layers else " + VeLoRA"
-    return name + (" + GC" if gradient_checkpointing else "")
-
-
 def _split(cls: type, data: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """A JSON object's keys that are fields of dataclass `cls`, and the rest (kept as written)."""
     data = data if isinstance(data, dict) else {}
     names = {f.name for f in fields(cls)} - {"extra"}
     return {k: v for k, v in data.items() if k in names}, {k: v for k, v in data.items() if k not in names}
-
-
-@dataclass
-class LoraPart:
-    r: int
-    alpha: float
-    dropout: float
-    target_modules: list[str]
-
-    def text(self) -> str:
-        return f"r={self.r}, alpha={self.alpha:g} on {', '.join(self.target_modules)}"
-
-
-@dataclass
-class VeloraPart:
-    enabled: bool = False
-    layers: list[str] = field(default_factory=list)
-    num_groups: int | None = None
-    subtoken_size: int | None = None
-    init: str | None = None
-    scale: float | None = None
-
-    @property
-    def grouping(self) -> str:
-        return f"{self.num_groups} groups" if self.num_groups else f"M={self.subtoken_size} groups"
-
-    def text(self) -> str:
-        if not self.enabled:
-            return "off"
-        return f"{', '.join(self.layers)} / {self.grouping}, init {self.init}, scale {self.scale}"
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self) if self.enabled else {"enabled": False}
-
-
-@dataclass
-class RunDescription:
-    """What was trained and how: the recipe's facts every summary, table and model card describes a run by."""
-
-    recipe: str | None
-    base_model: str
-    quantization: str
-    velora: VeloraPart
-    lora: LoraPart
-    gradient_checkpointing: bool
-    kind: str = "qlora"  # the recipe's method: qlora | lora | full | pretrain ("method" in summary.json)
-
-    @classmethod
-    def of(cls, recipe: Any) -> RunDescription:
-        """The one translation of a Recipe into its description. A pretrain run's base is the architecture it
-        initialised (model.config), not model.name, which it never loads."""
-        v = recipe.velora
-        velora = VeloraPart(True, v.module_names, v.num_groups, v.subtoken_size, v.init, v.scale) if v.enabled else (
-            VeloraPart())  # fmt: skip
-        lora = LoraPart(recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.module_names)
-        base = recipe.model.config if recipe.method == "pretrain" else recipe.model.name
-        return cls(recipe.name, base, recipe.model.quantization, velora, lora, recipe.train.gradient_checkpointing,
-                   recipe.method)  # fmt: skip
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunDescription | None:
-        if "base_model" not in data:
-            return None
-        lora = data.get("lora") or {}
-        return cls(
-            recipe=data.get("recipe"),
-            base_model=data["base_model"],
-            quantization=data.get("quantization", "none"),
-            velora=VeloraPart(**_split(VeloraPart, data.get("velora"))[0]),
-            lora=LoraPart(
-                lora.get("r", 0), lora.get("alpha", 0), lora.get("dropout", 0), lora.get("target_modules", [])
-            ),
-            gradient_checkpointing=bool(data.get("gradient_checkpointing", False)),
-            # summaries of qlora runs carry no `method` (the layout before full/pretrain)
-            kind=str(data.get("method") or ("qlora" if data.get("quantization", "none") != "none" else "lora")),
-        )
-
-    def as_dict(self) -> dict[str, Any]:
-        out = {
-            "recipe": self.recipe,
-            "base_model": self.base_model,
-            "quantization": self.quantization,
-            "velora": self.velora.as_dict(),
-            "lora": asdict(self.lora),
-            "gradient_checkpointing": self.gradient_checkpointing,
-        }
-        return out if self.kind == "qlora" else {**out, "method": self.kind}
-
-    @property
-    def how(self) -> str:
-        """How the base was trained: 'from scratch' (pretrain), 'full' (every weight), else its quantisation."""
-        return {"pretrain": "from scratch", "full": "full"}.get(self.kind, self.quantization)
-
-    @property
-    def base_text(self) -> str:
-        """The base column of `velora runs`: a pretrain run names the architecture it started from."""
-        return f"{self.base_model} (from scratch)" if self.kind == "pretrain" else self.base_model
-
-    @property
-    def model_text(self) -> str:
-        return f"{self.base_model} ({self.how})"
-
-    @property
-    def method(self) -> str:
-        layers = self.velora.layers if self.velora.enabled else ()
-        return method_name(self.quantization, layers, self.gradient_checkpointing, method=self.kind)
 
 
 # ------------------------------------------------------------------------------------------- run summary
@@ -440,8 +322,8 @@ class RunSummary:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSummary:
-        description_keys = {"recipe", "base_model", "quantization", "velora", "lora", "gradient_checkpointing",
-                            "method"}  # fmt: skip
+        description_keys = {"recipe", "base_model", "quantization", "velora", "lora", "method", "memory",
+                            "gradient_checkpointing"}  # fmt: skip
         own = {"stages", "train", "export", "eval", "wall_seconds"} | description_keys
         mmlu = (data.get("eval") or {}).get("mmlu")
         export = data.get("export")
@@ -490,3 +372,15 @@ def summaries(root: Path) -> list[tuple[Path, RunSummary]]:
     if not found:
         raise UsageError(f"no runs with {SUMMARY_FILE} under {root}/")
     return [(path, RunSummary.load(path) or RunSummary()) for path in found]
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """The message of a no-space-left error anywhere in `exc`'s chain (torch.save and safetensors wrap it in
+    RuntimeErrors of their own), else None."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        text = str(seen)
+        if getattr(seen, "errno", None) == errno.ENOSPC or "No space left" in text or "file write failed" in text:
+            return "No space left on device"
+        seen = seen.__cause__ or seen.__context__
+    return None

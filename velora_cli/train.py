@@ -15,8 +15,6 @@ order and DDP under torchrun. This module adds what it lacks for this tool:
 from __future__ import annotations
 
 import contextlib
-import errno
-import importlib.util
 import math
 import os
 import random
@@ -32,13 +30,14 @@ from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from velora_cli import runs
 from velora_cli.callbacks import CheckpointKeeper, InterruptHandler, RunMonitor, StepGuard
-from velora_cli.data import load_records, make_collator, split_validation, tokenize_counted
+from velora_cli.data import DataCounts, load_records, make_collator, split_validation, tokenize_counted
+from velora_cli.description import RunDescription
 from velora_cli.device import compute_dtype, default_device, dtype_name, is_main_process, world_size
 from velora_cli.errors import DataError, RecipeError, TrainingAborted, UsageError, VeloraError
 from velora_cli.memstats import human_bytes, memory_stats, reset_peak
 from velora_cli.methods import load_full_checkpoint
 from velora_cli.metrics import read_metrics, truncate_metrics
-from velora_cli.models import build_training_model, load_tokenizer, resolve_model
+from velora_cli.models import build_training_model, load_tokenizer, memory_as_trained, resolve_model
 from velora_cli.recipe import Recipe, dump_recipe
 from velora_cli.report import TrainingDisplay
 from velora_cli.velora import (
@@ -47,7 +46,6 @@ from velora_cli.velora import (
     save_velora_vectors,
     velora_saving_per_token,
 )
-from velora_cli.velora.lean import SUPPORTED_MODELS, find_causal_lm
 
 STAGING = ".staging"
 
@@ -94,16 +92,17 @@ class Plan:
 
     recipe: Recipe
     run_dir: Path
-    train_rows: int
+    train_rows: int  # examples (packed: several per sequence)
+    sequences: int  # rows of the training set the Trainer batches (packed sequences, or the examples)
     val_rows: int
-    skipped_rows: int
-    dropped_rows: int  # prompt alone fills cutoff_len: nothing to learn
+    counts: DataCounts  # format, rows skipped, truncated, dropped
     train_tokens: int
     steps: int
     gradient_accumulation: int
     compressed_layers: list[str]
     memory_choice: str | None = None  # the planner's reason, when memory.checkpointing was auto
     lean: bool = True  # the memory techniques went through apply_lean (LLaMA family)
+    kernels: str = ""  # which implementation the lean loss and ops run on (Liger / Cut Cross-Entropy / torch)
 
     def memory_line(self) -> str:
         m = self.recipe.memory
@@ -112,6 +111,7 @@ class Plan:
             return f"stock path (lean techniques need LLaMA-family blocks); gradient checkpointing {gc}"
         text = f"loss {m.loss}, lean ops {'on' if m.lean_ops else 'off'}, checkpointing {m.checkpointing}"
         text += ", offload" if m.offload else ""
+        text += f" [{self.kernels}]" if self.kernels else ""
         return text + (f" (planner: {self.memory_choice})" if self.memory_choice else "")
 
     def lines(self) -> list[tuple[str, str]]:
@@ -130,20 +130,19 @@ class Plan:
         model = f"{r.model.name} ({r.model.quantization}{double})"
         if r.full:  # method full/pretrain: no adapter, every weight trains
             lora = f"none: method {r.method}, every weight trains"
-            model = runs.RunDescription.of(r).model_text
+            model = RunDescription.of(r).model_text
             if r.train.optimizer_in_backward:
                 lora += "; optimizer steps in backward (no gradient clipping)"
         return [
+            ("method", RunDescription.of(r).method),
             ("model", model),
             ("LoRA", lora),
             ("VeLoRA", velora),
             (
                 "data",
                 f"{r.data.path}: {'streamed' if r.data.streaming else self.train_rows} train / {self.val_rows} val rows"
-                + (f" ({self.skipped_rows} bad rows skipped)" if self.skipped_rows else "")
-                + (f" ({self.dropped_rows} rows dropped: prompt fills cutoff_len)" if self.dropped_rows else "")
                 + ("" if r.data.streaming else f", {self.train_tokens} train tokens")
-                + (f", text in {r.data.cutoff_len}-token blocks" if r.text_data else f", template={r.data.template}"),
+                + self.counts.describe(r.data, self.sequences),
             ),
             (
                 "batch",
@@ -189,24 +188,31 @@ class FinetuneSession:
 
             reference = tokenizer_reference(self.recipe.model)
             self.tokenizer = load_tokenizer(resolve_model(reference), self.recipe.model.trust_remote_code)
-        if self.recipe.text_data:  # plain text packed into blocks (pre-training, continued pre-training)
+        loaded = None if self.recipe.text_data else load_records(d.path, d.split, d.skip_bad_rows, fmt=d.format)
+        if loaded is None or loaded.format == "text":  # plain text packed into blocks (pre-training, continued)
             from velora_cli.corpus import load_text_sets
 
             self.train_set, self.val_set, _ = load_text_sets(d, self.tokenizer, self.recipe.train.seed)
-            self.val_records, self.skipped, self.dropped = [], 0, 0
+            self.val_records = []
+            self.counts = DataCounts(examples=len(self.train_set) if hasattr(self.train_set, "__len__") else 0)
             return
-        loaded = load_records(d.path, d.split, d.skip_bad_rows)
         train_rows, val_rows = split_validation(loaded.records, d.val_set_size, self.recipe.train.seed)
         if d.val_path:
-            val_rows = load_records(d.val_path, "validation", d.skip_bad_rows, field="data.val_path").records
-        self.val_records, self.skipped = val_rows, loaded.skipped
-        self.train_set, self.dropped = tokenize_counted(train_rows, self.tokenizer, d)
+            val_rows = load_records(d.val_path, "validation", d.skip_bad_rows, field="data.val_path",
+                                    fmt=loaded.format).records  # fmt: skip
+        self.val_records = val_rows
+        d.format = loaded.format  # recipe.yaml records what was detected: generate/chat prompt the run with it
+        tokenized = tokenize_counted(train_rows, self.tokenizer, d, pack=d.packing)
+        self.train_set = tokenized.dataset
+        self.counts = DataCounts(loaded.format, tokenized.rows - tokenized.dropped, loaded.skipped,
+                                 tokenized.truncated, tokenized.dropped)  # fmt: skip
         if self.train_set is None:
             raise DataError(
                 f"data.path {d.path}: all {len(train_rows)} training rows are longer than data.cutoff_len="
-                f"{d.cutoff_len} tokens before their answer starts; nothing is left to train on (raise cutoff_len)"
+                f"{d.cutoff_len} tokens before their first answer ends; nothing is left to train on (raise cutoff_len)"
             )
-        self.val_set = tokenize_counted(val_rows, self.tokenizer, d)[0] if val_rows else None
+        # Held-out rows stay unpacked: the same evaluation loss with packing on or off.
+        self.val_set = tokenize_counted(val_rows, self.tokenizer, d).dataset if val_rows else None
 
     def total_steps(self) -> int:
         t = self.recipe.train
@@ -231,20 +237,23 @@ class FinetuneSession:
             self.model, self.tokenizer, self.compressed = build_training_model(
                 self.recipe, self.device, self.tokenizer
             )
+        # What summaries, recipe.yaml and the panel say; kernels None: the stock path (not a LLaMA-family model).
+        self.recipe, kernels = memory_as_trained(self.recipe, self.model, self.device)
         sized = hasattr(self.train_set, "__len__")
         self.plan = Plan(
             recipe=self.recipe,
             run_dir=self.run_dir,
-            train_rows=len(self.train_set) if sized else 0,
+            train_rows=self.counts.examples,
+            sequences=len(self.train_set) if sized else 0,
             val_rows=len(self.val_set) if self.val_set is not None else 0,
-            skipped_rows=self.skipped,
-            dropped_rows=self.dropped,
+            counts=self.counts,
             train_tokens=int(sum(self.train_set["length"])) if sized else 0,
             steps=self.total_steps(),
             gradient_accumulation=accumulation,
             compressed_layers=self.compressed,
             memory_choice=choice,
-            lean=type(find_causal_lm(self.model)).__name__ in SUPPORTED_MODELS,
+            lean=kernels is not None,
+            kernels=kernels or "",
         )
         self.interrupt = InterruptHandler()
         self.guard = StepGuard(self.run_dir, velora=bool(self.compressed))
@@ -273,13 +282,11 @@ class FinetuneSession:
         written into self.recipe before the model is built; returns the planner's reason."""
         if self.recipe.memory.checkpointing != "auto":
             return None
-        from velora_cli.memory.arch import arch_for
+        from velora_cli.memory.arch import recipe_arch
         from velora_cli.memory.estimate import settings_from_recipe
         from velora_cli.memory.plan import resolve_auto
-        from velora_cli.models import resolve_model
 
-        m = self.recipe.model
-        arch = arch_for(model=resolve_model(m.name).path, trust_remote_code=m.trust_remote_code)
+        arch = recipe_arch(self.recipe)
         budget = self.recipe.memory.budget_bytes
         if budget is None and self.device.type == "cuda":
             budget = torch.cuda.get_device_properties(self.device).total_memory
@@ -363,8 +370,9 @@ class FinetuneSession:
             return self._finish_from(resume_from, done_step)
         viewer = None
         if display and is_main_process():
-            described = runs.RunDescription.of(self.recipe)
-            notes = {"model": f"{described.base_model} ({described.how}, {dtype_name(self._compute())})"}
+            described = RunDescription.of(self.recipe)
+            notes = {"model": f"{described.base_model} ({described.how}, {dtype_name(self._compute())})",
+                     "method": described.method}  # fmt: skip
             if self.compressed:
                 notes["VeLoRA"] = f"{len(self.compressed)} layers compressed"
             viewer = TrainingDisplay(self.recipe.name or self.run_dir.name, self.plan.steps, notes)
@@ -382,7 +390,7 @@ class FinetuneSession:
             raise TrainingAborted(self._oom_message()) from exc
         except BaseException as exc:
             self._remove_incomplete_checkpoints()
-            full = disk_full(exc)
+            full = runs.disk_full(exc)
             if full is not None:
                 raise VeloraError(
                     f"{self.run_dir}: no space left on the device ({full}); the partial checkpoint was removed. "
@@ -468,7 +476,7 @@ class FinetuneSession:
                     shutil.rmtree(target)
                 os.replace(item, target)
         except BaseException as exc:
-            full = disk_full(exc)
+            full = runs.disk_full(exc)
             if full is not None:
                 raise VeloraError(
                     f"{self.run_dir}: no space left on the device ({full}) while saving the adapter; nothing "
@@ -477,23 +485,3 @@ class FinetuneSession:
             raise
         finally:
             shutil.rmtree(self.run_dir / STAGING, ignore_errors=True)
-
-
-def disk_full(exc: BaseException) -> str | None:
-    """The message of a no-space-left error anywhere in `exc`'s chain (torch.save and safetensors wrap it in
-    RuntimeErrors of their own), else None."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        text = str(seen)
-        if getattr(seen, "errno", None) == errno.ENOSPC or "No space left" in text or "file write failed" in text:
-            return "No space left on device"
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def check_trainable(recipe: Recipe) -> None:
-    """Combinations that cannot train, caught before any weights are loaded."""
-    if recipe.model.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
-        raise RecipeError(f"model.quantization={recipe.model.quantization!r} needs bitsandbytes (not installed)")
-    if recipe.train.optimizer in ("paged_adamw_8bit", "paged_adamw_32bit") and not torch.cuda.is_available():
-        raise UsageError(f"train.optimizer={recipe.train.optimizer!r} needs CUDA; use adamw_torch on CPU")

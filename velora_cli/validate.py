@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from velora_cli.errors import UsageError, VeloraError
+from velora_cli.errors import RecipeError, UsageError, VeloraError
 
 MIN_FREE_BYTES = 1 << 20  # below this a run cannot even write its summary
 
@@ -73,6 +73,18 @@ class Preflight:
     config: Any = None  # the base model's config
 
 
+def check_trainable(recipe) -> None:
+    """Combinations that cannot train, caught before any weights are loaded."""
+    import importlib.util
+
+    import torch
+
+    if recipe.model.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise RecipeError(f"model.quantization={recipe.model.quantization!r} needs bitsandbytes (not installed)")
+    if recipe.train.optimizer in ("paged_adamw_8bit", "paged_adamw_32bit") and not torch.cuda.is_available():
+        raise UsageError(f"train.optimizer={recipe.train.optimizer!r} needs CUDA; use adamw_torch on CPU")
+
+
 def check_shapes(recipe, config) -> None:
     """LoRA targets exist and VeLoRA's grouping divides every compressed layer's input depth: the adapters are
     attached to a meta-device model by the code that trains, so a 13B recipe is validated without its weights."""
@@ -104,6 +116,37 @@ def check_resumable_optimizer(recipe, run_dir: Path, velora: bool) -> None:
         )
 
 
+def check_memory(recipe, config) -> None:
+    """The memory section against the model's config and this machine: every:K needs K <= the number of decoder
+    layers (a larger K checkpoints layer 0 only, which every:L already says); offload needs CUDA."""
+    import torch
+
+    from velora_cli.errors import RecipeError
+
+    if recipe.memory.offload and not torch.cuda.is_available():
+        raise RecipeError(
+            "memory.offload=true copies saved activations from the GPU to CPU memory; there is no CUDA device "
+            "here (on CPU they are in CPU memory already): set memory.offload: false"
+        )
+    spec, layers = recipe.memory.checkpointing, getattr(config, "num_hidden_layers", None)
+    if spec.startswith("every:") and layers and int(spec.partition(":")[2]) > layers:
+        raise RecipeError(
+            f"memory.checkpointing={spec}: the model has {layers} decoder layers; every:K checkpoints layers 0, K, "
+            f"2K, ..., so K must be at most {layers} (every:{layers} checkpoints layer 0 only)"
+        )
+
+
+def check_reporting(recipe) -> None:
+    """train.report_to's backends are installed: transformers only finds out once the model is loaded."""
+    import importlib.util
+
+    from velora_cli.errors import RecipeError
+
+    for backend in recipe.train.report_to:
+        if importlib.util.find_spec(backend) is None:
+            raise RecipeError(f"train.report_to: {backend} is not installed (pip install {backend})")
+
+
 def preflight(recipe, stages: list[str], run_dir: Path, *, has_adapter: bool, resume: bool = False) -> Preflight:
     """Check every input and output of the chosen `stages` (see the module docstring); raise before writing.
     `resume`: the train stage will continue from the run's newest checkpoint."""
@@ -126,6 +169,8 @@ def preflight(recipe, stages: list[str], run_dir: Path, *, has_adapter: bool, re
         else:
             checks.config = load_config(resolve_model(recipe.model.name), recipe.model.trust_remote_code)
             check_shapes(recipe, checks.config)
+        check_memory(recipe, checks.config)  # both methods' configs
+        check_reporting(recipe)
         from velora_cli.train import FinetuneSession
 
         checks.session = FinetuneSession(recipe, run_dir)

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from velora_cli.data import IGNORE_INDEX, make_collator, tokenize_record
+from velora_cli.data import make_collator, tokenize_record
+from velora_cli.formats import IGNORE_INDEX, describe
 from velora_cli.runs import HeldoutScore
 
 
@@ -37,11 +38,14 @@ def exact_match(
     try:
         for start in range(0, len(records), batch_size):
             batch = records[start : start + batch_size]
-            rows = [
+            encoded = [
                 tokenize_record(r, tokenizer, template=template, cutoff_len=cutoff_len, train_on_inputs=False,
                                 add_eos=True, system_prompt=system_prompt)
                 for r in batch
             ]  # fmt: skip
+            # A record with no whole answer within cutoff_len scores as a miss: an empty row, nothing to match.
+            rows = [r or {"input_ids": [tokenizer.eos_token_id], "attention_mask": [1], "labels": [IGNORE_INDEX]}
+                    for r in encoded]  # fmt: skip
             enc = collate(rows)
             labels = enc.pop("labels").to(device)
             logits = model(**{k: v.to(device) for k, v in enc.items()}).logits
@@ -60,7 +64,8 @@ def exact_match(
             for i, record in enumerate(batch):
                 if len(examples) < 5:
                     greedy = predicted[i][answer[i]]
-                    examples.append({"instruction": record["instruction"], "expected": record["output"],
+                    question, expected = describe(record)
+                    examples.append({"instruction": question, "expected": expected,
                                      "greedy": tokenizer.decode(greedy, skip_special_tokens=True).strip(),
                                      "correct": bool(hits[i])})  # fmt: skip
     finally:

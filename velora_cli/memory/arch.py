@@ -156,6 +156,15 @@ def arch_for(preset: str | None = None, model: str | None = None, trust_remote_c
     return _arch_from_config(model_config(model, trust_remote_code), model)
 
 
+def recipe_arch(recipe: Any) -> Arch:
+    """The architecture a recipe trains: for `pretrain` its model.config (a paper size or a hub id / directory
+    holding config.json), else its model.name."""
+    m = recipe.model
+    if recipe.method == "pretrain":
+        return arch_for(preset=m.config) if m.config in PRESETS else arch_for(model=m.config)
+    return arch_for(model=m.name, trust_remote_code=m.trust_remote_code)
+
+
 def model_config(model: str, trust_remote_code: bool = False):
     """A model's config for planning: local files or the hub cache first, then KNOWN_MODELS, then the hub."""
     from velora_cli.hub import is_hub_id

@@ -13,8 +13,8 @@ from typing import Any
 
 from velora_cli import report
 from velora_cli.device import default_device
-from velora_cli.errors import UsageError
-from velora_cli.memory.arch import PRESETS, arch_for, preset_config
+from velora_cli.errors import RecipeError, UsageError
+from velora_cli.memory.arch import arch_for, preset_config, recipe_arch
 from velora_cli.memory.estimate import (
     Estimate,
     estimate,
@@ -25,9 +25,9 @@ from velora_cli.memory.estimate import (
     variants,
 )
 from velora_cli.memory.measure import measure_training
-from velora_cli.memory.plan import candidates, plan, resolve_auto
+from velora_cli.memory.plan import plan_micro_batches, resolve_auto
 from velora_cli.memstats import parse_bytes
-from velora_cli.recipe import Recipe, apply_overrides, load_recipe, validate_recipe
+from velora_cli.recipe import Recipe, apply_overrides, dump_recipe, load_recipe, load_yaml, validate_recipe
 from velora_cli.runs import write_json_atomic
 from velora_cli.validate import check_writable
 
@@ -45,14 +45,25 @@ def _default_recipe(model: str | None) -> Recipe:
 
 
 def resolve_inputs(
-    recipe: Path | None, model: str | None, preset: str | None, overrides: list[str], batch: int | None, seq: int | None
+    recipe: Path | None,
+    model: str | None,
+    preset: str | None,
+    overrides: list[str],
+    batch: int | None,
+    seq: int | None,
+    method: str | None = None,
 ):
     """(recipe, arch): from a recipe file, or the recipe defaults with --model/--preset; CLI shortcuts applied."""
     if model and preset:
         raise UsageError("give either --model or --preset, not both")
     if preset is not None:
         preset_config(preset)  # fails early with a did-you-mean
-    extra = list(overrides)
+    extra = []
+    if method is not None:
+        extra.append(f"method={method}")
+        if method == "pretrain" and recipe is None and (preset or model):
+            extra.append(f"model.config={preset or model}")  # the architecture pretrain initialises
+    extra += overrides
     if batch is not None:
         extra.append(f"train.micro_batch_size={batch}")
         extra.append(f"train.batch_size={batch}")  # keep batch_size a multiple; accumulation does not change memory
@@ -66,10 +77,22 @@ def resolve_inputs(
         rec = validate_recipe(data, source="--set")
     if preset is not None:
         return rec, arch_for(preset=preset)
-    if rec.method == "pretrain" and model is None:  # the architecture it initialises: a paper size or a config
-        config = rec.model.config
-        return rec, arch_for(preset=config) if config in PRESETS else arch_for(model=config)
-    return rec, arch_for(model=model or rec.model.name, trust_remote_code=rec.model.trust_remote_code)
+    if model is not None and rec.method != "pretrain":
+        return rec, arch_for(model=model, trust_remote_code=rec.model.trust_remote_code)
+    return rec, recipe_arch(rec)
+
+
+def optimizer_in_backward_lever(rec: Recipe) -> list[bool] | None:
+    """[False, True] when a full/pretrain recipe could step the optimizer in backward but does not (the recipe's
+    own rules decide: no gradient accumulation, torch AdamW); None (as the recipe has it) otherwise."""
+    if not rec.full or rec.train.optimizer_in_backward:
+        return None
+    data = apply_overrides(load_yaml(dump_recipe(rec)), ["train.optimizer_in_backward=true"])
+    try:
+        validate_recipe(data)
+    except RecipeError:
+        return None
+    return [False, True]
 
 
 def run_memory_estimate(
@@ -83,11 +106,12 @@ def run_memory_estimate(
     gpu_mem: str | None,
     measure: bool,
     json_path: Path | None,
+    method: str | None = None,
 ) -> Estimate:
     budget = parse_memory(gpu_mem) if gpu_mem is not None else None
     if json_path is not None:
         check_writable(json_path, "--json", directory=False)
-    rec, arch = resolve_inputs(recipe, model, preset, overrides, batch, seq)
+    rec, arch = resolve_inputs(recipe, model, preset, overrides, batch, seq, method)
     if budget is None:
         budget = rec.memory.budget_bytes
     s = settings_from_recipe(rec, device="cuda")
@@ -98,7 +122,8 @@ def run_memory_estimate(
         rec, _ = resolve_auto(rec, arch, s, budget)
         s = settings_from_recipe(rec, device="cuda")
     if budget is not None:
-        memory_plan = plan(arch, candidates(s), budget)
+        levers = optimizer_in_backward_lever(rec)
+        memory_plan = plan_micro_batches(arch, s, budget, rec.train.batch_size, optimizer_in_backward=levers)
     velora_layers = tuple(rec.velora.module_names)
     est = estimate(arch, s)
     largest = None
@@ -106,7 +131,7 @@ def run_memory_estimate(
         largest = (largest_fitting(arch, s, budget, "batch"), largest_fitting(arch, s, budget, "seq", limit=1 << 18))
     report.print_estimate(est, variants(arch, s, velora_layers), budget, largest, paper_totals(arch, s, velora_layers))
     if memory_plan is not None:
-        report.print_memory_plan(memory_plan, s.seq, s.batch)
+        report.print_memory_plan(memory_plan, s.seq, memory_plan.options[0].settings.batch)
     if measure:
         if preset is not None:
             raise UsageError("--measure needs real weights: use a recipe or --model, not --preset")

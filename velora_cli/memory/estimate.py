@@ -18,7 +18,10 @@ The model is exact bookkeeping, not rules of thumb:
   velora_cli/velora/lean/patch.py and counted byte for byte there in fp32; recompute adds the one layer (or
   region) re-run at a time in backward, offload keeps the decoder stack's saved tensors in host memory and
   OFFLOAD_IN_FLIGHT layers' worth of them on the GPU (copies in flight, the layer backward is working on);
-- overhead: CUDA context + allocator slack, a stated assumption (OVERHEAD_*).
+- overhead: CUDA context + allocator slack, a stated assumption (OVERHEAD_*);
+- packing (data.packing): a micro-batch is micro_batch_size rows of cutoff_len real tokens (the worst case an
+  unpacked batch is counted at too), plus what the meter shows packing adds on CPU: k/v repeated to every head and
+  the (batch, S, S) mask in each layer's SDPA, and rotary tables per row (tests/test_packing.py checks it).
 
 It also reproduces the VeLoRA paper's own accounting (Table 3) so the two can be put side by side.
 """
@@ -32,11 +35,11 @@ from typing import Any
 
 import torch
 
+from velora_cli.description import MemoryPart, method_name
 from velora_cli.device import DTYPES, compute_dtype, dtype_name
 from velora_cli.errors import RecipeError
 from velora_cli.memory.arch import LLAMA_PROJECTIONS, Arch
-from velora_cli.memory.full import full_components, full_layer_activations
-from velora_cli.runs import method_name
+from velora_cli.memory.full import full_components, full_head_activations, full_layer_activations, trainable_norm_bytes
 from velora_cli.velora.config import DEFAULT_NUM_GROUPS
 from velora_cli.velora.lean import Recompute, default_chunk_size, parse_checkpointing
 
@@ -72,7 +75,8 @@ class Settings:
     lora_dropout: float = 0.05
     targets: tuple[str, ...] = LLAMA_PROJECTIONS
     velora: tuple[str, ...] = ("v_proj", "down_proj")  # empty: VeLoRA off
-    num_groups: int | None = DEFAULT_NUM_GROUPS
+    # one count, or per layer ((module name, count), ...: hashable, as the planner keeps Settings in a set)
+    num_groups: int | tuple[tuple[str, int], ...] | None = DEFAULT_NUM_GROUPS
     subtoken_size: int | None = None
     gradient_checkpointing: bool = False  # the stock switch (input grads on); `checkpointing` is apply_lean's
     optimizer: str = "adamw_torch"
@@ -81,12 +85,13 @@ class Settings:
     checkpointing: str = "none"  # none | all | mlp | every:K (apply_lean; "auto" is resolved by memory.plan)
     offload: bool = False
     chunk_size: int | None = None
+    method: str = "qlora"  # full / pretrain: every weight trains (memory/full.py)
+    optimizer_in_backward: bool = False
+    packing: bool = False  # data.packing: rows of several examples, position_ids per row (see `activations`)
 
     @property
     def recompute(self) -> Recompute:
         return parse_checkpointing("all" if self.gradient_checkpointing else self.checkpointing)
-    method: str = "qlora"  # full / pretrain: every weight trains (memory/full.py)
-    optimizer_in_backward: bool = False
 
     @property
     def full(self) -> bool:
@@ -100,16 +105,26 @@ class Settings:
     def tokens(self) -> int:
         return self.batch * self.seq
 
-    def groups_for(self, depth: int) -> int:
-        """Sub-tokens per token (D/M) VeLoRA keeps for a layer of input depth `depth`."""
+    def groups_for(self, depth: int, layer: str) -> int:
+        """Sub-tokens per token (D/M) VeLoRA keeps for the projection `layer` of input depth `depth`."""
         if self.subtoken_size is not None:
             return max(1, depth // self.subtoken_size)
+        if isinstance(self.num_groups, tuple):
+            return dict(self.num_groups).get(layer, DEFAULT_NUM_GROUPS)
         return self.num_groups or DEFAULT_NUM_GROUPS
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["targets"], d["velora"] = list(self.targets), list(self.velora)
         return d
+
+
+def _num_groups(velora: Any) -> int | tuple[tuple[str, int], ...] | None:
+    """The recipe's VeLoRA grouping as Settings holds it: per-layer counts by module name ({v: 64} -> v_proj)."""
+    if velora.subtoken_size is not None:
+        return None
+    groups = velora.to_config().num_groups
+    return tuple(sorted(groups.items())) if isinstance(groups, dict) else groups
 
 
 def settings_from_recipe(recipe: Any, device: str = "cuda") -> Settings:
@@ -137,7 +152,7 @@ def settings_from_recipe(recipe: Any, device: str = "cuda") -> Settings:
         lora_dropout=recipe.lora.dropout,
         targets=targets,
         velora=velora,
-        num_groups=recipe.velora.num_groups if recipe.velora.subtoken_size is None else None,
+        num_groups=_num_groups(recipe.velora),
         subtoken_size=recipe.velora.subtoken_size,
         optimizer=recipe.train.optimizer,
         # train.gradient_checkpointing is folded into memory.checkpointing by the recipe; auto stays for the planner
@@ -148,6 +163,7 @@ def settings_from_recipe(recipe: Any, device: str = "cuda") -> Settings:
         chunk_size=recipe.memory.chunk_size,
         method=recipe.method,
         optimizer_in_backward=recipe.train.optimizer_in_backward,
+        packing=recipe.data.packing and not recipe.text_data,
     )
 
 
@@ -253,7 +269,7 @@ def layer_activations(arch: Arch, s: Settings, first: bool = False) -> dict[str,
         for m in members:
             add("lora_B_inputs", s.lora_r * la, group)
             if m in s.velora:
-                add("velora_zp", s.groups_for(n) * la, group)
+                add("velora_zp", s.groups_for(n, m) * la, group)
         if not plain:
             continue
         if s.lora_dropout > 0:
@@ -272,6 +288,11 @@ def layer_activations(arch: Arch, s: Settings, first: bool = False) -> dict[str,
         ops["attention"] = 3 * h * hd * c + probs
     else:
         ops["attention"] = (2 * h * hd + 2 * kv * hd) * c + 4 * h
+        if s.packing:
+            # A packed batch's block-diagonal mask turns SDPA's GQA off (k/v repeated to every head), and the CPU
+            # kernel keeps the mask in the compute dtype, (batch, S, S) per layer: S x c bytes per token.
+            ops["attention"] += 2 * (h - kv) * hd * c
+            ops["packing_mask"] = s.seq * c
     # gate, silu(gate), up; the lean SwiGLU recomputes silu(gate) in backward
     add("mlp", (2 if s.lean_ops else 3) * arch.intermediate * c, "mlp_in")
     if s.recompute.mode == "mlp":
@@ -306,8 +327,10 @@ def activations(arch: Arch, s: Settings) -> Activations:
     transient = mid.pop("mlp_region_recompute", 0.0)
     first.pop("mlp_region_recompute", None)
     per_mid, per_first = sum(mid.values()), sum(first.values())
-    rotary = 2 * s.seq * arch.head_dim * s.c  # cos and sin, (1, S, head_dim), shared by all layers
-    final_norm = n * ((s.c * arch.hidden + 4) if s.lean_ops else (4 * arch.hidden + 4))
+    # cos and sin, (1, S, head_dim), shared by all layers; packed rows have position_ids of their own: (batch, S, hd)
+    rotary = 2 * s.seq * arch.head_dim * s.c * (s.batch if s.packing else 1)
+    frozen_norm = (s.c * arch.hidden + 4) if s.lean_ops else (4 * arch.hidden + 4)
+    final_norm = n * (trainable_norm_bytes(arch, s) if s.full else frozen_norm)
     if s.loss == "chunked":
         # the hidden-state gradient and int64 row index of every scored token (labels shifted: seq - 1 per row)
         logits_saved = s.batch * (s.seq - 1) * (arch.hidden * s.c + 8)
@@ -316,6 +339,10 @@ def activations(arch: Arch, s: Settings) -> Activations:
     else:
         logits_saved = n * (arch.vocab * 4 + 8) + 4
         logits_peak = logits_saved + n * arch.vocab * (s.c + 4)
+    if s.full:  # the embedding and lm_head train: what they keep (full.py)
+        head_saved, head_transient = full_head_activations(arch, s)
+        logits_saved += head_saved
+        logits_peak += head_saved + head_transient
     whole = len(s.recompute.layers(arch.layers))
     plain = n * (per_first + (arch.layers - 1 - whole) * per_mid) if whole == 0 else n * (arch.layers - whole) * per_mid
     kept = whole * n * arch.hidden * s.c  # a checkpointed layer keeps its input hidden state
@@ -419,21 +446,24 @@ def variants(arch: Arch, s: Settings, velora_layers: tuple[str, ...]) -> list[tu
     recipe's loss, lean ops and offload kept)."""
     on = velora_layers or ("v_proj", "down_proj")
     out = []
-    for gc in (False, True):
+    for rec in ("none", "all"):
         for vel in ((), on):
-            label = method_name(s.quantization, vel, gc, show_layers=False)
-            if s.full:
-                label = label.replace("LoRA", s.method, 1)
-            v = dataclasses.replace(s, velora=vel, gradient_checkpointing=False, checkpointing="all" if gc else "none")
-            out.append((label, estimate(arch, v)))
+            v = dataclasses.replace(s, velora=vel, gradient_checkpointing=False, checkpointing=rec)
+            out.append((settings_label(v, layers="none"), estimate(arch, v)))
     return out
+
+
+def settings_label(s: Settings, layers: str = "short") -> str:
+    """description.method_name for a configuration of the estimate (the planner's frontier, the table's columns)."""
+    memory = MemoryPart(s.loss, s.lean_ops, str(s.recompute), s.offload, s.optimizer_in_backward)
+    return method_name(s.method, s.quantization, s.velora, memory, layers=layers)  # type: ignore[arg-type]
 
 
 def paper_totals(arch: Arch, s: Settings, velora_layers: tuple[str, ...]) -> dict[str, dict[str, float]] | None:
     """The paper's accounting without and with VeLoRA, where it applies (4-bit weights, no grouped-query attention)."""
     if s.quantization not in ("nf4", "fp4") or arch.heads != arch.kv_heads:
         return None
-    groups = s.num_groups or DEFAULT_NUM_GROUPS
+    groups = s.num_groups if isinstance(s.num_groups, int) else DEFAULT_NUM_GROUPS
     return {
         label: paper_accounting(arch, s.lora_r, vel, groups, s.tokens)
         for label, vel in (("QLoRA", ()), ("+ VeLoRA", velora_layers or ("v_proj", "down_proj")))

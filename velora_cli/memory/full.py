@@ -8,8 +8,12 @@ Pure arithmetic on an Arch and the estimate's Settings (duck-typed: c, seq, opti
   two uint8 states + fp32 absmax per 256-block (fp32 below 4096 elements);
 - activations per token and layer: each trainable linear saves its input in the compute dtype (inputs shared by
   several linears - q/k/v, gate/up - are one tensor, saved once unless every consumer is compressed); a VeLoRA
-  layer keeps z_p (D/M numbers per token, compute dtype) instead; norms, attention and the MLP's element-wise
-  ops as in the adapter estimate (SDPA's output is o_proj's input, already saved).
+  layer keeps z_p (D/M numbers per token, compute dtype) instead; a norm with a trainable weight also keeps its
+  normalised output h; attention and the MLP's element-wise ops as in the adapter estimate (SDPA's output is
+  o_proj's input, already saved); the lean techniques (memory section) as there: lean ops drop silu(gate) and
+  the norm's fp32 copy and h, checkpointing mlp keeps the norm + MLP region's input only;
+- the trainable embedding and lm_head: token ids, lm_head's input or, under the chunked loss, its weight gradient
+  computed in forward (full_head_activations).
 """
 
 from __future__ import annotations
@@ -45,26 +49,67 @@ def full_optimizer_bytes(sizes: list[int], optimizer: str, c: int) -> int:
     return total
 
 
+def trainable_norm_bytes(arch: Arch, s: Any) -> float:
+    """Bytes per token an RMSNorm with a trainable weight saves: the stock norm its fp32 input copy, 1/rms and the
+    normalised h (the other operand of `weight * h`); the lean one (RMSNormFunction) its input and 1/rms only."""
+    d = arch.hidden
+    return (s.c * d + 4) if s.lean_ops else (4 * d + 4 + s.c * d)
+
+
 def full_layer_activations(arch: Arch, s: Any) -> dict[str, float]:
-    """Bytes per token one decoder layer saves for backward when every weight trains."""
+    """Bytes per token one decoder layer saves for backward when every weight trains.
+
+    With checkpointing `mlp`, the post-attention norm + MLP region keeps only its input (the residual stream) and
+    `mlp_region_recompute` is what backward re-creates in it, one layer at a time (as in the adapter estimate).
+    """
     c, d = s.c, arch.hidden
     widths = {"attn_in": d, "o_in": arch.heads * arch.head_dim, "mlp_in": d, "down_in": arch.intermediate}
-    ops = {"norms": 2 * (4 * d + 4), "linear_inputs": 0.0, "velora_zp": 0.0, "attention": 0.0, "mlp": 0.0}
+    ops = {"norms": 0.0, "linear_inputs": 0.0, "velora_zp": 0.0, "attention": 0.0, "mlp": 0.0}
+    region = dict.fromkeys(ops, 0.0)  # what checkpointing=mlp recomputes: post-attention norm + MLP
+
+    def add(key: str, value: float, in_region: bool = False) -> None:
+        ops[key] += value
+        if in_region:
+            region[key] += value
+
+    norm = trainable_norm_bytes(arch, s)
+    add("norms", norm)
+    add("norms", norm, in_region=True)
     for group, members in INPUTS.items():
-        n = widths[group]
+        n, in_region = widths[group], group in ("mlp_in", "down_in")
         for m in members:
             if m in s.velora:
-                ops["velora_zp"] += s.groups_for(n) * c
+                add("velora_zp", s.groups_for(n, m) * c, in_region)
         plain = [m for m in members if m not in s.velora]
         if plain and not (group == "o_in" and s.attn == "sdpa"):
-            ops["linear_inputs"] += n * c
+            add("linear_inputs", n * c, in_region)
     h, kv, hd = arch.heads, arch.kv_heads, arch.head_dim
     if s.attn == "eager":
         ops["attention"] = 3 * h * hd * c + h * s.seq * (4 + (c if c != 4 else 0))
     else:
         ops["attention"] = (2 * h * hd + 2 * kv * hd) * c + 4 * h
-    ops["mlp"] = 3 * arch.intermediate * c
+    # gate, silu(gate), up; the lean SwiGLU recomputes silu(gate) in backward
+    add("mlp", (2 if s.lean_ops else 3) * arch.intermediate * c, in_region=True)
+    if s.recompute.mode == "mlp":
+        for key, value in region.items():
+            ops[key] -= value
+        ops["mlp_region_input"] = c * d
+        ops["mlp_region_recompute"] = sum(region.values()) - c * d
     return ops
+
+
+def full_head_activations(arch: Arch, s: Any) -> tuple[float, float]:
+    """(bytes saved, bytes transient) by the trainable embedding and lm_head of one micro-batch, beyond the loss's
+    per-token tensors: the embedding's int64 token ids; with the stock loss lm_head's input (its weight trains);
+    with the chunked loss no input, but the lm_head weight gradient it computes in forward (fp32 while it
+    accumulates over chunks, then the weight's dtype) is held until backward - V x H bytes whatever the batch, so
+    on short micro-batches the chunked loss costs more than the logits it saves (fewer tokens than ~H)."""
+    n = s.tokens
+    saved = n * 8.0
+    if s.loss == "chunked":
+        head = arch.vocab * arch.hidden
+        return saved + head * s.c, head * 4.0 if s.c != 4 else 0.0
+    return saved + n * arch.hidden * s.c, 0.0
 
 
 def full_components(arch: Arch, s: Any) -> dict[str, int]:

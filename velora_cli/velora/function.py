@@ -14,6 +14,7 @@ dropout mask of this call", which is why this is hand-written.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -30,11 +31,23 @@ def draw_dropout_seed() -> int:
 def dropout_mask(
     shape: torch.Size | tuple[int, ...], p: float, seed: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
-    """The scaled keep-mask (values 0 or 1/(1-p)) for `seed`; the same seed always gives the same mask."""
+    """The scaled keep-mask (values 0 or 1/(1-p)) for `seed`; the same seed always gives the same mask.
+
+    Drawn as uniform 32-bit integers (two per int64 draw) compared with p * 2^32 rather than with `bernoulli_`:
+    the mask is drawn twice per layer and step (forward and backward), and on CPU this is ~1.5x faster for the
+    same distribution (keep probability exact to 2^-32).
+    """
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    keep = torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=generator)
-    return keep.mul_(1.0 / (1.0 - p))
+    count = math.prod(shape)
+    bits = torch.empty((count + 1) // 2, dtype=torch.int64, device=device).random_(-(2**63), None, generator=generator)
+    keep = bits.view(torch.int32)[:count].view(shape) >= _drop_below(p)
+    return keep.to(dtype).mul_(1.0 / (1.0 - p))
+
+
+def _drop_below(p: float) -> int:
+    """Signed 32-bit threshold: a uniform int32 below it (probability p) drops its element."""
+    return -(2**31) + round(p * 2**32)
 
 
 def project_subtokens(x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,14 @@ from velora_cli.velora.lean.loss import (
     select_backend,
 )
 from velora_cli.velora.lean.ops import RMSNormFunction, SwiGLUFunction, rms_norm, swiglu
-from velora_cli.velora.lean.patch import SUPPORTED_MODELS, LeanReport, apply_lean, find_causal_lm, remove_lean
+from velora_cli.velora.lean.patch import (
+    SUPPORTED_MODELS,
+    LeanReport,
+    apply_lean,
+    find_causal_lm,
+    remove_lean,
+    select_ops_backend,
+)
 from velora_cli.velora.lean.recompute import ActivationOffload, Recompute, parse_checkpointing
 
 __all__ = [
@@ -34,5 +41,6 @@ __all__ = [
     "remove_lean",
     "rms_norm",
     "select_backend",
+    "select_ops_backend",
     "swiglu",
 ]

@@ -127,11 +127,12 @@ def _check_head(lm: nn.Module) -> None:
         raise ValueError("apply_lean: loss='chunked' does not implement final_logit_softcapping")
 
 
-def _liger_ops_usable(lm: nn.Module) -> bool:
-    from velora_cli.velora.lean.loss import _installed
+def select_ops_backend(devices: set[str]) -> str:
+    """The lean ops' implementation for a model whose weights are on `devices`: Liger Kernel's Triton RMSNorm and
+    SwiGLU ("liger") when every weight is on CUDA and liger_kernel is installed, else the torch Functions."""
+    from velora_cli.velora.lean import loss
 
-    devices = {p.device.type for p in lm.parameters()}
-    return devices == {"cuda"} and _installed("liger_kernel")
+    return "liger" if devices == {"cuda"} and loss._installed("liger_kernel") else "torch"
 
 
 def remove_lean(model: nn.Module) -> int:
@@ -185,8 +186,8 @@ def apply_lean(
     norms = mlps = 0
     ops_backend = None
     if lean_ops:
-        use_liger = _liger_ops_usable(lm)
-        ops_backend = "liger" if use_liger else "torch"
+        ops_backend = select_ops_backend({p.device.type for p in lm.parameters()})
+        use_liger = ops_backend == "liger"
         norm_forward = modules.liger_rms_norm_forward if use_liger else modules.rms_norm_forward
         mlp_forward = modules.liger_swiglu_mlp_forward if use_liger else modules.swiglu_mlp_forward
         for module in lm.modules():

@@ -197,7 +197,8 @@ def print_comparison(result: dict[str, Any]) -> None:
 
 
 def estimates() -> list[dict[str, Any]]:
-    """memory-estimate's figures at the paper's pre-training sizes, batch 1 x 256 tokens (Table 7's setting)."""
+    """memory-estimate's figures at the paper's pre-training sizes, batch 1 x 256 tokens (Table 7's setting; the
+    stock loss and ops, as the paper's runs)."""
     from velora_cli.memory.arch import arch_for
     from velora_cli.memory.estimate import Settings, estimate
 

@@ -99,6 +99,8 @@ def test_planner_picks_the_fastest_fitting_configuration() -> None:
         fitting = [o for o in result.options if o.total <= budget]
         assert result.choice.speed == max(o.speed for o in fitting)
         assert result.choice.name in result.reason
+        beyond_paper = set(result.choice.settings.velora) - {"v_proj", "down_proj"}
+        assert ("can cost accuracy" in result.reason) == bool(beyond_paper)  # the one lever that trades accuracy
         # the frontier holds the choice and nothing that another option beats on memory and speed at once
         assert result.choice in result.frontier
     # At 35% of QLoRA's memory, QLoRA itself does not fit and something had to give.

@@ -51,6 +51,7 @@ GPU_FLOPS = 100e12  # effective training FLOP/s of the GPU (a 24-80 GB bf16 card
 PCIE_BYTES_PER_S = 20e9  # pinned host <-> device copy bandwidth (PCIe 4.0 x16, effective)
 RECOMPUTE = ("none", "every:4", "every:3", "every:2", "mlp", "all")
 MAX_SEQ = 1 << 20  # longest context searched (1M tokens)
+PAPER_VELORA_LAYERS = ("v_proj", "down_proj")  # the paper's choice for LLaMA (its Table 6): accuracy kept
 
 
 # --------------------------------------------------------------------------------------------- speed
@@ -155,7 +156,7 @@ def candidates(
     """Settings for every combination of the levers (None: the planner's full range for that lever; the optimizer
     in backward: as `s` has it)."""
     every = LLAMA_PROJECTIONS if s.full else tuple(m for m in LLAMA_PROJECTIONS if m in s.targets)
-    velora = velora if velora is not None else [(), ("v_proj", "down_proj"), every]
+    velora = velora if velora is not None else [(), PAPER_VELORA_LAYERS, every]
     offload = offload if offload is not None else ([False, True] if s.device == "cuda" else [False])
     out, seen = [], set()
     for vel, lo, lean, rec, off, oib in itertools.product(
@@ -210,6 +211,9 @@ def plan(
     if faster:
         near = min(faster, key=lambda o: o.total)
         why += f"; faster needs more: {near.name} {near.speed:.2f}x at {near.total / 2**30:.2f} GiB"
+    if set(choice.settings.velora) - set(PAPER_VELORA_LAYERS):
+        # The speed model has no accuracy term; this is the one lever that trades it (BENCHMARKS.md, convergence).
+        why += "; VeLoRA beyond v,d approximates more weight gradients than the paper's setting and can cost accuracy"
     return PlanResult(budget, options, frontier, choice, why, baseline(choice.settings))
 
 

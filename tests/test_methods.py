@@ -214,3 +214,202 @@ def test_memory_estimate_counts_full_training_states() -> None:
     assert layerwise["gradients"] == 4 * 32000 * 512  # the largest tensor: the (untied) embedding or lm_head
     plain = estimate(arch, dataclasses.replace(s, velora=())).components
     assert plain["activations"] > full["activations"]
+
+
+def pretrain_recipe(tmp_path: Path, model_dir: Path, **train) -> Path:
+    data = recipe(model_dir, tmp_path / "runs" / "pre", method="pretrain", **train)
+    data["model"] = {"config": str(model_dir)}
+    data["data"] = {"path": str(corpus(tmp_path)), "cutoff_len": 32, "val_set_size": 6}
+    path = tmp_path / "pre.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def crashing(monkeypatch, step: int | None = None) -> None:
+    """The next `velora finetune` in this process crashes during step `step` (None: while saving the final
+    model, after its last checkpoint), as a kill -9 would stop it."""
+    setup = FinetuneSession.setup
+
+    def crash_setup(self):
+        plan = setup(self)
+        self.trainer.add_callback(CrashAt(step))
+        return plan
+
+    def crash_save(self):
+        raise RuntimeError("simulated crash")
+
+    if step is None:
+        monkeypatch.setattr(FinetuneSession, "save", crash_save)
+    else:
+        monkeypatch.setattr(FinetuneSession, "setup", crash_setup)
+
+
+def cli_exit(argv: list[str], capsys) -> tuple[int, str]:
+    from velora_cli.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    return exited.value.code, capsys.readouterr().err
+
+
+def test_pretrain_from_the_cli_resumes_bit_for_bit_exports_and_lists(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch, capsys
+) -> None:
+    """Crashes during step 3 and after the last checkpoint, each rerun continuing: the same weights as a straight
+    run; `velora export` gives a model with the trained logits; the panel and `velora runs` name the architecture."""
+    from transformers import AutoModelForCausalLM
+
+    from velora_cli.cli import main
+
+    path = pretrain_recipe(tmp_path, tiny_llama_dir)
+    straight, crashed = tmp_path / "runs" / "pre", tmp_path / "runs" / "crashed"
+    main(["finetune", str(path)])
+    err = capsys.readouterr().err
+    assert f"model={tiny_llama_dir} (from scratch, fp32)" in err and "embedded:" not in err
+    crashing(monkeypatch, step=3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["finetune", str(path), "--output-dir", str(crashed)])
+    monkeypatch.undo()
+    # checkpoint-2 holds an ordinary AdamW state: the optimizer in backward cannot take it over
+    code, err = cli_exit(["finetune", str(path), "--output-dir", str(crashed),
+                          "--set", "train.optimizer_in_backward=true"], capsys)  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and "checkpoint-2: written with train.optimizer_in_backward=false" in err
+    crashing(monkeypatch, step=None)
+    with pytest.raises(RuntimeError, match="simulated crash"):  # resumed at 2, trained 3-4, saved checkpoint-4
+        main(["finetune", str(path), "--output-dir", str(crashed)])
+    monkeypatch.undo()
+    main(["finetune", str(path), "--output-dir", str(crashed)])  # finishes from checkpoint-4, no step trained
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(crashed / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    main(["export", str(straight), "--out", str(tmp_path / "export"), "--dtype", "fp32"])
+    ids = torch.tensor([[1, 200, 300, 400, 500]])
+    with torch.no_grad():
+        trained = AutoModelForCausalLM.from_pretrained(straight)(ids).logits
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")(ids).logits
+    assert torch.equal(trained, exported)
+    capsys.readouterr()
+    main(["runs", str(tmp_path / "runs")])
+    listing = capsys.readouterr().out
+    assert f"{tiny_llama_dir} (from scratch)" in listing and "pretrain + VeLoRA (v_proj,down_proj)" in listing
+
+
+def test_full_from_the_cli_names_the_model_and_exports_its_logits(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch, capsys
+) -> None:
+    """A full run with the optimizer in backward: its checkpoint cannot resume ordinary AdamW; panel, summary table
+    and `velora runs` say `full`; the export's logits equal the trained model's."""
+    from transformers import AutoModelForCausalLM
+
+    from velora_cli.cli import main
+
+    run_dir = tmp_path / "runs" / "full"
+    data = recipe(tiny_llama_dir, run_dir, max_steps=2, save_steps=1, optimizer_in_backward=True)
+    path = tmp_path / "full.yaml"
+    path.write_text(yaml.safe_dump(data))
+    crashing(monkeypatch, step=2)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["finetune", str(path)])
+    monkeypatch.undo()
+    code, err = cli_exit(["finetune", str(path), "--set", "train.optimizer_in_backward=false"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert f"{run_dir / 'checkpoint-1'}: written with train.optimizer_in_backward=true" in err
+    monkeypatch.setenv("COLUMNS", "250")  # the tables' rows unwrapped
+    main(["finetune", str(path)])
+    err = capsys.readouterr().err
+    assert f"model={tiny_llama_dir} (full, fp32)" in err and f"{tiny_llama_dir} (full)" in err  # panel, summary
+    main(["export", str(run_dir), "--out", str(tmp_path / "export"), "--dtype", "fp32"])
+    ids = torch.tensor([[1, 200, 300, 400, 500]])
+    with torch.no_grad():
+        trained = AutoModelForCausalLM.from_pretrained(run_dir)(ids).logits
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export")(ids).logits
+    assert torch.equal(trained, exported)
+    capsys.readouterr()
+    main(["runs", str(tmp_path / "runs")])
+    assert "full + VeLoRA (v_proj,down_proj)" in capsys.readouterr().out
+
+
+def c4_like(root: Path) -> Path:
+    """A local copy laid out like allenai/c4: a dataset card naming subset `en` and its splits, gzipped JSON lines."""
+    import gzip
+
+    (root / "en").mkdir(parents=True)
+    (root / "README.md").write_text("---\nconfigs:\n- config_name: en\n  data_files:\n  - split: train\n    path: "
+                                    "en/c4-train.*.json.gz\n  - split: validation\n    path: en/c4-validation.*.json.gz"
+                                    "\n---\n")  # fmt: skip
+    for split, n in (("train", 30), ("validation", 8)):
+        with gzip.open(root / "en" / f"c4-{split}.00000-of-00001.json.gz", "wt") as f:
+            for i in range(n):
+                f.write(json.dumps({"text": f"{split} page {i}: the mill by the river {i % 5} " * 3}) + "\n")
+    return root
+
+
+def test_streaming_dataset_trains_with_a_held_out_split_and_needs_max_steps(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch, capsys
+) -> None:
+    """data.streaming on a local dataset takes the hub's path (datasets.load_dataset(path, subset, split=...,
+    streaming=True)): held-out blocks from the first val_set_size documents of val_split, training on the fly."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("COLUMNS", "250")  # the plan table's rows unwrapped
+    source = c4_like(tmp_path / "c4")
+    calls = []
+    load = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or load(*a, **k))
+    data = recipe(tiny_llama_dir, tmp_path / "stream", method="pretrain", max_steps=3, save_steps=10)
+    data["model"] = {"config": str(tiny_llama_dir)}
+    data["data"] = {"path": str(source), "subset": "en", "streaming": True, "val_split": "validation",
+                    "val_set_size": 4, "cutoff_len": 32}  # fmt: skip
+    path = tmp_path / "stream.yaml"
+    path.write_text(yaml.safe_dump(data))
+    summary = run_pipeline(path, overrides=[])
+    assert summary["train"]["steps"] == 3 and summary["train"]["before"]["eval_loss"] > summary["train"]["eval_loss"]
+    assert {(a, k["split"], k["streaming"]) for a, k in calls} == {((str(source), "en"), s, True)
+                                                                   for s in ("train", "validation")}  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    texts = [f"validation page {i}: the mill by the river {i % 5} " * 3 for i in range(4)]
+    blocks = sum(len(tok(t, add_special_tokens=False).input_ids) + 1 for t in texts) // 32
+    assert f"streamed train / {blocks} val rows, format=text" in capsys.readouterr().err  # the plan
+
+    del data["train"]["max_steps"]
+    path.write_text(yaml.safe_dump(data))
+    code, err = cli_exit(["finetune", str(path), "--output-dir", str(tmp_path / "no-max")], capsys)
+    assert (code, err) == (2, "error: data.streaming reads an endless stream: set train.max_steps\n")
+    code, err = cli_exit(["finetune", str(path), "--set", "data.val_set_size=0.1", "--max-steps", "2"], capsys)
+    assert code == 2 and "data.val_set_size=0.1 is a fraction, and a stream has no length" in err
+    assert not (tmp_path / "no-max").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "streaming", "message"),
+    [
+        ("bin.txt", b"\xff\xfe\x00text", False, "bin.txt: not UTF-8 text (byte 0)"),
+        ("empty.txt", b"", False, "empty.txt: no text"),
+        ("bad.parquet", b"not parquet at all", False, "bad.parquet: cannot load dataset: Parquet magic bytes"),
+        ("bad.jsonl", b'{"text": "a"}\n{oops\n', True, "bad.jsonl: invalid JSON at line 2"),
+        ("dir/train.jsonl", b'{"text": "a"}\n{oops\n', True, "dir: unreadable after 0 rows: JSON parse error"),
+        ("empty.txt", b"", True, "empty.txt: fewer than data.cutoff_len=16 tokens of training text"),
+    ],
+)
+def test_bad_corpus_files_are_one_line(
+    tmp_path: Path, tiny_llama_dir: Path, name: str, content: bytes, streaming: bool, message: str, capfd
+) -> None:
+    from transformers import AutoTokenizer
+
+    from velora_cli.corpus import load_text_sets
+    from velora_cli.errors import DataError
+    from velora_cli.logs import configure
+    from velora_cli.recipe import DataSection
+
+    configure()  # as every command: the libraries' own log lines go to the log file
+    path = tmp_path / name
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(content)
+    source = path.parent if name.startswith("dir/") else path
+    section = DataSection(path=str(source), format="text", cutoff_len=16, streaming=streaming)
+    with pytest.raises(DataError) as err:
+        load_text_sets(section, AutoTokenizer.from_pretrained(tiny_llama_dir), seed=0)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert capfd.readouterr().err == ""  # nothing else printed beside the error line

@@ -1,14 +1,16 @@
 """Plain-text corpora for pre-training and continued pre-training (`data.format: text`).
 
 Sources: `.txt` files, globs of them or a directory of them (each blank-line-separated paragraph is one document);
-`.jsonl` / `.json` / `.parquet` files and hub datasets whose rows carry `data.text_field`; hub datasets with
-`data.streaming: true` (e.g. `allenai/c4`, subset `en`) are read on the fly and never held in memory.
+`.jsonl` / `.json` / `.parquet` files and hub datasets whose rows carry `data.text_field`; a local directory laid
+out like a hub dataset (data files, a README.md whose `configs:` name subsets and splits) is read by `datasets`
+exactly as the hub id would be. With `data.streaming: true` (e.g. `allenai/c4`, subset `en`) a dataset is read
+on the fly and never held in memory; the first block is read before training, so a bad source fails at once.
 
 Documents are tokenised without special tokens, each followed by EOS, concatenated and cut into blocks of exactly
 `data.cutoff_len` tokens (the remainder is dropped): no padding, every token is a training target. The held-out
 split is made of whole documents (`data.val_set_size`, as for instruction data, or `data.val_path`), so no
-document is in both; a streaming source holds out its first `val_set_size` documents or reads
-`data.val_split` (C4's `validation`).
+document is in both; a stream has no length, so it holds out a count of documents: its first `val_set_size`, or
+that many (default 1000) of `data.val_split` (C4's `validation`) or of `data.val_path`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from typing import Any
 
 from velora_cli.data import TEXT_SUFFIXES, split_validation
 from velora_cli.errors import DataError
+
+DATA_SUFFIXES = (".json", ".jsonl", ".parquet", ".gz", ".csv", ".arrow")  # a directory holding any is a dataset
+STREAM_VAL_DOCUMENTS = 1000  # held-out documents of data.val_split / data.val_path when val_set_size is 0
 
 
 def _paragraphs(text: str) -> list[str]:
@@ -37,6 +42,19 @@ def _text_of(row: Any, field: str, where: str) -> str:
     return value
 
 
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{file}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise DataError(f"{file}: cannot read ({exc.strerror})") from None
+
+
+def _is_dataset_dir(local: Path) -> bool:
+    return local.is_dir() and any(p.suffix in DATA_SUFFIXES for p in local.rglob("*") if p.is_file())
+
+
 def _local_files(path: str) -> list[Path]:
     local = Path(path).expanduser()
     if local.is_dir():
@@ -49,14 +67,19 @@ def _local_files(path: str) -> list[Path]:
 def iter_documents(
     path: str, *, split: str = "train", text_field: str = "text", subset: str | None = None, streaming: bool = False
 ) -> Iterator[str]:
-    """The documents of a corpus, in order (lazily for streaming hub datasets)."""
+    """The documents of a corpus, in order (lazily for streaming datasets)."""
+    if _is_dataset_dir(Path(path).expanduser()):  # the hub's code path, from a local copy
+        yield from _dataset_documents(path, split, text_field, subset, streaming)
+        return
     files = _local_files(path)
     local = Path(path).expanduser()
+    if not files and local.is_dir():
+        raise DataError(f"{path}: a directory without text ({', '.join(TEXT_SUFFIXES)}) or data files")
     if not files and (local.suffix in (*TEXT_SUFFIXES, ".jsonl", ".json", ".parquet") or path.startswith((".", "/"))):
         raise DataError(f"data file not found: {path}")
     if files and all(f.suffix in TEXT_SUFFIXES for f in files):
         for file in files:
-            yield from _paragraphs(file.read_text(encoding="utf-8"))
+            yield from _paragraphs(_read_text(file))
         return
     if files and len(files) == 1 and files[0].suffix in (".jsonl", ".json"):
         yield from _json_documents(files[0], text_field)
@@ -65,9 +88,8 @@ def iter_documents(
 
 
 def _json_documents(file: Path, field: str) -> Iterator[str]:
-    text = file.read_text(encoding="utf-8")
-    if file.suffix == ".jsonl":
-        for lineno, line in enumerate(text.splitlines(), start=1):
+    if file.suffix == ".jsonl":  # line by line: a large file is never held whole
+        for lineno, line in enumerate(_lines(file), start=1):
             if line.strip():
                 try:
                     row = json.loads(line)
@@ -76,18 +98,28 @@ def _json_documents(file: Path, field: str) -> Iterator[str]:
                 yield _text_of(row, field, f"{file}: line {lineno}")
         return
     try:
-        rows = json.loads(text)
+        rows = json.loads(_read_text(file))
     except json.JSONDecodeError as exc:
         raise DataError(f"{file}: invalid JSON at line {exc.lineno}: {exc.msg}") from None
     for i, row in enumerate(rows if isinstance(rows, list) else []):
         yield _text_of(row, field, f"{file}: row {i}")
 
 
+def _lines(file: Path) -> Iterator[str]:
+    with file.open(encoding="utf-8") as handle:
+        try:
+            yield from handle
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{file}: not UTF-8 text ({exc.reason})") from None
+
+
 def _dataset_documents(
     source: str | list[str], split: str, field: str, subset: str | None, streaming: bool
 ) -> Iterator[str]:
-    import datasets
+    from velora_cli.logs import import_datasets
 
+    datasets = import_datasets()
+    shown = ", ".join(source) if isinstance(source, list) else source
     try:
         if isinstance(source, list):  # local parquet (or mixed) files
             kind = "parquet" if all(s.endswith(".parquet") for s in source) else "json"
@@ -95,11 +127,19 @@ def _dataset_documents(
         else:
             dataset = datasets.load_dataset(source, subset, split=split, streaming=streaming)
     except FileNotFoundError as exc:
-        raise DataError(f"data.path {source!r}: not found ({exc})") from None
+        raise DataError(f"data.path {shown}: not found ({exc})") from None
     except Exception as exc:  # datasets raises many types for unreachable hubs and bad files
-        raise DataError(f"data.path {source!r}: cannot load dataset: {str(exc).splitlines()[0]}") from None
-    for i, row in enumerate(dataset):
-        yield _text_of(row, field, f"{source}: row {i}")
+        raise DataError(f"data.path {shown}: cannot load dataset: {str(exc).splitlines()[0]}") from None
+    rows, i = iter(dataset), 0
+    while True:
+        try:  # a streaming dataset parses its files only now, row by row
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as exc:  # as above: pyarrow, json and fsspec errors of a corrupt or vanished file
+            raise DataError(f"data.path {shown}: unreadable after {i} rows: {str(exc).splitlines()[0]}") from None
+        yield _text_of(row, field, f"{shown}: row {i}")
+        i += 1
 
 
 # ------------------------------------------------------------------------------------------------- packing
@@ -124,8 +164,9 @@ def block_row(ids: list[int]) -> dict[str, Any]:
 
 def pack(documents: Iterable[str], tokenizer, block: int, limit: int | None = None) -> Any:
     """A `datasets.Dataset` of packed blocks (labels = input_ids; the model shifts them)."""
-    import datasets
+    from velora_cli.logs import import_datasets
 
+    datasets = import_datasets()
     rows = [block_row(ids) for ids in itertools.islice(iter_blocks(documents, tokenizer, block), limit)]
     return datasets.Dataset.from_list(rows)
 
@@ -157,14 +198,20 @@ def load_text_sets(data_section, tokenizer, seed: int) -> tuple[Any, Any, int]:
     """(train set, held-out set or None, number of documents read) of packed blocks, per the recipe's data section."""
     d = data_section
     if d.streaming:
-        n_val = int(d.val_set_size)
-        if d.val_split:
-            docs = iter_documents(d.path, split=d.val_split, text_field=d.text_field, subset=d.subset, streaming=True)
-            val = pack(itertools.islice(docs, n_val or 1000), tokenizer, d.cutoff_len)
-            return _as_torch_iterable(StreamingBlocks(d, tokenizer)), val, 0
-        docs = iter_documents(d.path, split=d.split, text_field=d.text_field, subset=d.subset, streaming=True)
-        val = pack(itertools.islice(docs, n_val), tokenizer, d.cutoff_len) if n_val else None
-        return _as_torch_iterable(StreamingBlocks(d, tokenizer, skip=n_val)), val, 0
+        n_val = int(d.val_set_size)  # a count: the recipe refuses a fraction of a stream
+        if d.val_split or d.val_path:
+            source, split = (d.val_path, "validation") if d.val_path else (d.path, d.val_split)
+            docs = iter_documents(source, split=split, text_field=d.text_field, subset=d.subset, streaming=True)
+            val = pack(itertools.islice(docs, n_val or STREAM_VAL_DOCUMENTS), tokenizer, d.cutoff_len)
+            train = StreamingBlocks(d, tokenizer)
+        else:
+            docs = iter_documents(d.path, split=d.split, text_field=d.text_field, subset=d.subset, streaming=True)
+            val = pack(itertools.islice(docs, n_val), tokenizer, d.cutoff_len) if n_val else None
+            train = StreamingBlocks(d, tokenizer, skip=n_val)
+        if next(iter(train), None) is None:
+            raise DataError(f"{d.path}: fewer than data.cutoff_len={d.cutoff_len} tokens of training text")
+        _check_heldout(val, d.cutoff_len)
+        return _as_torch_iterable(train), val, 0
     documents = list(iter_documents(d.path, split=d.split, text_field=d.text_field, subset=d.subset))
     if not documents:
         raise DataError(f"{d.path}: no text")
@@ -175,6 +222,10 @@ def load_text_sets(data_section, tokenizer, seed: int) -> tuple[Any, Any, int]:
     if len(train) == 0:
         raise DataError(f"{d.path}: fewer than data.cutoff_len={d.cutoff_len} tokens of training text")
     val = pack(val_docs, tokenizer, d.cutoff_len) if val_docs else None
-    if val is not None and len(val) == 0:
-        raise DataError(f"held-out text shorter than one block of data.cutoff_len={d.cutoff_len} tokens")
+    _check_heldout(val, d.cutoff_len)
     return train, val, len(documents)
+
+
+def _check_heldout(val: Any, cutoff_len: int) -> None:
+    if val is not None and len(val) == 0:
+        raise DataError(f"held-out text shorter than one block of data.cutoff_len={cutoff_len} tokens")

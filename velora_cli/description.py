@@ -120,13 +120,15 @@ class RunDescription:
 
     @classmethod
     def of(cls, recipe: Any) -> RunDescription:
-        """The one translation of a (resolved) Recipe into its description."""
+        """The one translation of a (resolved) Recipe into its description. A pretrain run's base is the
+        architecture it initialised (model.config), not model.name, which it never loads."""
         v, m = recipe.velora, recipe.memory
         velora = VeloraPart(True, v.module_names, v.num_groups, v.subtoken_size, v.init, v.scale) if v.enabled else (
             VeloraPart())  # fmt: skip
         lora = LoraPart(recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.module_names)
         memory = MemoryPart(m.loss, m.lean_ops, m.checkpointing, m.offload, recipe.train.optimizer_in_backward)
-        return cls(recipe.name, recipe.model.name, recipe.model.quantization, velora, lora, recipe.method, memory)
+        base = recipe.model.config if recipe.method == "pretrain" else recipe.model.name
+        return cls(recipe.name, base, recipe.model.quantization, velora, lora, recipe.method, memory)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunDescription | None:
@@ -166,8 +168,18 @@ class RunDescription:
         return out
 
     @property
+    def how(self) -> str:
+        """How the base was trained: 'from scratch' (pretrain), 'full' (every weight), else its quantisation."""
+        return {"pretrain": "from scratch", "full": "full"}.get(self.kind, self.quantization)
+
+    @property
+    def base_text(self) -> str:
+        """The base column of `velora runs`: a pretrain run names the architecture it started from."""
+        return f"{self.base_model} (from scratch)" if self.kind == "pretrain" else self.base_model
+
+    @property
     def model_text(self) -> str:
-        return f"{self.base_model} ({self.quantization})"
+        return f"{self.base_model} ({self.how})"
 
     @property
     def method(self) -> str:

@@ -11,12 +11,14 @@ The step order equals ordinary training's: the scheduler advances after the Trai
 backward of step t uses lr_t. What it cannot do: gradient accumulation (a hook would step on every micro-batch:
 the recipe requires batch_size == micro_batch_size) and gradient clipping by the global norm (no moment holds
 every gradient; the Trainer is told max_grad_norm=0, and the plan says clipping is off). Under DDP the hooks would
-run before the gradients are averaged, so it is single-process only.
+run before the gradients are averaged, so it is single-process only. Its checkpoints cannot resume an ordinary
+AdamW run nor the reverse (the state dicts differ in shape): `stepped_in_backward` tells which wrote one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -94,3 +96,17 @@ def layerwise_for_trainer(trainer, fused: bool = False) -> LayerwiseAdamW:
         eps=args.adam_epsilon,
         fused=fused,
     )
+
+
+def stepped_in_backward(checkpoint: Path) -> bool | None:
+    """Whether a checkpoint's optimizer.pt is LayerwiseAdamW's state (True) or an ordinary optimizer's (False);
+    None when it has none or it cannot be read (the Trainer reports that itself). Memory-mapped, so only the
+    structure is read, not the moments."""
+    path = Path(checkpoint) / "optimizer.pt"
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, OSError, ValueError, EOFError):
+        return None
+    return isinstance(state, dict) and "inner" in state

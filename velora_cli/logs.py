@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 LIBRARIES = ("transformers", "peft", "accelerate", "bitsandbytes", "datasets", "huggingface_hub", "torch",
              "safetensors", "filelock", "urllib3", "httpx", "py.warnings")  # fmt: skip
@@ -81,6 +82,17 @@ def configure(verbose: bool = False) -> None:
         import datasets
 
         (datasets.enable_progress_bars if verbose else datasets.disable_progress_bars)()
+
+
+def import_datasets() -> Any:
+    """`datasets`, without the stderr handler it adds to its logger on import (after `configure` ran): its errors,
+    such as a corrupt parquet file's, would print beside velora's one error line. Ours, from `configure`, stay."""
+    import datasets
+
+    root = logging.getLogger("datasets")
+    for handler in [h for h in root.handlers if type(h) is logging.StreamHandler and h not in _handlers]:
+        root.removeHandler(handler)
+    return datasets
 
 
 @contextmanager

@@ -17,6 +17,7 @@ weight of a freshly initialised model trains), both with VeLoRA on the chosen li
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,26 @@ def meta_model(recipe):
         config = load_config(resolve_model(recipe.model.name), recipe.model.trust_remote_code)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+
+
+def load_full_checkpoint(model, checkpoint: Path) -> None:
+    """The weights of a full/pretrain checkpoint-N (model.safetensors or its shards) into the built model: a run
+    killed after its last checkpoint finishes from it. Tied weights are saved once; any other gap is an error."""
+    from safetensors.torch import load_file
+
+    index = checkpoint / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [
+        "model.safetensors"]  # fmt: skip
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_file(str(checkpoint / name)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    loaded = {own[k].data_ptr() for k in state if k in own}
+    untied = [k for k in missing if own[k].data_ptr() not in loaded]
+    if untied or unexpected:
+        raise UsageError(f"{checkpoint}: its weights do not fit the model (missing {untied[:3]}, "
+                         f"unexpected {unexpected[:3]})")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------- export

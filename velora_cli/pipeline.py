@@ -229,7 +229,7 @@ def run_pipeline(
     with contextlib.ExitStack() as stack:
         if run_dir.is_dir():  # an existing run: a second process stops here, before any check
             stack.enter_context(run_lock(run_dir))
-        checks = preflight(recipe, todo, run_dir, has_adapter=has_adapter)
+        checks = preflight(recipe, todo, run_dir, has_adapter=has_adapter, resume=resume)
         stack.enter_context(run_lock(run_dir))  # creates the run dir once everything checked out
         stack.enter_context(logs.also_to(run_dir / "velora.log"))
         return _run_stages(recipe, run_dir, todo, resume, summary, out, checks)

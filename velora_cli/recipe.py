@@ -323,6 +323,20 @@ class Recipe(Section):
                                  f"{self.train.optimizer!r}")  # fmt: skip
         return self
 
+    @model_validator(mode="after")
+    def _streaming(self) -> Recipe:
+        """A stream is plain text read on the fly, without a length: its held-out part is a count of documents."""
+        d = self.data
+        if d.streaming and not self.text_data:
+            raise ValueError("data.streaming reads plain text: set data.format: text (instructions load whole)")
+        if d.streaming and 0 < d.val_set_size < 1:
+            raise ValueError(f"data.val_set_size={d.val_set_size:g} is a fraction, and a stream has no length: hold "
+                             "out a number of documents (>= 1), or set data.val_split")  # fmt: skip
+        if d.val_split and not d.streaming:
+            raise ValueError("data.val_split is for data.streaming: true (otherwise data.val_path names the held-out "
+                             "file)")  # fmt: skip
+        return self
+
     @property
     def full(self) -> bool:
         """Every weight trains (method full or pretrain): no adapter, the run dir holds a whole model."""

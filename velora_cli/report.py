@@ -234,7 +234,7 @@ def print_runs(root: Path, runs: list[tuple[Path, RunSummary]]) -> None:
         act = train.activation_bytes_per_token if train is not None else None
         table.add_row(
             path.name,
-            d.base_model if d is not None else "-",
+            d.base_text if d is not None else "-",
             d.method if d is not None else "-",
             str(train.steps) if train is not None else "-",
             _num(train.eval_loss if train is not None else None),

@@ -35,6 +35,7 @@ from velora_cli.description import RunDescription
 from velora_cli.device import compute_dtype, default_device, dtype_name, is_main_process, world_size
 from velora_cli.errors import DataError, RecipeError, TrainingAborted, UsageError, VeloraError
 from velora_cli.memstats import human_bytes, memory_stats, reset_peak
+from velora_cli.methods import load_full_checkpoint
 from velora_cli.metrics import read_metrics, truncate_metrics
 from velora_cli.models import build_training_model, load_tokenizer, memory_as_trained, resolve_model
 from velora_cli.recipe import Recipe, dump_recipe
@@ -129,7 +130,7 @@ class Plan:
         model = f"{r.model.name} ({r.model.quantization}{double})"
         if r.full:  # method full/pretrain: no adapter, every weight trains
             lora = f"none: method {r.method}, every weight trains"
-            model = f"{r.model.config} (fresh initialisation)" if r.method == "pretrain" else f"{r.model.name} (full)"
+            model = RunDescription.of(r).model_text
             if r.train.optimizer_in_backward:
                 lora += "; optimizer steps in backward (no gradient clipping)"
         return [
@@ -139,7 +140,8 @@ class Plan:
             ("VeLoRA", velora),
             (
                 "data",
-                f"{r.data.path}: {self.train_rows} train / {self.val_rows} val rows, {self.train_tokens} train tokens"
+                f"{r.data.path}: {'streamed' if r.data.streaming else self.train_rows} train / {self.val_rows} val rows"
+                + ("" if r.data.streaming else f", {self.train_tokens} train tokens")
                 + self.counts.describe(r.data, self.sequences),
             ),
             (
@@ -368,10 +370,9 @@ class FinetuneSession:
             return self._finish_from(resume_from, done_step)
         viewer = None
         if display and is_main_process():
-            notes = {
-                "model": f"{self.recipe.model.name} ({self.recipe.model.quantization}, {dtype_name(self._compute())})",
-                "method": RunDescription.of(self.recipe).method,
-            }
+            described = RunDescription.of(self.recipe)
+            notes = {"model": f"{described.base_model} ({described.how}, {dtype_name(self._compute())})",
+                     "method": described.method}  # fmt: skip
             if self.compressed:
                 notes["VeLoRA"] = f"{len(self.compressed)} layers compressed"
             viewer = TrainingDisplay(self.recipe.name or self.run_dir.name, self.plan.steps, notes)
@@ -410,7 +411,10 @@ class FinetuneSession:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        set_peft_model_state_dict(self.model, load_file(str(checkpoint / runs.ADAPTER_WEIGHTS)))
+        if self.recipe.full:  # the checkpoint holds the whole model
+            load_full_checkpoint(self.model, checkpoint)
+        else:
+            set_peft_model_state_dict(self.model, load_file(str(checkpoint / runs.ADAPTER_WEIGHTS)))
         load_velora_vectors(self.model, checkpoint)
         self.trainer.state.global_step = step
         return self._result(step, False, self.evaluate_loss(), 0.0)

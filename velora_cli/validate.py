@@ -98,6 +98,24 @@ def check_shapes(recipe, config) -> None:
         attach_adapters(model, recipe)
 
 
+def check_resumable_optimizer(recipe, run_dir: Path, velora: bool) -> None:
+    """The newest checkpoint's optimizer state must be of the kind this recipe trains with: LayerwiseAdamW's
+    (train.optimizer_in_backward) and an ordinary AdamW's do not load into each other (torch's param-group error)."""
+    from velora_cli.layerwise import stepped_in_backward
+    from velora_cli.runs import resumable_checkpoints
+
+    complete = resumable_checkpoints(run_dir, velora)
+    written = stepped_in_backward(complete[-1]) if complete else None
+    wanted = recipe.train.optimizer_in_backward
+    if written is not None and written != wanted:
+        was, now = str(written).lower(), str(wanted).lower()
+        raise UsageError(
+            f"{complete[-1]}: written with train.optimizer_in_backward={was}, and this run sets it to {now}; the "
+            f"optimizer state cannot carry over. Resume with train.optimizer_in_backward={was}, or start afresh "
+            "with --no-resume"
+        )
+
+
 def check_memory(recipe, config) -> None:
     """The memory section against the model's config and this machine: every:K needs K <= the number of decoder
     layers (a larger K checkpoints layer 0 only, which every:L already says); offload needs CUDA."""
@@ -129,8 +147,9 @@ def check_reporting(recipe) -> None:
             raise RecipeError(f"train.report_to: {backend} is not installed (pip install {backend})")
 
 
-def preflight(recipe, stages: list[str], run_dir: Path, *, has_adapter: bool) -> Preflight:
-    """Check every input and output of the chosen `stages` (see the module docstring); raise before writing."""
+def preflight(recipe, stages: list[str], run_dir: Path, *, has_adapter: bool, resume: bool = False) -> Preflight:
+    """Check every input and output of the chosen `stages` (see the module docstring); raise before writing.
+    `resume`: the train stage will continue from the run's newest checkpoint."""
     from velora_cli.data import load_records
     from velora_cli.models import load_config, resolve_model
 
@@ -144,7 +163,9 @@ def preflight(recipe, stages: list[str], run_dir: Path, *, has_adapter: bool) ->
 
             model = meta_model(recipe)
             checks.config = model.config
-            attach_full_velora(model, recipe)
+            compressed = attach_full_velora(model, recipe)
+            if resume:
+                check_resumable_optimizer(recipe, run_dir, bool(compressed))
         else:
             checks.config = load_config(resolve_model(recipe.model.name), recipe.model.trust_remote_code)
             check_shapes(recipe, checks.config)
@@ -155,6 +176,7 @@ def preflight(recipe, stages: list[str], run_dir: Path, *, has_adapter: bool) ->
         checks.session = FinetuneSession(recipe, run_dir)
         checks.session.gradient_accumulation()
         checks.session.setup_data()
+        checks.session.total_steps()  # a stream has no length: it needs train.max_steps
         h = recipe.eval.heldout
         if h.enabled:
             rows = load_records(h.path, field="eval.heldout.path").records if h.path else checks.session.val_records

@@ -179,7 +179,11 @@ def preflight(recipe, stages: list[str], run_dir: Path, *, has_adapter: bool, re
         checks.session.total_steps()  # a stream has no length: it needs train.max_steps
         h = recipe.eval.heldout
         if h.enabled:
-            rows = load_records(h.path, field="eval.heldout.path").records if h.path else checks.session.val_records
+            # read in the training data's format (setup_data resolved it), so a bad row names its missing field
+            fmt = recipe.data.format if recipe.data.format != "text" else None
+            rows = checks.session.val_records
+            if h.path:
+                rows = load_records(h.path, field="eval.heldout.path", fmt=fmt).records
             if not rows:
                 raise UsageError("eval.heldout: enabled without a path, and the recipe holds out no validation rows")
             checks.heldout = list(rows)[: h.limit]

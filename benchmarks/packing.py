@@ -15,7 +15,7 @@ trained tokens/s and its ratio (the issue's target: packed >= 1.6x), held-out lo
 within 1%).
 
     python benchmarks/packing.py [--steps 40] [--cutoff-len 512] [--micro-batch 8] [--batch-size 16]
-        [--packed-micro-batch 2] [--packed-batch-size 4]
+        [--packed-micro-batch 2] [--packed-batch-size 4] [--no-group-by-length]
         [--data ../shared/data/instruct/alpaca_libre.json] [--json out.json]
     python benchmarks/packing.py --steps 2 --micro-batch 2 --batch-size 2 --val-rows 4   # a quick check it runs
 """
@@ -55,7 +55,7 @@ def recipe_for(packing: bool, args: argparse.Namespace, run_dir: Path) -> dict[s
         "train": {"micro_batch_size": args.packed_micro_batch if packing else args.micro_batch,
                   "batch_size": args.packed_batch_size if packing else args.batch_size, "max_steps": args.steps,
                   "learning_rate": args.lr, "scheduler": args.scheduler, "warmup_steps": args.warmup,
-                  "seed": args.seed, "save_steps": 1 << 20},
+                  "seed": args.seed, "save_steps": 1 << 20, "group_by_length": args.group_by_length},
         "output": {"dir": str(run_dir)},
     }  # fmt: skip
 
@@ -129,6 +129,8 @@ def main() -> None:
     parser.add_argument("--packed-micro-batch", type=int)
     parser.add_argument("--packed-batch-size", type=int)
     parser.add_argument("--val-rows", type=int, default=64)
+    # the recipe default (on) already removes most padding; off: batches in data order, as most trainers do
+    parser.add_argument("--no-group-by-length", dest="group_by_length", action="store_false")
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--scheduler", default="constant_with_warmup")
     parser.add_argument("--warmup", type=int, default=2)
@@ -151,7 +153,8 @@ def main() -> None:
     packed_shape = f"{args.packed_micro_batch} x {args.packed_batch_size // args.packed_micro_batch}"
     print(f"\n{args.model}, {args.data.name}, cutoff {args.cutoff_len}, micro-batch x accumulation "
           f"{args.micro_batch} x {args.batch_size // args.micro_batch} (packed {packed_shape}), lr {args.lr:g} "
-          f"({args.scheduler}), seed {args.seed}, {args.val_rows} held-out rows; "
+          f"({args.scheduler}), group_by_length {args.group_by_length}, seed {args.seed}, "
+          f"{args.val_rows} held-out rows; "
           f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f}")  # fmt: skip
     print("| batches | examples / sequences | steps | trained tokens | real tokens | seconds | trained tokens/s "
           "| held-out loss |")  # fmt: skip

@@ -118,3 +118,16 @@ def tiny_lora_run(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path
     AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(run)
     write_run_recipe(run, str(tiny_llama_dir))
     return run
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `velora ARGV` run in-process."""
+    from velora_cli.cli import main
+
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
-from velora_cli.cli import main
 from velora_cli.export import export_run, parse_size
 from velora_cli.models import DEFAULT_MODEL
 from velora_cli.recipe import dump_recipe, read_run_recipe, validate_recipe
@@ -113,16 +113,6 @@ def _load(path: Path, dtype: torch.dtype | str = "auto"):
 
 def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((x - y).abs().max().item() for x, y in zip(a, b, strict=True))
-
-
-def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 # --------------------------------------------------------------------------------------------- fixtures
@@ -281,7 +271,7 @@ def test_adapter_only_export_loads_with_peft(tiny_run: Path, reference, tiny_lla
 
 def test_cli_export_prints_what_it_wrote(tiny_run: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "cli"
-    code, stdout, _ = _cli(["export", str(tiny_run), "--out", str(out), "--dtype", "fp16"], capsys)
+    code, stdout, _ = run_cli(["export", str(tiny_run), "--out", str(out), "--dtype", "fp16"], capsys)
     assert code == 0
     assert f"exported merged fp16 model to {out}/" in stdout
     assert "model.safetensors" in stdout and "README.md" in stdout
@@ -292,7 +282,7 @@ def test_force_replaces_only_after_success(tiny_run: Path, tmp_path: Path, monke
     out = tmp_path / "existing"
     out.mkdir()
     (out / "keep.txt").write_text("old export")
-    code, _, err = _cli(["export", str(tiny_run), "--out", str(out)], capsys)
+    code, _, err = run_cli(["export", str(tiny_run), "--out", str(out)], capsys)
     assert code == 2
     assert err.strip() == f"error: --out {out}: directory exists and is not empty; pass --force to replace it"
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
@@ -395,7 +385,7 @@ def test_errors_exit_2_with_one_line_and_write_nothing(
     elif case == "into-run":
         out, extra = tiny_run, ["--force"]
     before = sorted(p.name for p in tmp_path.iterdir())
-    code, stdout, err = _cli(["export", str(run), "--out", str(out), *extra], capsys)
+    code, stdout, err = run_cli(["export", str(run), "--out", str(out), *extra], capsys)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: " + expected.format(run=run, base=base)), err
@@ -414,7 +404,7 @@ def test_non_finite_adapter_is_refused(tiny_run: Path, tmp_path: Path, capsys) -
     key = next(k for k in weights if "layers.1.mlp.down_proj.lora_B" in k)
     weights[key][0, 0] = float("nan")
     save_file(weights, run / "adapter_model.safetensors")
-    code, _, err = _cli(["export", str(run), "--out", str(tmp_path / "out")], capsys)
+    code, _, err = run_cli(["export", str(run), "--out", str(tmp_path / "out")], capsys)
     assert code == 1
     assert err.startswith(f"error: {run}: adapter weight ") and "layers.1.mlp.down_proj.lora_B" in err
     assert "not finite (NaN/inf); the run diverged" in err

@@ -14,23 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_run_recipe
+from conftest import run_cli, write_run_recipe
 
 from velora_cli.cli import main
 from velora_cli.export import export_run
 from velora_cli.templates import ALPACA_CHAT_TEMPLATE
 
 SENTENCE = "The capital of France is Paris; 2024 had 366 days.\n  Indented, émigré, 東京!"
-
-
-def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +214,7 @@ def test_refusals_exit_2_before_any_work(case, expected, tiny_lora_run, tiny_lla
         }[case]
     out = tmp_path / "out"
     before = sorted(p.name for p in tmp_path.iterdir())
-    code, stdout, err = _cli(["export", str(run), "--out", str(out), *extra], capsys)
+    code, stdout, err = run_cli(["export", str(run), "--out", str(out), *extra], capsys)
     lines = err.strip().splitlines()
     assert code == 2 and stdout == ""
     assert len(lines) == 1 and lines[0].startswith("error: " + expected.format(base=tmp_path / "base")), err

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_run_recipe
+from conftest import run_cli, write_run_recipe
 
-from velora_cli.cli import main
 from velora_cli.formats import ALPACA_NO_INPUT, record_pieces
 from velora_cli.recipe import read_run_recipe
 from velora_cli.templates import PromptStyle, render
@@ -23,16 +22,6 @@ from velora_cli.templates import PromptStyle, render
 PROMPT = "Name a colour."
 FOLLOW_UP = "And another one?"
 TOKENS = 12
-
-
-def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +76,9 @@ def test_generate_answers_as_model_generate_does(tiny_lora_run: Path, reference,
     from transformers import AutoModelForCausalLM
 
     _, _, answer = reference
-    code, out, err = _cli(["generate", str(tiny_lora_run), "--prompt", PROMPT, "--max-new-tokens", str(TOKENS)], capsys)
+    code, out, err = run_cli(
+        ["generate", str(tiny_lora_run), "--prompt", PROMPT, "--max-new-tokens", str(TOKENS)], capsys
+    )
     assert code == 0, err
     expected = answer(ALPACA_NO_INPUT.format(instruction=PROMPT))
     assert out == expected + "\n"  # the answer alone: scriptable
@@ -102,7 +93,7 @@ def test_a_chat_template_run_is_prompted_with_its_system_message(tiny_lora_run, 
     run = _run_with(tiny_lora_run, tmp_path, template="chat", system_prompt="You answer in French.")
     user = [{"role": "user", "content": PROMPT}]
     for extra, system in (([], "You answer in French."), (["--system", "Be terse."], "Be terse.")):
-        code, out, err = _cli(
+        code, out, err = run_cli(
             ["generate", str(run), "--prompt", PROMPT, "--max-new-tokens", str(TOKENS), *extra], capsys
         )
         assert code == 0, err
@@ -116,7 +107,7 @@ def test_a_run_is_prompted_as_its_data_format_trained(fmt, tiny_lora_run, refere
     # alpaca is the default template: a conversations run must not be prompted with it, nor a prompt_completion one
     _, tokenizer, answer = reference
     run = _run_with(tiny_lora_run, tmp_path, format=fmt)
-    code, out, err = _cli(["generate", str(run), "--prompt", PROMPT, "--max-new-tokens", str(TOKENS)], capsys)
+    code, out, err = run_cli(["generate", str(run), "--prompt", PROMPT, "--max-new-tokens", str(TOKENS)], capsys)
     assert code == 0, err
     if fmt == "prompt_completion":
         text = _training_prompt({"prompt": PROMPT, "completion": "Blue."}, "alpaca", tokenizer)
@@ -130,7 +121,7 @@ def test_chat_through_stdin_keeps_resets_and_exits(tiny_lora_run: Path, referenc
     _, _, answer = reference
     script = f"{PROMPT}\n{FOLLOW_UP}\n/reset\n\n/bogus\n{PROMPT}\n/exit\n{FOLLOW_UP}\n"
     monkeypatch.setattr(sys, "stdin", io.StringIO(script))
-    code, out, err = _cli(["chat", str(tiny_lora_run), "--max-new-tokens", str(TOKENS)], capsys)
+    code, out, err = run_cli(["chat", str(tiny_lora_run), "--max-new-tokens", str(TOKENS)], capsys)
     assert code == 0, err
     first = answer(ALPACA_NO_INPUT.format(instruction=PROMPT))
     turns = [
@@ -145,14 +136,14 @@ def test_chat_through_stdin_keeps_resets_and_exits(tiny_lora_run: Path, referenc
     assert "prompted with the Alpaca prompt" in err
 
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{PROMPT}\n"))  # end of input ends the chat too
-    code, out, _ = _cli(["chat", str(tiny_lora_run), "--max-new-tokens", str(TOKENS)], capsys)
+    code, out, _ = run_cli(["chat", str(tiny_lora_run), "--max-new-tokens", str(TOKENS)], capsys)
     assert (code, out) == (0, f"{first}\n")
 
 
 def test_chat_says_when_a_message_leaves_no_room_to_answer(tiny_lora_run: Path, monkeypatch, capsys) -> None:
     # The tiny LLaMA's context is 1024 tokens; the prompt plus 1010 new tokens does not fit, so nothing is generated.
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{PROMPT}\n"))
-    code, out, err = _cli(["chat", str(tiny_lora_run), "--max-new-tokens", "1010"], capsys)
+    code, out, err = run_cli(["chat", str(tiny_lora_run), "--max-new-tokens", "1010"], capsys)
     assert (code, out) == (0, "")
     assert "that message alone fills the model's context; say it in fewer words" in err
 
@@ -167,8 +158,8 @@ def test_a_merged_export_is_prompted_as_its_run(tiny_lora_run: Path, tmp_path: P
     merged = export_run(tiny_lora_run, tmp_path / "merged", dtype="fp32")
     assert AutoTokenizer.from_pretrained(merged).chat_template == ALPACA_CHAT_TEMPLATE
     args = ["--prompt", PROMPT, "--max-new-tokens", str(TOKENS)]
-    _, from_run, _ = _cli(["generate", str(tiny_lora_run), *args], capsys)
-    code, from_export, err = _cli(["generate", str(merged), *args], capsys)
+    _, from_run, _ = run_cli(["generate", str(tiny_lora_run), *args], capsys)
+    code, from_export, err = run_cli(["generate", str(merged), *args], capsys)
     assert code == 0, err
     assert from_export == from_run
 
@@ -179,11 +170,11 @@ def test_sampling_is_seeded_and_4bit_loads_as_trained(tiny_lora_run, tiny_llama_
     from velora_cli.models import ModelSource, load_base_model
 
     args = ["generate", str(tiny_lora_run), "--prompt", PROMPT, "--max-new-tokens", str(TOKENS)]
-    sampled = [_cli([*args, "--temperature", "1.5", "--seed", "3"], capsys)[1] for _ in range(2)]
+    sampled = [run_cli([*args, "--temperature", "1.5", "--seed", "3"], capsys)[1] for _ in range(2)]
     greedy = reference[2](ALPACA_NO_INPUT.format(instruction=PROMPT)) + "\n"
     assert sampled[0] == sampled[1] != greedy
 
-    code, out, err = _cli([*args, "--load-in-4bit"], capsys)
+    code, out, err = run_cli([*args, "--load-in-4bit"], capsys)
     assert code == 0, err
     from transformers import AutoTokenizer
 
@@ -219,7 +210,7 @@ def test_errors_exit_2_with_one_line(case: str, expected: str, tiny_lora_run: Pa
     elif case == "temperature":
         path, extra = tiny_lora_run, ["--temperature", "-1"]
     for command in (["generate", str(path), "--prompt", PROMPT], ["chat", str(path)]):
-        code, out, err = _cli([*command, *extra], capsys)
+        code, out, err = run_cli([*command, *extra], capsys)
         lines = err.strip().splitlines()
         assert code == 2 and out == ""
         assert len(lines) == 1 and lines[0].startswith("error: " + expected.format(path=path)), err

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
-from velora_cli.cli import main
 from velora_cli.errors import UsageError
 from velora_cli.eval.command import load_eval_model
 from velora_cli.eval.mmlu_data import (
@@ -31,16 +31,6 @@ from velora_cli.eval.scorer import MmluScorer, score_mmlu
 from velora_cli.eval.summary import evaluate_mmlu, summarize
 
 FIXTURE = Path(__file__).resolve().parents[1] / "recipes" / "data" / "mmlu_mini"
-
-
-def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main(argv)
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")
@@ -225,7 +215,7 @@ def test_results_schema_and_weighted_means(tiny) -> None:
 
 def test_cli_writes_json_and_predictions(tiny_llama_dir: Path, tmp_path: Path, capsys) -> None:
     out_json, out_preds = tmp_path / "res.json", tmp_path / "preds.jsonl"
-    code, out, err = _cli(
+    code, out, err = run_cli(
         ["eval", "--mmlu", "--model", str(tiny_llama_dir), "--data-dir", str(FIXTURE), "--subjects",
          "nutrition,philosophy", "--limit", "3", "--shots", "2", "--batch-size", "2",
          "--json", str(out_json), "--save-predictions", str(out_preds)],
@@ -276,7 +266,9 @@ def test_run_dir_loads_base_plus_adapter(tiny_llama_dir: Path, tmp_path: Path, t
         load_eval_model(run_dir, "nf4")
 
     # A complete evaluation of a run is kept with it.
-    code, _, err = _cli(["eval", "--mmlu", "--model", str(run_dir), "--data-dir", str(FIXTURE), "--shots", "1"], capsys)
+    code, _, err = run_cli(
+        ["eval", "--mmlu", "--model", str(run_dir), "--data-dir", str(FIXTURE), "--shots", "1"], capsys
+    )
     assert code == 0, err
     saved = json.loads((run_dir / "eval" / "mmlu.json").read_text())
     assert (saved["overall"]["n"], saved["shots"]) == (17, 1) and "LoRA adapter on" in saved["model"]
@@ -316,7 +308,7 @@ def _bad_data(tmp_path: Path, test_rows: str) -> Path:
 )
 def test_cli_errors_are_one_line(argv, message, capsys, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # no runs/ here
-    code, _, err = _cli(argv, capsys)
+    code, _, err = run_cli(argv, capsys)
     assert code == 2
     assert err.startswith(message), err
     assert len(err.strip().splitlines()) == 1
@@ -333,7 +325,7 @@ def test_cli_errors_are_one_line(argv, message, capsys, tmp_path, monkeypatch) -
 )
 def test_malformed_csv_row_names_file_and_line(rows: str, message: str, tmp_path: Path, capsys) -> None:
     data_dir = _bad_data(tmp_path, rows)
-    code, _, err = _cli(["eval", "--mmlu", "--data-dir", str(data_dir), "--model", "unused"], capsys)
+    code, _, err = run_cli(["eval", "--mmlu", "--data-dir", str(data_dir), "--model", "unused"], capsys)
     assert code == 2
     assert err.startswith(f"error: {data_dir}/{message}"), err
 

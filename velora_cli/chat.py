@@ -17,10 +17,8 @@ from velora_cli.inference import (
     Loaded,
     Sampling,
     generate,
-    load_for_inference,
-    loading,
+    load_for_command,
     prompt_ids,
-    system_check,
 )
 from velora_cli.templates import render
 
@@ -61,12 +59,7 @@ def run_chat(
 ) -> None:
     """`velora chat`: load once, then answer each line until /exit or the end of input."""
     sampling.check()
-    loaded = loading(
-        reference,
-        lambda: load_for_inference(
-            reference, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code, check_style=system_check(system)
-        ),
-    )
+    loaded = load_for_command(reference, system=system, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
     source, out = sys.stdin, sys.stdout
     notices = Console(stderr=True, highlight=False, soft_wrap=True)
     interactive = source.isatty()

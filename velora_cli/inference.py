@@ -133,18 +133,20 @@ def load_for_inference(
     *,
     load_in_4bit: bool = False,
     trust_remote_code: bool = False,
-    check_style: Callable[[PromptStyle], None] | None = None,
+    system: str | None = None,
 ) -> Loaded:
     """The model, its tokenizer and prompt style for `reference`, in eval mode on the default device.
 
-    `check_style` sees the prompt style before any weights load (options that do not fit it fail fast)."""
+    `system` (--system) is checked against the prompt style before any weights load, so it fails fast."""
     target = resolve_target(reference)
     tokenizer = load_tokenizer(target.tokenizer, trust_remote_code)
     style = style_of_recipe(target.recipe) if target.recipe is not None else style_of_tokenizer(tokenizer)
     if style.kind == "chat" and not getattr(tokenizer, "chat_template", None):
         raise UsageError(f"{reference}: trained with data.template=chat but the tokenizer has no chat template")
-    if check_style is not None:
-        check_style(style)
+    if system is not None and style.kind == "raw":
+        raise UsageError(
+            "--system: this model is prompted with plain text (no chat template), so it has no system message"
+        )
     quantization = "none"
     if load_in_4bit:
         trained = target.recipe.model.quantization if target.recipe is not None else None
@@ -216,21 +218,14 @@ def generate(
     return loaded.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
 
 
-def system_check(system: str | None) -> Callable[[PromptStyle], None]:
-    """--system needs a prompt with a place for it."""
-
-    def check(style: PromptStyle) -> None:
-        if system is not None and style.kind == "raw":
-            raise UsageError(
-                "--system: this model is prompted with plain text (no chat template), so it has no system message"
-            )
-
-    return check
-
-
-def loading(reference: str, load: Callable[[], Loaded]) -> Loaded:
-    """Load with a spinner on stderr (on a terminal only: a pipe or log file gets no live display)."""
+def load_for_command(reference: str, *, system: str | None, load_in_4bit: bool, trust_remote_code: bool) -> Loaded:
+    """load_for_inference with a spinner on stderr (on a terminal only: a pipe or log file gets no live display)."""
     from rich.console import Console
+
+    def load() -> Loaded:
+        return load_for_inference(
+            reference, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code, system=system
+        )
 
     console = Console(stderr=True)
     if not console.is_terminal:
@@ -250,12 +245,7 @@ def run_generate(
 ) -> None:
     """`velora generate`: one answer on stdout, streamed, and nothing else there."""
     sampling.check()
-    loaded = loading(
-        reference,
-        lambda: load_for_inference(
-            reference, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code, check_style=system_check(system)
-        ),
-    )
+    loaded = load_for_command(reference, system=system, load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
     out = sys.stdout
     text = render(loaded.style, loaded.tokenizer, [{"role": "user", "content": prompt}], system)
 

@@ -349,7 +349,9 @@ def export_run(
     from velora_cli.lock import run_lock
 
     args = (run_dir, out, dtype, checkpoint, max_shard_size, adapter_only, force, trust_remote_code, fmt, quant)
-    if Path(run_dir).is_dir():
+    # Options first and only a run gets a lock file: a typo'd directory or option must leave no .velora.lock behind.
+    parse_dtype(dtype), parse_size(max_shard_size), _check_format(fmt, quant, adapter_only)
+    if (Path(run_dir) / RECIPE_FILE).is_file():
         with run_lock(Path(run_dir)):
             return _export_run(*args)
     return _export_run(*args)

@@ -1,7 +1,7 @@
 """How faithful `velora export --format gguf` is on the real SmolLM2-135M, read back by transformers' GGUF loader.
 
 Builds a run directory with a LoRA r=8 adapter on all seven projections (B ~ N(0, 1e-3), so the merge changes
-every weight), exports it merged in fp32 safetensors (the reference) and as f16 and q8_0 GGUF, and compares the
+every weight), exports it merged in fp32 safetensors (the reference) and as GGUF of every type (f16, bf16, q8_0, f32), and compares the
 next-token logits over the first 512 tokens of held-out text: the largest absolute difference and how often the
 top-1 token agrees. As a yardstick, the same for the reference merely loaded in fp16 by transformers (what f16
 rounding alone costs). Prints one JSON line; README.md quotes it. Takes a few minutes on a 2-core CPU.
@@ -66,6 +66,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from velora_cli.export import export_run
+    from velora_cli.gguf_export import QUANTS
 
     with tempfile.TemporaryDirectory() as tmp:
         run = args.run or Path(tmp) / "run"
@@ -79,7 +80,7 @@ def main() -> None:
         fp16 = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float16).float().eval()(ids).logits[0]
         result = {"tokens": ids.shape[1], "max_abs_logit": round(reference.abs().max().item(), 2),
                   "transformers_fp16": _compare(reference, fp16)}  # fmt: skip
-        for quant in ("f16", "q8_0"):
+        for quant in QUANTS:
             folder = export_run(run, Path(tmp) / quant, fmt="gguf", quant=quant)
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file="model.gguf", dtype=torch.float32).eval()
             gguf_tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file="model.gguf")

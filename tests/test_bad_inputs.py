@@ -182,6 +182,8 @@ CASES = [
      lambda ws: _run_recipe(ws, ["--stages", "train,deploy"])),
     ("paged-optimizer-on-cpu", 2, r"train.optimizer='paged_adamw_8bit' needs CUDA",
      lambda ws: _run_recipe(ws, train__optimizer="paged_adamw_8bit")),
+    ("flash-attention-on-cpu", 2, r"model.attn_implementation=flash_attention_2 needs a CUDA device and the flash-attn package",
+     lambda ws: _run_recipe(ws, model__attn_implementation="flash_attention_2")),
     # ---- training data
     ("data-missing", 2, r"data.path: data file not found: {root}/missing.json",
      lambda ws: _run_recipe(ws, data__path=str(ws.root / "missing.json"))),

@@ -90,6 +90,24 @@ def test_f16_reads_back_as_the_merged_model(exports, merged, loaded) -> None:
         assert (got - want).abs().max() < 1e-3
 
 
+@pytest.mark.parametrize("quant", ["bf16", "f32"])
+def test_bf16_and_f32_hold_the_merged_weights_exactly(quant, tiny_lora_run, merged, loaded, tmp_path) -> None:
+    """bf16: each matrix is the fp32 merge rounded to bf16 (round to nearest even, as torch), nothing else;
+    f32: the merge itself, so the logits are the merged model's."""
+    model, tokenizer = merged
+    folder = export_run(tiny_lora_run, tmp_path / quant, fmt="gguf", quant=quant)
+    fields, tensors = _read(folder / "model.gguf")
+    assert tensors["blk.0.attn_v.weight"] == quant.upper() and tensors["output_norm.weight"] == "F32"
+    assert fields["general.file_type"] == {"bf16": 32, "f32": 0}[quant]  # llama.cpp's LlamaFileType
+    gguf_model = loaded(folder)
+    for name in ("v_proj", "o_proj"):
+        got, want = (getattr(m.model.layers[1].self_attn, name).weight for m in (gguf_model, model))
+        rounded = want.to(torch.bfloat16).float() if quant == "bf16" else want
+        assert torch.equal(got, rounded), name
+    diff = (_logits(gguf_model, tokenizer) - _logits(model, tokenizer)).abs().max().item()
+    assert diff < (1e-5 if quant == "f32" else 1e-1)
+
+
 def test_metadata_and_tensor_names_follow_llama_cpp(exports, merged) -> None:
     config = merged[0].config
     fields, tensors = _read(exports["f16"] / "model.gguf")
@@ -183,7 +201,7 @@ def _run_on_base(tiny_lora_run: Path, tmp_path: Path, config) -> Path:
         ("gpt2", "--format gguf: {base} is a 'gpt2' model; the GGUF writer knows LLaMA-family models only"),
         ("qwen2_moe", "--format gguf: {base} is a 'qwen2_moe' model; the GGUF writer knows LLaMA-family models only"),
         ("pre-tokenizer", "--format gguf: the tokenizer of {base} splits text in a way llama.cpp does not know"),
-        ("quant", "--quant 'q4_k': expected one of f16, q8_0"),
+        ("quant", "--quant 'q4_k': expected one of f16, bf16, q8_0, f32"),
         ("quant-safetensors", "--quant applies to --format gguf; safetensors exports take --dtype"),
         ("format", "--format 'onnx': expected one of safetensors, gguf"),
         ("adapter-only", "--adapter-only copies the PEFT adapter; it cannot be combined with --format gguf"),

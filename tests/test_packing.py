@@ -1,6 +1,6 @@
 """Packing: examples share a sequence without seeing each other. Per-example logits, losses and gradients of a packed
-batch equal the unpacked ones (fp32, rtol 1e-5) on a tiny random LLaMA, with sdpa and eager attention and with the
-chunked loss; a packed recipe trains end to end."""
+batch equal the unpacked ones (fp32, rtol 1e-5) on a tiny random LLaMA, with sdpa (masked), eager and the per-example
+SDPA a packed recipe trains with, and with the chunked loss; a packed recipe trains end to end."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from velora_cli.data import make_collator
 from velora_cli.formats import IGNORE_INDEX
 from velora_cli.packing import assign, pack_rows, padding_waste
+from velora_cli.velora.lean.packed_attention import PACKED_SDPA, register_packed_attention
 
 LENGTHS = [7, 12, 5, 9, 3, 11, 6]  # packed into rows of 20 tokens: 3 rows, one of them shorter (padding)
 
@@ -61,12 +62,13 @@ def tiny(tiny_llama_dir: Path):
 
 
 def _model(path: Path, attn: str):
+    register_packed_attention()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn)
     return model.train()  # dropout is 0 in the tiny config: train mode changes nothing but the mask path's inputs
 
 
 def _segments(position_ids: torch.Tensor) -> list[tuple[int, int, int]]:
-    """(row, start, end) of each example in a packed batch (padding: one-token segments, skipped by the caller)."""
+    """(row, start, end) of each sequence in a packed batch (the padding after a row's examples is one of them)."""
     out = []
     for r, row in enumerate(position_ids.tolist()):
         starts = [i for i, p in enumerate(row) if p == 0]
@@ -78,7 +80,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", PACKED_SDPA])
 def test_packed_batch_equals_unpacked(tiny, attn: str) -> None:
     tokenizer, path = tiny
     rows = examples(len(tokenizer))
@@ -93,8 +95,10 @@ def test_packed_batch_equals_unpacked(tiny, attn: str) -> None:
     model = _model(path, attn)
     out_p = model(**packed, num_items_in_batch=n_items)
     # Each example's logits in the packed batch against the example alone.
-    segments = [(r, s, e) for r, s, e in _segments(packed["position_ids"]) if e - s > 1]
-    assert len(segments) == len(rows)
+    all_segments = _segments(packed["position_ids"])
+    segments = [(r, s, e) for r, s, e in all_segments if (packed["labels"][r, s:e] != IGNORE_INDEX).any()]
+    padded_rows = 2  # rows of 19, 20 and 14 tokens: the two short ones end in one pad sequence each
+    assert len(segments) == len(rows) and len(all_segments) == len(rows) + padded_rows
     for r, s, e in segments:
         ids = packed["input_ids"][r, s:e]
         alone = model(input_ids=ids[None]).logits[0]
@@ -113,6 +117,22 @@ def test_packed_batch_equals_unpacked(tiny, attn: str) -> None:
     out_u.loss.backward()
     for name, grad in _grads(model).items():
         torch.testing.assert_close(grads_p[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_packed_attention_is_sdpa_on_padded_batches_and_generation(tiny) -> None:
+    """A model switched to per-example SDPA for packed training computes what stock SDPA computes on anything else:
+    a left-padded batch with its attention_mask (the held-out rows), and cached greedy generation."""
+    tokenizer, path = tiny
+    stock, packed = _model(path, "sdpa").eval(), _model(path, PACKED_SDPA).eval()
+    ids = torch.randint(10, len(tokenizer), (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(packed(input_ids=ids, attention_mask=mask).logits,
+                                   stock(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=0)  # fmt: skip
+        gen = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+        out_p = packed.generate(input_ids=ids, attention_mask=mask, **gen)
+        assert torch.equal(out_p, stock.generate(input_ids=ids, attention_mask=mask, **gen))
 
 
 def test_chunked_loss_on_packed_batches(tiny) -> None:
@@ -183,6 +203,7 @@ def test_memory_estimate_counts_packed_batches(tiny, tmp_path: Path) -> None:
         "train": {"micro_batch_size": 2, "batch_size": 2}, "output": {"dir": str(tmp_path / "run")},
     })  # fmt: skip
     model, _, _ = build_training_model(recipe, torch.device("cpu"))
+    assert model.get_base_model().config._attn_implementation == PACKED_SDPA  # no (S x S) mask kept per layer
     model.train()
     ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
     positions = torch.cat([torch.arange(10), torch.arange(22)]).repeat(2, 1)

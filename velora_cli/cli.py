@@ -141,7 +141,7 @@ def export(
     run_dir: Path = typer.Argument(..., help="A finetune run directory (holds the adapter)."),
     out: Path | None = typer.Option(None, "--out", help="Output directory (default: RUN_DIR/merged)."),
     fmt: str = typer.Option("safetensors", "--format", help="safetensors | gguf (llama.cpp / Ollama, LLaMA models)."),
-    quant: str | None = typer.Option(None, "--quant", help="GGUF weights: f16 (default) | q8_0."),
+    quant: str | None = typer.Option(None, "--quant", help="GGUF weights: f16 (default) | bf16 | q8_0 | f32."),
     dtype: str = typer.Option("bf16", "--dtype", help="safetensors weights: bf16 | fp16 | fp32."),
     checkpoint: int | None = typer.Option(None, "--checkpoint", help="Export checkpoint-N, not the final adapter."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),

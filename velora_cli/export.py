@@ -342,7 +342,7 @@ def export_run(
     quant: str | None = None,
 ) -> Path:
     """Export a run's adapter (merged into its base, or as is with `adapter_only`) as safetensors, or the merged
-    model as GGUF (`fmt="gguf"`, `quant` f16 | q8_0, with an Ollama Modelfile); return the export dir.
+    model as GGUF (`fmt="gguf"`, `quant` f16 | bf16 | q8_0 | f32, with an Ollama Modelfile); return the export dir.
 
     Every input problem raises UsageError before anything is written.
     """
@@ -386,7 +386,7 @@ def _export_run(run_dir, out, dtype, checkpoint, max_shard_size, adapter_only, f
         from velora_cli import gguf_export
 
         vocab = gguf_export.check(base_config, tokenizer, recipe.model.name)
-        torch_dtype = torch.float32  # merged in fp32, so the weights are rounded once, to f16 or q8_0
+        torch_dtype = torch.float32  # merged in fp32, so the weights are rounded once, to the GGUF type
 
     with staged_dir(target) as staging, _quiet_transformers(), _steps(total=2 if adapter_only else 5) as steps:
         if adapter_only:

@@ -7,8 +7,10 @@ Written with the `gguf` package (llama.cpp's own Python writer) the way llama.cp
   dimension count (and linear / llama3 RoPE scaling), vocabulary size, file type;
 - tensors, named by gguf's own `TensorNameMap` (token_embd, blk.N.attn_q ... ffn_down, output_norm, output; no
   `output` when the embeddings are tied), with Q and K rows permuted per head as llama.cpp's RoPE kernel expects
-  (transformers' GGUF loader undoes the same permutation); 1-D tensors (norms) stay F32, the matrices become F16
-  or Q8_0 (`gguf.quants`; a row that is not a multiple of Q8_0's 32-value block falls back to F16, as llama.cpp);
+  (transformers' GGUF loader undoes the same permutation); 1-D tensors (norms) stay F32, the matrices become F16,
+  BF16, F32 or Q8_0 (`gguf.quants`; a row that is not a multiple of Q8_0's 32-value block falls back to F16, as
+  llama.cpp). f16 is the default (every llama.cpp build reads it); bf16 keeps a bf16-trained model's weights
+  exactly; f32 is lossless for an fp32 merge, the input llama.cpp's `llama-quantize` makes any other type from;
 - the tokenizer: byte-level BPE (`gpt2`: SmolLM, Llama 3, GPT-2 style) with its merges and llama.cpp's
   pre-tokenizer name, or SentencePiece-style BPE (`llama`: Llama 1/2, Mistral) with scores, via gguf's
   `LlamaHfVocab`; token types, bos/eos/unk/pad ids, add-bos/eos flags and the chat template via gguf's
@@ -17,8 +19,8 @@ llama.cpp names a byte-level pre-tokenizer by hashing the tokens of a fixed text
 one of the LLaMA family's below would be split differently by llama.cpp than in training, so it is refused, like
 any architecture other than LLaMA, before any weights load (one line, exit 2).
 
-The weights come from the merged model in fp32 (export.py merges in fp32 for GGUF), so f16/q8_0 rounding happens
-once. Verified by loading the file back with transformers' GGUF loader (tests/test_gguf_export.py).
+The weights come from the merged model in fp32 (export.py merges in fp32 for GGUF), so f16/bf16/q8_0 rounding
+happens once. Verified by loading the file back with transformers' GGUF loader (tests/test_gguf_export.py).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import numpy as np
 from velora_cli.errors import UsageError, VeloraError
 
 GGUF_FILE = "model.gguf"
-QUANTS = ("f16", "q8_0")
+QUANTS = ("f16", "bf16", "q8_0", "f32")
 ARCHITECTURE = "llama"
 # llama.cpp's pre-tokenizer probe text and the hashes of its LLaMA-family tokenizers (convert_hf_to_gguf.py,
 # get_vocab_base_pre; refs in the comments there: HuggingFaceTB/SmolLM-135M, meta-llama/Meta-Llama-3-8B,
@@ -196,11 +198,13 @@ def _llama3_rope_factors(rope: dict[str, Any], head_dim: int) -> np.ndarray:
 
 
 def _encode(name: str, data: np.ndarray, quant: str) -> tuple[np.ndarray, Any]:
-    """(array, ggml type) for one tensor: 1-D and norms F32, the rest F16 or Q8_0."""
+    """(array, ggml type) for one tensor: 1-D and norms F32, the rest as `quant` says."""
     import gguf
 
-    if data.ndim <= 1 or name.endswith("_norm.weight"):
+    if data.ndim <= 1 or name.endswith("_norm.weight") or quant == "f32":
         return data.astype(np.float32), gguf.GGMLQuantizationType.F32
+    if quant == "bf16":
+        return gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16), gguf.GGMLQuantizationType.BF16
     if quant == "q8_0":
         try:
             return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
@@ -232,7 +236,9 @@ def _metadata(writer: Any, config: Any, name: str, quant: str) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rope["factor"])
     writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quant == "q8_0" else gguf.LlamaFileType.MOSTLY_F16)
+    file_types = {"f16": gguf.LlamaFileType.MOSTLY_F16, "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "f32": gguf.LlamaFileType.ALL_F32}  # fmt: skip
+    writer.add_file_type(file_types[quant])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 

@@ -28,6 +28,7 @@ from velora_cli.device import compute_dtype
 from velora_cli.errors import RecipeError, UsageError
 from velora_cli.models import (
     apply_memory,
+    attention_for_packing,
     first_line,
     lean_supported,
     load_base_model,
@@ -117,6 +118,7 @@ def build_full_model(recipe, device: torch.device, tokenizer=None):
     compressed = attach_full_velora(model, recipe)
     if lean:  # after VeLoRA, as for the adapters: the lean forwards call whatever the projections have become
         apply_memory(model, recipe)
+    attention_for_packing(model, recipe)
     return model, tokenizer, compressed
 
 

@@ -275,7 +275,17 @@ def build_training_model(recipe, device: torch.device, tokenizer=None):
     model, compressed = attach_adapters(model, recipe)
     if lean:
         apply_memory(model, recipe)
+    attention_for_packing(model, recipe)
     return model, tokenizer, compressed
+
+
+def attention_for_packing(model, recipe) -> None:
+    """Packed example rows (data.packing) attend per example on stock SDPA, without the block-diagonal mask
+    (velora/lean/packed_attention.py); eager and flash-attention keep their own handling of the restarts."""
+    from velora_cli.velora.lean.packed_attention import use_packed_attention
+
+    if recipe.data.packing and not recipe.text_data:
+        use_packed_attention(model)
 
 
 def lean_supported(model, recipe) -> bool:

@@ -6,11 +6,12 @@ restarting at 0 for each example, the first label of each example set to -100 (s
 predicting the next one's first token; the causal shift never scores an example's own first token anyway). The
 rows carry `position_ids` and no attention_mask: with attention_mask None and no KV cache (the collator passes
 use_cache=False), transformers' masking_utils (find_packed_sequence_indices) reads the restarts in position_ids and
-builds a block-diagonal causal mask for sdpa and eager attention (tests/test_packing.py checks that each example's
-logits equal its own forward pass; with a cache they do not). A
-micro-batch is `micro_batch_size` packed rows, right-padded to the longest (pad position 0: each pad token is a
-one-token sequence of its own, label -100); rows are not flattened into one, because sdpa/eager attention would
-then build one (rows x cutoff)^2 mask and do that much attention work.
+builds a block-diagonal causal mask for eager attention; on `sdpa`, the recipe's model is switched to per-example
+SDPA without a mask (velora/lean/packed_attention.py, via models.attention_for_packing); flash-attention reads the
+restarts itself (tests/test_packing.py checks that each example's logits equal its own forward pass; with a cache
+they do not). A micro-batch is `micro_batch_size` packed rows, right-padded to the longest (the padding counts
+positions 0, 1, ... on: one sequence of its own after the row's examples, label -100); rows are not flattened into
+one, because eager attention would then build one (rows x cutoff)^2 mask and do that much attention work.
 
 Examples are assigned to rows best-fit decreasing (longest first, each into the fullest row it still fits, as
 TRL's pack_dataset "bfd"), written here because transformers has no bin packing and TRL is not a dependency
@@ -76,10 +77,15 @@ class PackedCollator:
             rows = [torch.as_tensor(f[key], dtype=torch.long) for f in features]
             return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=fill)
 
+        longest = max(len(f["input_ids"]) for f in features)
+        # The padding is one sequence (positions 0, 1, ...), not one per pad token: per-example attention then
+        # makes one call for it, and it still sees nothing of the examples before it.
+        positions = [[*f["position_ids"], *range(longest - len(f["position_ids"]))] for f in features]
+
         # use_cache=False: with a KV cache (LLaMA configs default to use_cache: true, and a training forward builds
         # one then) masking_utils ignores the position_ids restarts and every example would see the ones before it.
         return {"input_ids": stack("input_ids", self.pad), "labels": stack("labels", IGNORE_INDEX),
-                "position_ids": stack("position_ids", 0), "use_cache": False}  # fmt: skip
+                "position_ids": torch.tensor(positions, dtype=torch.long), "use_cache": False}  # fmt: skip
 
 
 def padding_waste(lengths: list[int], batches: list[list[int]]) -> float:

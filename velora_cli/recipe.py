@@ -62,7 +62,8 @@ class ModelSection(Section):
     double_quant: bool = True
     compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     trust_remote_code: bool = False
-    attn_implementation: Literal["sdpa", "eager"] | None = None
+    # flash_attention_2: CUDA with the flash-attn package, bf16/fp16; packed rows then use its varlen kernel
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = None
     # method: pretrain - the architecture to initialise afresh: a hub id / local dir holding config.json, or one of
     # the paper's (GaLore's) sizes llama-60m, llama-130m, llama-350m, llama-1b (see velora_cli/methods.py)
     config: str | None = None

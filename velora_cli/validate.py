@@ -83,6 +83,13 @@ def check_trainable(recipe) -> None:
         raise RecipeError(f"model.quantization={recipe.model.quantization!r} needs bitsandbytes (not installed)")
     if recipe.train.optimizer in ("paged_adamw_8bit", "paged_adamw_32bit") and not torch.cuda.is_available():
         raise UsageError(f"train.optimizer={recipe.train.optimizer!r} needs CUDA; use adamw_torch on CPU")
+    if recipe.model.attn_implementation == "flash_attention_2":
+        if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
+            raise RecipeError("model.attn_implementation=flash_attention_2 needs a CUDA device and the flash-attn "
+                              "package (pip install flash-attn); use sdpa otherwise")  # fmt: skip
+        if recipe.model.compute_dtype == "fp32":
+            raise RecipeError("model.attn_implementation=flash_attention_2 computes in bf16/fp16: set "
+                              "model.compute_dtype to auto, bf16 or fp16")  # fmt: skip
 
 
 def check_shapes(recipe, config) -> None:

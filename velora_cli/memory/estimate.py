@@ -20,8 +20,9 @@ The model is exact bookkeeping, not rules of thumb:
   OFFLOAD_IN_FLIGHT layers' worth of them on the GPU (copies in flight, the layer backward is working on);
 - overhead: CUDA context + allocator slack, a stated assumption (OVERHEAD_*);
 - packing (data.packing): a micro-batch is micro_batch_size rows of cutoff_len real tokens (the worst case an
-  unpacked batch is counted at too), plus what the meter shows packing adds on CPU: k/v repeated to every head and
-  the (batch, S, S) mask in each layer's SDPA, and rotary tables per row (tests/test_packing.py checks it).
+  unpacked batch is counted at too), plus the rotary tables per row; the attention saves what unpacked SDPA saves,
+  because packed rows attend per example without a mask (velora/lean/packed_attention.py; tests/test_packing.py
+  checks it against the meter).
 
 It also reproduces the VeLoRA paper's own accounting (Table 3) so the two can be put side by side.
 """
@@ -147,7 +148,8 @@ def settings_from_recipe(recipe: Any, device: str = "cuda") -> Settings:
         double_quant=recipe.model.double_quant,
         compute=compute,
         device=device,
-        attn=recipe.model.attn_implementation or "sdpa",
+        # flash-attention keeps what SDPA's fused kernels keep (q, k, v, output, log-sum-exp), no probabilities
+        attn="eager" if recipe.model.attn_implementation == "eager" else "sdpa",
         lora_r=recipe.lora.r,
         lora_dropout=recipe.lora.dropout,
         targets=targets,
@@ -288,11 +290,6 @@ def layer_activations(arch: Arch, s: Settings, first: bool = False) -> dict[str,
         ops["attention"] = 3 * h * hd * c + probs
     else:
         ops["attention"] = (2 * h * hd + 2 * kv * hd) * c + 4 * h
-        if s.packing:
-            # A packed batch's block-diagonal mask turns SDPA's GQA off (k/v repeated to every head), and the CPU
-            # kernel keeps the mask in the compute dtype, (batch, S, S) per layer: S x c bytes per token.
-            ops["attention"] += 2 * (h - kv) * hd * c
-            ops["packing_mask"] = s.seq * c
     # gate, silu(gate), up; the lean SwiGLU recomputes silu(gate) in backward
     add("mlp", (2 if s.lean_ops else 3) * arch.intermediate * c, "mlp_in")
     if s.recompute.mode == "mlp":

@@ -24,8 +24,8 @@ Speed model, stated assumptions (no timing here; tokens/s relative to the same m
   MLP's share of each layer (gate/up/down FLOPs over the layer's);
 - VeLoRA, the chunked loss and the lean ops cost nothing (measured within noise of 1.0x on SmolLM2: the chunked
   loss does the logits-gradient matmul in forward instead of backward, the lean ops re-run an elementwise SiLU);
-- packing (data.packing) changes no FLOPs per token: sdpa/eager score the whole (S x S) block-diagonal mask, and a
-  packed micro-batch is counted as full rows of cutoff_len tokens, as an unpacked one is (memory.estimate);
+- packing (data.packing) changes no FLOPs per token in this model: a packed micro-batch is counted as full rows of
+  cutoff_len tokens, as an unpacked one is (memory.estimate), and attention is not modelled per example;
 - offload (CUDA only) copies the decoder stack's saved bytes to the host in forward and back in backward, over
   PCIe at PCIE_BYTES_PER_S, overlapped with compute at GPU_FLOPS: only the part of a copy longer than its pass
   costs time. Host (pinned) memory is assumed to be sufficient; it is reported, not limited.

@@ -1,10 +1,11 @@
 """How faithful `velora export --format gguf` is on the real SmolLM2-135M, read back by transformers' GGUF loader.
 
 Builds a run directory with a LoRA r=8 adapter on all seven projections (B ~ N(0, 1e-3), so the merge changes
-every weight), exports it merged in fp32 safetensors (the reference) and as GGUF of every type (f16, bf16, q8_0, f32), and compares the
-next-token logits over the first 512 tokens of held-out text: the largest absolute difference and how often the
-top-1 token agrees. As a yardstick, the same for the reference merely loaded in fp16 by transformers (what f16
-rounding alone costs). Prints one JSON line; README.md quotes it. Takes a few minutes on a 2-core CPU.
+every weight), exports it merged in fp32 safetensors (the reference) and as GGUF of every type (f16, bf16, q8_0,
+f32), and compares the next-token logits over the first 512 tokens of held-out text: the largest absolute
+difference and how often the top-1 token agrees. As a yardstick, the same for the reference merely loaded in fp16
+by transformers (what f16 rounding alone costs). Prints one JSON line; README.md quotes it. Takes a few minutes
+on a 2-core CPU.
 
     python benchmarks/gguf_agreement.py [--text FILE] [--run RUN_DIR]
 """

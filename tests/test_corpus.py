@@ -17,6 +17,7 @@ from velora_cli.errors import DataError
 from velora_cli.recipe import validate_recipe
 from velora_cli.train import FinetuneSession
 
+BLOCK = 192
 MIXED = "is a data file among 2 text files; a source is read either as text documents (.txt, .md, .text) or as a "
 
 
@@ -95,9 +96,9 @@ def streamed_run(source: Path, model_dir: Path, run_dir: Path, callbacks=()) -> 
         "name": "s", "method": "pretrain", "model": {"config": str(model_dir)},
         "velora": {"layers": ["v", "d"], "num_groups": 8},
         "data": {"path": str(source), "subset": "en", "streaming": True, "val_split": "validation",
-                 "val_set_size": 2, "cutoff_len": 32},
-        "train": {"micro_batch_size": 2, "batch_size": 2, "max_steps": 4, "learning_rate": 1e-2, "logging_steps": 1,
-                  "save_steps": 2, "save_total_limit": 3, "seed": 0},
+                 "val_set_size": 8, "cutoff_len": BLOCK},
+        "train": {"micro_batch_size": 2, "batch_size": 2, "max_steps": 6, "learning_rate": 1e-2, "logging_steps": 1,
+                  "save_steps": 4, "save_total_limit": 3, "seed": 0},
         "output": {"dir": str(run_dir)},
     })  # fmt: skip
     session = FinetuneSession(recipe, run_dir)
@@ -109,19 +110,27 @@ def streamed_run(source: Path, model_dir: Path, run_dir: Path, callbacks=()) -> 
 
 
 def test_a_streamed_run_resumed_mid_stream_ends_bit_identical(tmp_path: Path, tiny_llama_dir: Path) -> None:
-    """Killed during step 3, resumed from checkpoint-2: the Trainer skips the 4 blocks the first process trained
-    on (the stream is re-read from its start, in the same order) and restores the RNG and optimizer states."""
-    source = c4_like(tmp_path / "c4")  # 30 documents: ~29 blocks of 32 tokens, so 8 blocks stop mid-stream
+    """Killed during step 5, resumed from checkpoint-4: the Trainer re-reads the stream from its start and skips
+    the 8 blocks already trained on, RNG and optimizer states restored. The stream is shorter than that, so the
+    checkpoint lies in its second pass: the blocks run on across the seam (no epoch ends), or the skip would land
+    elsewhere."""
+    from transformers import AutoTokenizer
+
+    from velora_cli.corpus import iter_blocks
+
+    source = c4_like(tmp_path / "c4")
+    one_pass = iter_documents(str(source), subset="en", streaming=True)
+    assert sum(1 for _ in iter_blocks(one_pass, AutoTokenizer.from_pretrained(tiny_llama_dir), BLOCK)) < 4 * 2
     streamed_run(source, tiny_llama_dir, tmp_path / "straight")
     with pytest.raises(RuntimeError, match="simulated crash"):
-        streamed_run(source, tiny_llama_dir, tmp_path / "crashed", [steps_seen(crash_at=3)])
+        streamed_run(source, tiny_llama_dir, tmp_path / "crashed", [steps_seen(crash_at=5)])
     seen: list[int] = []
     streamed_run(source, tiny_llama_dir, tmp_path / "crashed", [steps_seen(seen=seen)])
-    assert seen == [3, 4]  # resumed from checkpoint-2, not trained again from the start
+    assert seen == [5, 6]  # resumed from checkpoint-4, not trained again from the start
     straight = load_file(str(tmp_path / "straight" / "model.safetensors"))
     resumed = load_file(str(tmp_path / "crashed" / "model.safetensors"))
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     steps = [json.loads(line)["step"] for line in (tmp_path / "crashed" / "metrics.jsonl").read_text().splitlines()
              if '"loss"' in line]  # fmt: skip
-    assert steps == [1, 2, 3, 4]
+    assert steps == [1, 2, 3, 4, 5, 6]

@@ -7,7 +7,9 @@ dataset: a README.md whose `configs:` name subsets and splits) is read by `datas
 A directory or glob holding both text files and data files is refused, naming the odd one out (documents, or a
 dataset that would silently skip the text?), unless its README.md's `configs:` say which files are the data.
 With `data.streaming: true` (e.g. `allenai/c4`, subset `en`) a dataset is read on the fly and never held in
-memory; the first block is read before training, so a bad source fails at once.
+memory; the first block is read before training, so a bad source fails at once. A stream shorter than the run
+(train.max_steps) is read again from its start; a streamed run resumed from checkpoint-N re-reads (and re-tokenises)
+the blocks of its first N steps to skip them, and ends bit-identical to an uninterrupted one.
 
 Documents are tokenised without special tokens, each followed by EOS, concatenated and cut into blocks of exactly
 `data.cutoff_len` tokens (the remainder is dropped): no padding, every token is a training target. The held-out
@@ -214,15 +216,34 @@ def pack(documents: Iterable[str], tokenizer, block: int, limit: int | None = No
 
 
 class StreamingBlocks:
-    """A torch IterableDataset of packed blocks read on the fly from a streaming source (skipping `skip` docs)."""
+    """Packed blocks read on the fly from a streaming source (skipping its first `skip` docs), without end: at
+    the stream's end it is read again from its start, the blocks running on across the seam. The Trainer gives
+    such a dataset one endless epoch, and resuming at step N skips the first N batches of that epoch: one unbroken
+    stream is what makes that land where the interrupted run was (passes ending in epochs would not)."""
 
     def __init__(self, data_section, tokenizer, skip: int = 0):
         self.data, self.tokenizer, self.skip = data_section, tokenizer, skip
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def _one_pass(self) -> Iterator[str]:
         d = self.data
         docs = iter_documents(d.path, split=d.split, text_field=d.text_field, subset=d.subset, streaming=True)
-        for ids in iter_blocks(itertools.islice(docs, self.skip, None), self.tokenizer, d.cutoff_len):
+        return itertools.islice(docs, self.skip, None)
+
+    def _endless(self) -> Iterator[str]:
+        while True:
+            empty = True
+            for doc in self._one_pass():
+                empty = False
+                yield doc
+            if empty:  # nothing to repeat
+                return
+
+    def first_block(self) -> list[int] | None:
+        """The first block of one pass (None: the stream holds less than a block)."""
+        return next(iter_blocks(self._one_pass(), self.tokenizer, self.data.cutoff_len), None)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for ids in iter_blocks(self._endless(), self.tokenizer, self.data.cutoff_len):
             yield block_row(ids)
 
 
@@ -250,7 +271,7 @@ def load_text_sets(data_section, tokenizer, seed: int) -> tuple[Any, Any, int]:
             docs = iter_documents(d.path, split=d.split, text_field=d.text_field, subset=d.subset, streaming=True)
             val = pack(itertools.islice(docs, n_val), tokenizer, d.cutoff_len) if n_val else None
             train = StreamingBlocks(d, tokenizer, skip=n_val)
-        if next(iter(train), None) is None:
+        if train.first_block() is None:
             raise DataError(f"{d.path}: fewer than data.cutoff_len={d.cutoff_len} tokens of training text")
         _check_heldout(val, d.cutoff_len)
         return _as_torch_iterable(train), val, 0

@@ -35,8 +35,8 @@ paper's Table 7 setting; 256 tokens). Skips the training without ../shared.
 
 At 200 steps: ~10-15 minutes on 2 idle cores (a round of the four steps took ~3 s there: full ~0.7 s, GC ~0.9 s),
 under a minute of that training the tokenizer, tokenising, building and scoring. On a busy machine pass
---threads 1: two threads contending with other processes slowed steps ~15x. `--steps 3 --rows 600` checks it end
-to end (its 400 training documents give a BPE of ~8k tokens, so its shape is not the balanced one).
+--threads 1: two threads contending with other processes slowed steps up to ~15x here. `--steps 3 --rows 600`
+checks it end to end (its 400 training documents give a BPE of ~8k tokens, so its shape is not the balanced one).
 """
 
 from __future__ import annotations

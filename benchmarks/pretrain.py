@@ -1,14 +1,27 @@
 """Pre-training from scratch with VeLoRA in full mode (the paper's section 4.5), side by side in one process.
 
-A LLaMA of ~20M parameters (GaLore's 60M shape scaled down: hidden 256, MLP 688, 4 heads, 8 layers, SmolLM2's
-49k-token tokenizer, tied embeddings) is built by `velora finetune`'s own code (methods.build_full_model, method
-pretrain: the same seed gives every configuration the same initial weights) and trained for --steps steps on the
-same batches of packed 128-token blocks (corpus.load_text_sets, as the CLI packs text) of the instruction, input and
-output fields of ../shared/data/instruct/alpaca_libre.json joined as plain text; 200 documents are held out.
+A LLaMA of 20.5M parameters (hidden 384, MLP 1024, 6 heads, 8 layers, tied embeddings, a 16,384-token byte-level
+BPE) is built by `velora finetune`'s own code (methods.build_full_model, method pretrain: the same seed gives every
+configuration the same initial weights) and trained for --steps steps on the same batches of packed 128-token
+blocks (corpus.load_text_sets, as the CLI packs text) of the instruction, input and output fields of
+../shared/data/instruct/alpaca_libre.json joined as plain text (all 3,131 rows at the default --rows); 200
+documents are held out.
+
+The shape keeps the paper's balance between the decoder and the lm_head, which decides how much of a step gradient
+checkpointing re-runs (the decoder's forward) and so what VeLoRA can win back. Multiply-adds per token:
+  decoder = layers x (4 h^2 + 3 h m),  lm_head = vocabulary x h
+  paper 60M  (h 512, m 1376,  8 layers, 32,000 t5-base tokens): 25.3M : 16.4M = 1.54
+  paper 130M (h 768, m 2048, 12 layers, 32,000 tokens):         84.9M : 24.6M = 3.46
+  this one   (h 384, m 1024,  8 layers, 16,384 tokens):         14.2M :  6.3M = 2.25 (between the two)
+(SmolLM2's 49,152-token vocabulary at hidden 256 gave 6.3M : 12.6M = 0.50: the lm_head dominated and GC cost ~5%.)
+No stock tokenizer has that vocabulary, so train_tokenizer learns one from the TRAINING documents only (the
+held-out split exactly as load_text_sets makes it) and saves it as a tokenizer directory that the recipes name in
+model.tokenizer. Blocks stay at 128 tokens (the paper's 256 would double each step, ~23 minutes at the default
+steps, and repeat the ~170k training tokens 2.4 times instead of 1.2).
 Configurations:
   full             every weight trains, nothing compressed (the baseline)
-  full_velora_vd   + VeLoRA on v_proj and down_proj ({v: 32, d: 43}: sub-tokens of 8 and 16, as the 60M script)
-  full_velora_all  + VeLoRA on all seven projections (32 groups on 256-wide inputs, 43 on down_proj)
+  full_velora_vd   + VeLoRA on v_proj and down_proj ({v: 48, d: 64}: sub-tokens of 8 and 16, as the 60M script)
+  full_velora_all  + VeLoRA on all seven projections (48 groups on 384-wide inputs, 64 on down_proj)
   full_gc          the baseline with gradient checkpointing (non-reentrant, every layer)
 The configurations take turns step by step (the order rotating every step), so the machine's noise hits them alike;
 each step is AdamW (lr 3e-3, cosine to 10% after a 10% warm-up, gradient clipping at 1.0, the Trainer's defaults
@@ -20,8 +33,10 @@ paper's Table 7 setting; 256 tokens). Skips the training without ../shared.
 
     python benchmarks/pretrain.py [--steps 200] [--json out.json]
 
-At 200 steps: ~20-30 minutes on 2 quiet CPU cores (a round of the four steps takes ~5-8 s there; GC's step is the
-longest), ~2 minutes of that tokenising, building and scoring. `--steps 3 --rows 600` checks it end to end.
+At 200 steps: ~10-15 minutes on 2 idle cores (a round of the four steps took ~3 s there: full ~0.7 s, GC ~0.9 s),
+under a minute of that training the tokenizer, tokenising, building and scoring. On a busy machine pass
+--threads 1: two threads contending with other processes slowed steps up to ~15x here. `--steps 3 --rows 600`
+checks it end to end (its 400 training documents give a BPE of ~8k tokens, so its shape is not the balanced one).
 """
 
 from __future__ import annotations
@@ -44,14 +59,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = REPO.parent / "shared" / "data" / "instruct" / "alpaca_libre.json"
-CONFIG = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=256, intermediate_size=688,
-              num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=8, max_position_embeddings=1024,
-              rms_norm_eps=1e-6, tie_word_embeddings=True, vocab_size=49152, use_cache=False)  # fmt: skip
+CONFIG = dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=384, intermediate_size=1024,
+              num_attention_heads=6, num_key_value_heads=6, num_hidden_layers=8, max_position_embeddings=1024,
+              rms_norm_eps=1e-6, tie_word_embeddings=True, vocab_size=16384, use_cache=False)  # fmt: skip
+EOS = "<|endoftext|>"
 CONFIGS = {
     "full": {"velora": {"enabled": False}},
-    "full_velora_vd": {"velora": {"layers": ["v", "d"], "num_groups": {"v": 32, "d": 43}, "scale": 1.5}},
-    "full_velora_all": {"velora": {"layers": list("qkvogud"), "num_groups": {"q": 32, "k": 32, "v": 32, "o": 32,
-                                                                              "g": 32, "u": 32, "d": 43}}},
+    "full_velora_vd": {"velora": {"layers": ["v", "d"], "num_groups": {"v": 48, "d": 64}, "scale": 1.5}},
+    "full_velora_all": {"velora": {"layers": list("qkvogud"), "num_groups": {"q": 48, "k": 48, "v": 48, "o": 48,
+                                                                              "g": 48, "u": 48, "d": 64}}},
     "full_gc": {"velora": {"enabled": False}, "gc": True},
 }  # fmt: skip
 BLOCK, BATCH, LR, HELD_OUT = 128, 8, 3e-3, 200
@@ -78,13 +94,41 @@ def write_text(rows: int, out: Path) -> Path:
     return out
 
 
+def train_tokenizer(recipe: Any, out: Path) -> Path:
+    """A byte-level BPE of CONFIG's vocabulary size learnt from the recipe's training documents only (the held-out
+    split as load_text_sets makes it: the same documents, val_set_size and seed), saved as a tokenizer directory
+    that AutoTokenizer (model.tokenizer) loads like any other. By hand because no tokenizer of this size exists:
+    the vocabulary sets the decoder : lm_head balance (module docstring), so it cannot be a stock one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from velora_cli.corpus import iter_documents
+    from velora_cli.data import split_validation
+
+    d = recipe.data
+    documents = list(iter_documents(d.path, split=d.split, text_field=d.text_field, subset=d.subset))
+    train_docs = split_validation(documents, d.val_set_size, recipe.train.seed)[0]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=CONFIG["vocab_size"], special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    bpe.train_from_iterator(train_docs, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=EOS, pad_token=EOS)
+    if len(tokenizer) != CONFIG["vocab_size"]:  # too little text for that many merges (a smoke run's --rows)
+        print(f"note: the BPE learnt only {len(tokenizer)} of {CONFIG['vocab_size']} tokens from "
+              f"{len(train_docs)} documents; the decoder : lm_head balance holds at the default --rows")  # fmt: skip
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def recipe_for(name: str, work: Path, text: Path, steps: int) -> Any:
     from velora_cli.recipe import validate_recipe
 
     cfg = CONFIGS[name]
     return validate_recipe({
         "name": name, "method": "pretrain",
-        "model": {"config": str(work / "model"), "tokenizer": "embedded:smollm2-135m", "compute_dtype": "fp32"},
+        "model": {"config": str(work / "model"), "tokenizer": str(work / "tokenizer"), "compute_dtype": "fp32"},
         "velora": {"init": "batch_average_once", **cfg["velora"]},
         "data": {"path": str(text), "format": "text", "cutoff_len": BLOCK, "val_set_size": HELD_OUT},
         "train": {"micro_batch_size": BATCH, "batch_size": BATCH, "max_steps": steps, "learning_rate": LR,
@@ -142,6 +186,7 @@ def compare(names: list[str], steps: int, rows: int) -> dict[str, Any]:
         text = write_text(rows, work / "text.jsonl")
         recipes = {name: recipe_for(name, work, text, steps + 1) for name in names}
         first = recipes[names[0]]
+        train_tokenizer(first, work / "tokenizer")
         tokenizer = recipe_tokenizer(first)
         train, val, docs = load_text_sets(first.data, tokenizer, first.train.seed)
         runs = [build(name, recipes[name], tokenizer, steps + 1) for name in names]
@@ -154,8 +199,8 @@ def compare(names: list[str], steps: int, rows: int) -> dict[str, Any]:
     ids = torch.tensor(train["input_ids"])
     batches = [ids[order[i * BATCH : (i + 1) * BATCH]] for i in range(steps + 1)]
     params = sum(p.numel() for p in runs[0].model.parameters())
-    print(f"{params / 1e6:.1f}M parameters, {docs} documents: {len(train)} train / {len(val)} held-out blocks of "
-          f"{BLOCK} tokens; batch {BATCH}, {steps} timed steps", flush=True)  # fmt: skip
+    print(f"{params / 1e6:.1f}M parameters ({len(tokenizer)}-token BPE), {docs} documents: {len(train)} train / "
+          f"{len(val)} held-out blocks of {BLOCK} tokens; batch {BATCH}, {steps} timed steps", flush=True)  # fmt: skip
     for run in runs:  # the metered step is also the warm-up (VeLoRA's first-batch initialisation, allocator)
         step(run, batches[0], measure=True)
     load = os.getloadavg()[0]
@@ -167,9 +212,9 @@ def compare(names: list[str], steps: int, rows: int) -> dict[str, Any]:
             print(f"  step {i}: " + ", ".join(f"{r.name} {r.times[-1]:.2f}s loss {r.losses[-1]:.3f}" for r in runs),
                   flush=True)  # fmt: skip
     tokens = BATCH * BLOCK
-    out: dict[str, Any] = {"params": params, "steps": steps, "train_blocks": len(train), "heldout_blocks": len(val),
-                           "load_average_at_start": load, "load_average_at_end": os.getloadavg()[0],
-                           "runs": {}}  # fmt: skip
+    out: dict[str, Any] = {"params": params, "vocabulary": len(tokenizer), "steps": steps, "train_blocks": len(train),
+                           "heldout_blocks": len(val), "load_average_at_start": load,
+                           "load_average_at_end": os.getloadavg()[0], "runs": {}}  # fmt: skip
     for run in runs:
         ppl = perplexity(run.model, val, batch_size=BATCH)
         out["runs"][run.name] = {"perplexity": ppl["perplexity"], "heldout_loss": ppl["loss"],
@@ -192,8 +237,10 @@ def print_comparison(result: dict[str, Any]) -> None:
         print(f"{name:<17} {r['perplexity']:>9.2f} {100 * (r['perplexity'] / base['perplexity'] - 1):>+7.2f}% "
               f"{act / 1024:>12.1f} {act / base['activation_bytes_per_token']:>7.3f}x {secs:>7.3f} "
               f"{secs / base['median_step_seconds']:>7.3f}x {speed:>12} {r['train_loss']:>10.4f}")  # fmt: skip
-    print(f"load average {result['load_average_at_start']:.1f} at the start, {result['load_average_at_end']:.1f} "
-          "at the end (step times: medians of interleaved steps; only their ratios mean anything on a busy machine)")
+    print(
+        f"load average {result['load_average_at_start']:.1f} at the start, {result['load_average_at_end']:.1f} "
+        "at the end (step times: medians of interleaved steps; only their ratios mean anything on a busy machine)"
+    )
 
 
 def estimates() -> list[dict[str, Any]]:

@@ -131,3 +131,19 @@ def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
         code = int(exc.code or 0)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
+
+
+def c4_like(root: Path) -> Path:
+    """A local copy laid out like allenai/c4: a dataset card naming subset `en` and its splits, gzipped JSON lines."""
+    import gzip
+    import json
+
+    (root / "en").mkdir(parents=True)
+    (root / "README.md").write_text("---\nconfigs:\n- config_name: en\n  data_files:\n  - split: train\n    path: "
+                                    "en/c4-train.*.json.gz\n  - split: validation\n    path: en/c4-validation.*.json.gz"
+                                    "\n---\n")  # fmt: skip
+    for split, n in (("train", 30), ("validation", 8)):
+        with gzip.open(root / "en" / f"c4-{split}.00000-of-00001.json.gz", "wt") as f:
+            for i in range(n):
+                f.write(json.dumps({"text": f"{split} page {i}: the mill by the river {i % 5} " * 3}) + "\n")
+    return root

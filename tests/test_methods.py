@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import c4_like
 from safetensors.torch import load_file
 
 from velora_cli.errors import RecipeError
@@ -328,21 +329,6 @@ def test_full_from_the_cli_names_the_model_and_exports_its_logits(
     capsys.readouterr()
     main(["runs", str(tmp_path / "runs")])
     assert "full + VeLoRA (v_proj,down_proj)" in capsys.readouterr().out
-
-
-def c4_like(root: Path) -> Path:
-    """A local copy laid out like allenai/c4: a dataset card naming subset `en` and its splits, gzipped JSON lines."""
-    import gzip
-
-    (root / "en").mkdir(parents=True)
-    (root / "README.md").write_text("---\nconfigs:\n- config_name: en\n  data_files:\n  - split: train\n    path: "
-                                    "en/c4-train.*.json.gz\n  - split: validation\n    path: en/c4-validation.*.json.gz"
-                                    "\n---\n")  # fmt: skip
-    for split, n in (("train", 30), ("validation", 8)):
-        with gzip.open(root / "en" / f"c4-{split}.00000-of-00001.json.gz", "wt") as f:
-            for i in range(n):
-                f.write(json.dumps({"text": f"{split} page {i}: the mill by the river {i % 5} " * 3}) + "\n")
-    return root
 
 
 def test_streaming_dataset_trains_with_a_held_out_split_and_needs_max_steps(

@@ -1,10 +1,15 @@
 """Plain-text corpora for pre-training and continued pre-training (`data.format: text`).
 
-Sources: `.txt` files, globs of them or a directory of them (each blank-line-separated paragraph is one document);
-`.jsonl` / `.json` / `.parquet` files and hub datasets whose rows carry `data.text_field`; a local directory laid
-out like a hub dataset (data files, a README.md whose `configs:` name subsets and splits) is read by `datasets`
-exactly as the hub id would be. With `data.streaming: true` (e.g. `allenai/c4`, subset `en`) a dataset is read
-on the fly and never held in memory; the first block is read before training, so a bad source fails at once.
+Sources: `.txt` / `.md` / `.text` files, globs of them or a directory of them (each blank-line-separated paragraph
+is one document; a directory's other files and hidden ones are not read); `.jsonl` / `.json` / `.parquet` files and
+hub datasets whose rows carry `data.text_field`; a local directory of data files (optionally laid out like a hub
+dataset: a README.md whose `configs:` name subsets and splits) is read by `datasets` exactly as the hub id would be.
+A directory or glob holding both text files and data files is refused, naming the odd one out (documents, or a
+dataset that would silently skip the text?), unless its README.md's `configs:` say which files are the data.
+With `data.streaming: true` (e.g. `allenai/c4`, subset `en`) a dataset is read on the fly and never held in
+memory; the first block is read before training, so a bad source fails at once. A stream shorter than the run
+(train.max_steps) is read again from its start; a streamed run resumed from checkpoint-N re-reads (and re-tokenises)
+the blocks of its first N steps to skip them, and ends bit-identical to an uninterrupted one.
 
 Documents are tokenised without special tokens, each followed by EOS, concatenated and cut into blocks of exactly
 `data.cutoff_len` tokens (the remainder is dropped): no padding, every token is a training target. The held-out
@@ -51,14 +56,52 @@ def _read_text(file: Path) -> str:
         raise DataError(f"{file}: cannot read ({exc.strerror})") from None
 
 
+def _dir_files(local: Path) -> list[Path]:
+    """A directory's files, hidden ones (.git, .cache, .gitattributes) left out as `datasets` leaves them."""
+    return sorted(p for p in local.rglob("*") if p.is_file() and not any(
+        part.startswith(".") for part in p.relative_to(local).parts))  # fmt: skip
+
+
+def _card_names_configs(local: Path) -> bool:
+    """Whether README.md's front matter has `configs:` (the hub layout: the card says which files are data)."""
+    card = local / "README.md"
+    if not card.is_file():
+        return False
+    head = _read_text(card).split("\n---", 1)[0]
+    return head.startswith("---") and any(line.startswith("configs:") for line in head.splitlines())
+
+
+def _refuse_mixed(path: str, files: list[Path], card: Path | None = None) -> None:
+    """Text files beside data files make a source ambiguous (read as documents, or as a dataset that skips the
+    text?): refused, naming the odd one out. A dataset's card (README.md) is not text to train on."""
+    text = [f for f in files if f.suffix in TEXT_SUFFIXES and f != card]
+    data = [f for f in files if f.suffix in DATA_SUFFIXES]
+    if not (text and data):
+        return
+    stray, kind, others = (data[0], "a data file", f"{len(text)} text") if len(data) <= len(text) else (
+        text[0], "a text file", f"{len(data)} data")  # fmt: skip
+    raise DataError(
+        f"data.path {path}: {stray} is {kind} among {others} files; a source is read either as text documents "
+        f"({', '.join(TEXT_SUFFIXES)}) or as a dataset, not both: move it out or select the files with a glob"
+    )
+
+
 def _is_dataset_dir(local: Path) -> bool:
-    return local.is_dir() and any(p.suffix in DATA_SUFFIXES for p in local.rglob("*") if p.is_file())
+    """A directory of data files (read by `datasets`, as the hub id would be), not a folder of text documents."""
+    if not local.is_dir():
+        return False
+    files = _dir_files(local)
+    if not any(f.suffix in DATA_SUFFIXES for f in files):
+        return False
+    if not _card_names_configs(local):
+        _refuse_mixed(str(local), files, card=local / "README.md")
+    return True
 
 
 def _local_files(path: str) -> list[Path]:
     local = Path(path).expanduser()
     if local.is_dir():
-        return sorted(p for p in local.rglob("*") if p.suffix in TEXT_SUFFIXES)
+        return [p for p in _dir_files(local) if p.suffix in TEXT_SUFFIXES]
     if any(ch in path for ch in "*?["):
         return sorted(Path(p) for p in glob.glob(str(local), recursive=True) if Path(p).is_file())
     return [local] if local.is_file() else []
@@ -77,6 +120,7 @@ def iter_documents(
         raise DataError(f"{path}: a directory without text ({', '.join(TEXT_SUFFIXES)}) or data files")
     if not files and (local.suffix in (*TEXT_SUFFIXES, ".jsonl", ".json", ".parquet") or path.startswith((".", "/"))):
         raise DataError(f"data file not found: {path}")
+    _refuse_mixed(path, files)
     if files and all(f.suffix in TEXT_SUFFIXES for f in files):
         for file in files:
             yield from _paragraphs(_read_text(file))
@@ -172,15 +216,34 @@ def pack(documents: Iterable[str], tokenizer, block: int, limit: int | None = No
 
 
 class StreamingBlocks:
-    """A torch IterableDataset of packed blocks read on the fly from a streaming source (skipping `skip` docs)."""
+    """Packed blocks read on the fly from a streaming source (skipping its first `skip` docs), without end: at
+    the stream's end it is read again from its start, the blocks running on across the seam. The Trainer gives
+    such a dataset one endless epoch, and resuming at step N skips the first N batches of that epoch: one unbroken
+    stream is what makes that land where the interrupted run was (passes ending in epochs would not)."""
 
     def __init__(self, data_section, tokenizer, skip: int = 0):
         self.data, self.tokenizer, self.skip = data_section, tokenizer, skip
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def _one_pass(self) -> Iterator[str]:
         d = self.data
         docs = iter_documents(d.path, split=d.split, text_field=d.text_field, subset=d.subset, streaming=True)
-        for ids in iter_blocks(itertools.islice(docs, self.skip, None), self.tokenizer, d.cutoff_len):
+        return itertools.islice(docs, self.skip, None)
+
+    def _endless(self) -> Iterator[str]:
+        while True:
+            empty = True
+            for doc in self._one_pass():
+                empty = False
+                yield doc
+            if empty:  # nothing to repeat
+                return
+
+    def first_block(self) -> list[int] | None:
+        """The first block of one pass (None: the stream holds less than a block)."""
+        return next(iter_blocks(self._one_pass(), self.tokenizer, self.data.cutoff_len), None)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for ids in iter_blocks(self._endless(), self.tokenizer, self.data.cutoff_len):
             yield block_row(ids)
 
 
@@ -208,7 +271,7 @@ def load_text_sets(data_section, tokenizer, seed: int) -> tuple[Any, Any, int]:
             docs = iter_documents(d.path, split=d.split, text_field=d.text_field, subset=d.subset, streaming=True)
             val = pack(itertools.islice(docs, n_val), tokenizer, d.cutoff_len) if n_val else None
             train = StreamingBlocks(d, tokenizer, skip=n_val)
-        if next(iter(train), None) is None:
+        if train.first_block() is None:
             raise DataError(f"{d.path}: fewer than data.cutoff_len={d.cutoff_len} tokens of training text")
         _check_heldout(val, d.cutoff_len)
         return _as_torch_iterable(train), val, 0

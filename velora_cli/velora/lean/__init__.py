@@ -2,8 +2,9 @@
 
 Layers, following Liger Kernel's split: ops as autograd Functions (`ops`: RMSNorm, SwiGLU; `loss`: chunked linear
 cross-entropy), thin module forwards (`modules`), selective recompute and CPU offload (`recompute`), and model
-patching (`patch.apply_lean`). Depends on torch, transformers and (optionally) peft, bitsandbytes, liger_kernel,
-cut_cross_entropy; nothing from velora_cli outside the engine package.
+patching (`patch.apply_lean`); per-example attention for packed rows without a mask (`packed_attention`). Depends
+on torch, transformers and (optionally) peft, bitsandbytes, liger_kernel, cut_cross_entropy; nothing from
+velora_cli outside the engine package.
 """
 
 from velora_cli.velora.lean.loss import (
@@ -14,6 +15,7 @@ from velora_cli.velora.lean.loss import (
     select_backend,
 )
 from velora_cli.velora.lean.ops import RMSNormFunction, SwiGLUFunction, rms_norm, swiglu
+from velora_cli.velora.lean.packed_attention import PACKED_SDPA, use_packed_attention
 from velora_cli.velora.lean.patch import (
     SUPPORTED_MODELS,
     LeanReport,
@@ -25,6 +27,7 @@ from velora_cli.velora.lean.patch import (
 from velora_cli.velora.lean.recompute import ActivationOffload, Recompute, parse_checkpointing
 
 __all__ = [
+    "PACKED_SDPA",
     "SUPPORTED_MODELS",
     "ActivationOffload",
     "ChunkedLinearCrossEntropyFunction",
@@ -43,4 +46,5 @@ __all__ = [
     "select_backend",
     "select_ops_backend",
     "swiglu",
+    "use_packed_attention",
 ]

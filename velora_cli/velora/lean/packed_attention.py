@@ -18,21 +18,32 @@ Models with a sliding window are left on `sdpa`: their window is part of the mas
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 PACKED_SDPA = "velora_packed_sdpa"
 
+# Every layer of one forward gets the same position_ids tensor: its boundaries are read (a device-to-host copy) once
+# and kept with a weak reference to it, so a new forward, or the tensor changed in place, reads them again.
+_last_segments: tuple[weakref.ref, int, list[list[int]] | None] | None = None
 
-def _segments(position_ids: torch.Tensor) -> list[list[int]] | None:
+
+def _segments(position_ids: torch.Tensor, rows: int) -> list[list[int]] | None:
     """Each row's example boundaries [0, s1, ..., S] (a restart is any step that is not +1, as masking_utils
     reads them), or None when no row restarts."""
-    restarts = torch.ones_like(position_ids, dtype=torch.bool)
-    restarts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    if not bool(restarts[:, 1:].any()):
-        return None
-    length = position_ids.shape[1]
-    return [[*row.nonzero().flatten().tolist(), length] for row in restarts]
+    global _last_segments
+    last = _last_segments
+    if last is not None and last[0]() is position_ids and last[1] == position_ids._version:
+        return last[2]
+    positions = position_ids.expand(rows, -1)
+    restarts = torch.ones_like(positions, dtype=torch.bool)
+    restarts[:, 1:] = positions[:, 1:] != positions[:, :-1] + 1
+    length = positions.shape[1]
+    bounds = [[*row.nonzero().flatten().tolist(), length] for row in restarts] if restarts[:, 1:].any() else None
+    _last_segments = (weakref.ref(position_ids), position_ids._version, bounds)
+    return bounds
 
 
 def packed_sdpa_attention(
@@ -50,7 +61,7 @@ def packed_sdpa_attention(
 
     bounds = None
     if attention_mask is None and position_ids is not None and query.shape[2] == key.shape[2] > 1:
-        bounds = _segments(position_ids.expand(query.shape[0], -1))
+        bounds = _segments(position_ids, query.shape[0])
     if bounds is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     rows = []

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
 from velora_cli.cli import main
 from velora_cli.memory.arch import LLAMA_PROJECTIONS, arch_for
@@ -25,16 +26,6 @@ from velora_cli.memory.estimate import (
     weights_bytes,
 )
 from velora_cli.memory.measure import real_weight_bytes
-
-
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def write_recipe(tmp_path: Path, body: str) -> Path:

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from conftest import run_cli
 
-from velora_cli.cli import main
 from velora_cli.errors import RecipeError
 from velora_cli.memory.arch import LLAMA_PROJECTIONS, arch_for
 from velora_cli.memory.estimate import Settings, activations, estimate
@@ -19,16 +19,6 @@ from velora_cli.memory.plan import candidates, plan, relative_speed, resolve_aut
 from velora_cli.recipe import validate_recipe
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "recipes" / "data" / "demo_tasks_train.json"
-
-
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 # ---------------------------------------------------------------------------------------------- recipe
@@ -213,7 +203,6 @@ def test_estimate_within_5_percent_of_meter(smollm2_base, config: str) -> None:
 
     from velora_cli.velora import VeloraConfig, apply_velora
     from velora_cli.velora.lean import apply_lean, remove_lean
-    from velora_cli.velora.meter import ActivationMeter
 
     cfg = CONFIGS[config]
     batch, seq = 2, 64
@@ -227,16 +216,23 @@ def test_estimate_within_5_percent_of_meter(smollm2_base, config: str) -> None:
             apply_velora(model, VeloraConfig(layers=list(s.velora), num_groups=32))
         apply_lean(model, loss=s.loss, lean_ops=s.lean_ops, checkpointing=s.checkpointing)
         model.train()
-        ids = torch.randint(0, smollm2_base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
-        with ActivationMeter(model, attribute=False) as meter:
-            out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        measured = meter.total_bytes
+        measured = _metered_bytes(model, smollm2_base.config.vocab_size, batch, seq)
     finally:
         remove_lean(model)
         model.unload()
     est = activations(arch_for(preset="smollm2-135m"), s).meter_view
     assert abs(est - measured) / measured < 0.05, (config, est, measured)
+
+
+def _metered_bytes(model, vocab: int, batch: int, seq: int) -> int:
+    """Bytes the ActivationMeter sees saved for backward in one training step on random tokens."""
+    from velora_cli.velora.meter import ActivationMeter
+
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
+    with ActivationMeter(model, attribute=False) as meter:
+        out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return meter.total_bytes
 
 
 @pytest.mark.slow
@@ -247,7 +243,6 @@ def test_full_method_estimate_within_5_percent_of_meter(smollm2_base) -> None:
 
     from velora_cli.velora import VeloraConfig, apply_velora
     from velora_cli.velora.lean import apply_lean
-    from velora_cli.velora.meter import ActivationMeter
 
     batch, seq = 1, 32
     s = Settings(batch=batch, seq=seq, quantization="none", compute="fp32", device="cpu", method="full", targets=(),
@@ -257,12 +252,9 @@ def test_full_method_estimate_within_5_percent_of_meter(smollm2_base) -> None:
     apply_velora(model, VeloraConfig(layers=list(s.velora), num_groups=32), mode="full")
     apply_lean(model, loss=s.loss, lean_ops=s.lean_ops, checkpointing=s.checkpointing)
     model.train()
-    ids = torch.randint(0, smollm2_base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(1))
-    with ActivationMeter(model, attribute=False) as meter:
-        out = model(input_ids=ids, labels=ids)
-    out.loss.backward()
+    measured = _metered_bytes(model, smollm2_base.config.vocab_size, batch, seq)
     est = activations(arch_for(preset="smollm2-135m"), s).meter_view
-    assert abs(est - meter.total_bytes) / meter.total_bytes < 0.05, (est, meter.total_bytes)
+    assert abs(est - measured) / measured < 0.05, (est, measured)
 
 
 def test_cli_plans_full_and_pretrain(capsys: pytest.CaptureFixture[str]) -> None:

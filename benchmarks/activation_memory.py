@@ -6,7 +6,7 @@ Configurations (LoRA r=8 on all seven projections, dropout 0.05 unless --dropout
   qlora_velora_all  + VeLoRA on all seven projections
   qlora_gc          the baseline with (reentrant) gradient checkpointing
   lora_peft_velora  un-quantised LoRA + PEFT's own VeLoRA variant on all seven (the anchor)
-and the lean techniques of issue 19 (velora_cli.velora.lean.apply_lean on the QLoRA model; every configuration
+and the lean techniques of issue 19 (velora_cli.engine.lean.apply_lean on the QLoRA model; every configuration
 that recomputes or offloads has `gc` in its name):
   qlora_chunked, qlora_lean, qlora_velora_all_lean_chunked, qlora_gc_chunked (all layers, non-reentrant),
   qlora_gc_every2, qlora_gc_every3, qlora_gc_mlp_velora_all_lean_chunked,
@@ -38,10 +38,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from velora_cli.device import compute_dtype  # noqa: E402
-from velora_cli.models import DEFAULT_MODEL, ModelSource, load_base_model, load_tokenizer, resolve_model  # noqa: E402
-from velora_cli.velora import VeloraConfig, apply_velora  # noqa: E402
-from velora_cli.velora.meter import ActivationMeter  # noqa: E402
+from velora_cli.common.device import compute_dtype  # noqa: E402
+from velora_cli.config.presets import DEFAULT_MODEL  # noqa: E402
+from velora_cli.engine import VeloraConfig, apply_velora  # noqa: E402
+from velora_cli.engine.meter import ActivationMeter  # noqa: E402
+from velora_cli.models.load import ModelSource, load_base_model, load_tokenizer, resolve_model  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ALPACA = REPO.parent / "shared" / "data" / "instruct" / "alpaca_libre.json"
@@ -144,7 +145,7 @@ def build(name: str, source: ModelSource, device: torch.device, dtype: torch.dty
         apply_velora(model, VeloraConfig(layers=TARGETS, num_groups=args.num_groups))
     lean = dict(LEAN.get(name) or args.planned.get(name) or {})
     if lean:
-        from velora_cli.velora.lean import apply_lean
+        from velora_cli.engine.lean import apply_lean
 
         if lean.get("velora"):
             apply_velora(model, VeloraConfig(layers=lean["velora"], num_groups=args.num_groups))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from velora_cli.memory.arch import LLAMA_PROJECTIONS as P  # noqa: E402
+from velora_cli.config.presets import LLAMA_PROJECTIONS as P  # noqa: E402
 from velora_cli.memory.arch import arch_for  # noqa: E402
 from velora_cli.memory.estimate import Settings, largest_fitting  # noqa: E402
 from velora_cli.memory.plan import candidates, plan, relative_speed  # noqa: E402

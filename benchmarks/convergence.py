@@ -41,10 +41,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from velora_cli.memstats import human_bytes  # noqa: E402
-from velora_cli.models import DEFAULT_MODEL  # noqa: E402
-from velora_cli.recipe import validate_recipe  # noqa: E402
-from velora_cli.train import FinetuneSession  # noqa: E402
+from velora_cli.common.memstats import human_bytes  # noqa: E402
+from velora_cli.config.load import validate_recipe  # noqa: E402
+from velora_cli.config.presets import DEFAULT_MODEL  # noqa: E402
+from velora_cli.finetune.session import FinetuneSession  # noqa: E402
 
 ALPACA = REPO.parent / "shared" / "data" / "instruct" / "alpaca_libre.json"
 CONFIGS = [

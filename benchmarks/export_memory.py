@@ -3,7 +3,7 @@
 Builds a run directory with a random-initialised (gaussian) LoRA r=16 adapter on all seven projections, exports
 it, and samples /proc/self/status every 20 ms: RssAnon (memory the process owns) and RssFile (page cache of the
 memory-mapped checkpoint, reclaimable). Linux only. Prints one JSON line; the claim it backs is in the
-velora_cli/export.py docstring: the anonymous peak stays near one copy of the exported model.
+velora_cli/export/merge.py docstring: the anonymous peak stays near one copy of the exported model.
 
     python benchmarks/export_memory.py --dtype bf16
 """
@@ -28,8 +28,9 @@ def _make_run(run: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from velora_cli.models import DEFAULT_MODEL, resolve_model
-    from velora_cli.recipe import dump_recipe, validate_recipe
+    from velora_cli.config.load import dump_recipe, validate_recipe
+    from velora_cli.config.presets import DEFAULT_MODEL
+    from velora_cli.models.load import resolve_model
 
     base = resolve_model(DEFAULT_MODEL).path
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -46,7 +47,7 @@ def main() -> None:
     parser.add_argument("--max-shard-size", default="5GB")
     args = parser.parse_args()
 
-    import velora_cli.export as export
+    import velora_cli.export.merge as export
 
     with tempfile.TemporaryDirectory(prefix="velora-export-mem-") as tmp:
         run = Path(tmp) / "run"

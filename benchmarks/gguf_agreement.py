@@ -27,8 +27,9 @@ def _make_run(run: Path) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from velora_cli.models import DEFAULT_MODEL, resolve_model
-    from velora_cli.recipe import dump_recipe, validate_recipe
+    from velora_cli.config.load import dump_recipe, validate_recipe
+    from velora_cli.config.presets import DEFAULT_MODEL
+    from velora_cli.models.load import resolve_model
 
     base = resolve_model(DEFAULT_MODEL).path
     torch.manual_seed(0)
@@ -66,8 +67,8 @@ def main() -> None:
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from velora_cli.export import export_run
-    from velora_cli.gguf_export import QUANTS
+    from velora_cli.export.gguf import QUANTS
+    from velora_cli.export.merge import export_run
 
     with tempfile.TemporaryDirectory() as tmp:
         run = args.run or Path(tmp) / "run"

@@ -23,10 +23,12 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from velora_cli.models import DEFAULT_MODEL, build_training_model, resolve_model  # noqa: E402
-from velora_cli.recipe import validate_recipe  # noqa: E402
-from velora_cli.velora.lean import apply_lean, remove_lean  # noqa: E402
-from velora_cli.velora.meter import ActivationMeter  # noqa: E402
+from velora_cli.config.load import validate_recipe  # noqa: E402
+from velora_cli.config.presets import DEFAULT_MODEL  # noqa: E402
+from velora_cli.engine.lean import apply_lean, remove_lean  # noqa: E402
+from velora_cli.engine.meter import ActivationMeter  # noqa: E402
+from velora_cli.models.build import build_training_model  # noqa: E402
+from velora_cli.models.load import resolve_model  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TECHNIQUES: dict[str, dict[str, Any] | None] = {

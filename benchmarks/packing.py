@@ -43,10 +43,10 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from velora_cli.formats import IGNORE_INDEX  # noqa: E402
-from velora_cli.models import DEFAULT_MODEL  # noqa: E402
-from velora_cli.recipe import validate_recipe  # noqa: E402
-from velora_cli.train import FinetuneSession  # noqa: E402
+from velora_cli.config.load import validate_recipe  # noqa: E402
+from velora_cli.config.presets import DEFAULT_MODEL  # noqa: E402
+from velora_cli.data.formats import IGNORE_INDEX  # noqa: E402
+from velora_cli.finetune.session import FinetuneSession  # noqa: E402
 
 ALPACA = REPO.parent / "shared" / "data" / "instruct" / "alpaca_libre.json"
 

@@ -102,8 +102,8 @@ def train_tokenizer(recipe: Any, out: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from velora_cli.corpus import iter_documents
-    from velora_cli.data import split_validation
+    from velora_cli.data.corpus import iter_documents
+    from velora_cli.data.load import split_validation
 
     d = recipe.data
     documents = list(iter_documents(d.path, split=d.split, text_field=d.text_field, subset=d.subset))
@@ -123,7 +123,7 @@ def train_tokenizer(recipe: Any, out: Path) -> Path:
 
 
 def recipe_for(name: str, work: Path, text: Path, steps: int) -> Any:
-    from velora_cli.recipe import validate_recipe
+    from velora_cli.config.load import validate_recipe
 
     cfg = CONFIGS[name]
     return validate_recipe({
@@ -141,7 +141,7 @@ def recipe_for(name: str, work: Path, text: Path, steps: int) -> Any:
 def build(name: str, recipe: Any, tokenizer, steps: int) -> Run:
     from transformers import get_scheduler, set_seed
 
-    from velora_cli.methods import build_full_model
+    from velora_cli.models.full import build_full_model
 
     set_seed(recipe.train.seed)  # as FinetuneSession.setup: the fresh initialisation draws from the global RNG
     model = build_full_model(recipe, torch.device("cpu"), tokenizer)[0]
@@ -155,7 +155,7 @@ def build(name: str, recipe: Any, tokenizer, steps: int) -> Run:
 
 
 def step(run: Run, ids: torch.Tensor, measure: bool = False) -> None:
-    from velora_cli.velora.meter import ActivationMeter
+    from velora_cli.engine.meter import ActivationMeter
 
     start = time.perf_counter()
     if measure:  # totals only: attribution would re-run checkpointed regions
@@ -175,9 +175,9 @@ def step(run: Run, ids: torch.Tensor, measure: bool = False) -> None:
 
 
 def compare(names: list[str], steps: int, rows: int) -> dict[str, Any]:
-    from velora_cli.corpus import load_text_sets
+    from velora_cli.data.corpus import load_text_sets
     from velora_cli.eval.perplexity import perplexity
-    from velora_cli.methods import recipe_tokenizer
+    from velora_cli.models.load import recipe_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

@@ -20,7 +20,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def embedded_model_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct, converted once from its GGUF file to safetensors."""
-    from velora_cli.models import DEFAULT_MODEL, resolve_model
+    from velora_cli.config.presets import DEFAULT_MODEL
+    from velora_cli.models.load import resolve_model
 
     return Path(resolve_model(DEFAULT_MODEL).path)
 
@@ -94,7 +95,7 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 def write_run_recipe(run_dir: Path, base: str, **data) -> None:
     """recipe.yaml as `velora finetune` leaves it: a QLoRA run of `base` with `data` fields (alpaca by default)."""
-    from velora_cli.recipe import dump_recipe, validate_recipe
+    from velora_cli.config.load import dump_recipe, validate_recipe
 
     recipe = validate_recipe(
         {"name": run_dir.name, "model": {"name": base, "quantization": "nf4"}, "data": {"path": "x.json", **data}}

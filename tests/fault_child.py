@@ -16,8 +16,8 @@ import sys
 
 from transformers import Trainer, TrainerCallback
 
-import velora_cli.export
-import velora_cli.train
+import velora_cli.export.merge
+import velora_cli.finetune.session
 from velora_cli.cli import main
 
 POINT, STEP = sys.argv[1], int(sys.argv[2])
@@ -39,7 +39,7 @@ class KillAt(TrainerCallback):
             die()
 
 
-_setup = velora_cli.train.FinetuneSession.setup
+_setup = velora_cli.finetune.session.FinetuneSession.setup
 
 
 def setup(self):
@@ -48,7 +48,7 @@ def setup(self):
     return plan
 
 
-velora_cli.train.FinetuneSession.setup = setup
+velora_cli.finetune.session.FinetuneSession.setup = setup
 _save_rng_state = Trainer._save_rng_state
 
 
@@ -60,8 +60,8 @@ def save_rng_state(self, output_dir):
 
 Trainer._save_rng_state = save_rng_state
 if POINT == "final":
-    velora_cli.train.FinetuneSession.save = die
+    velora_cli.finetune.session.FinetuneSession.save = die
 if POINT == "export":
-    velora_cli.export._save_tokenizer = die
+    velora_cli.export.merge._save_tokenizer = die
 
 main(ARGS)

@@ -1,5 +1,5 @@
 """The package's shape: no import cycle between velora_cli modules, no module over 500 lines, and an engine
-(velora_cli.velora) that imports nothing else of velora_cli."""
+(velora_cli.engine) that imports nothing else of velora_cli."""
 
 from __future__ import annotations
 
@@ -11,7 +11,18 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "velora_cli"
-MAX_LINES = 500
+MAX_LINES = 400
+MAX_TOP_LEVEL_MODULES = 5
+# Each sub-package's floor: a module imports only from its own package or from packages on lower floors.
+LAYERS = {
+    "engine": 0, "common": 0,
+    "config": 1,
+    "models": 2, "rundir": 2,
+    "data": 3,
+    "memory": 4, "eval": 4, "export": 4, "infer": 4,
+    "finetune": 5,
+}  # fmt: skip
+TOP = 6  # velora_cli/*.py: the command line, and the old engine path velora_cli.velora that re-exports the engine
 
 
 def _module_name(path: Path) -> str:
@@ -40,7 +51,7 @@ def _imported(module: str, path: Path) -> set[str]:
         else:
             continue
         for name in names:
-            # The nearest enclosing module of a dotted name (velora_cli.velora.config.X -> velora_cli.velora.config).
+            # The nearest enclosing module of a dotted name (velora_cli.engine.config.X -> velora_cli.engine.config).
             while name and name not in MODULES:
                 name = name.rpartition(".")[0]
             # Importing velora_cli.a.b runs velora_cli/a/__init__.py first: the parent packages are imported too,
@@ -80,9 +91,9 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_graph_sees_imports_of_every_kind() -> None:
     """The checker itself: module-level, function-local and `from velora_cli import module` imports are edges."""
-    assert "velora_cli.errors" in GRAPH["velora_cli.cli"]  # module level
-    assert "velora_cli.pipeline" in GRAPH["velora_cli.cli"]  # inside a command function
-    assert "velora_cli.report" in GRAPH["velora_cli.pipeline"]  # from velora_cli import report
+    assert "velora_cli.common.errors" in GRAPH["velora_cli.cli"]  # module level
+    assert "velora_cli.finetune.pipeline" in GRAPH["velora_cli.cli"]  # inside a command function
+    assert "velora_cli.finetune.display" in GRAPH["velora_cli.finetune.pipeline"]  # from velora_cli import report
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
 
@@ -92,16 +103,42 @@ def test_no_import_cycle() -> None:
     assert cycle is None, " -> ".join(cycle)
 
 
+def _floor(module: str) -> int:
+    parts = module.split(".")
+    return LAYERS.get(parts[1], TOP) if len(parts) > 2 or parts[-1] in LAYERS else TOP
+
+
+def test_every_package_has_a_floor() -> None:
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()} - {"velora"}
+    assert packages == set(LAYERS)
+
+
+def test_imports_only_go_down() -> None:
+    upward = [f"{m} -> {d}" for m, deps in GRAPH.items() for d in deps
+              if d.split(".")[1] != m.split(".")[1] and _floor(m) < TOP and _floor(d) >= _floor(m)]  # fmt: skip
+    assert upward == []
+
+
+def test_at_most_five_modules_at_the_top() -> None:
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= MAX_TOP_LEVEL_MODULES, top
+
+
 @pytest.mark.parametrize("module", list(MODULES))
-def test_no_module_over_500_lines(module: str) -> None:
+def test_no_module_over_400_lines(module: str) -> None:
     lines = len(MODULES[module].read_text(encoding="utf-8").splitlines())
     assert lines <= MAX_LINES, f"{MODULES[module]}: {lines} lines"
 
 
+def test_common_imports_nothing_above_it() -> None:
+    assert {d for m, deps in GRAPH.items() if m.startswith("velora_cli.common") for d in deps
+            if not d.startswith("velora_cli.common")} == set()  # fmt: skip
+
+
 def test_engine_imports_nothing_else_of_velora_cli() -> None:
-    code = "import velora_cli.velora, sys; print(sorted(m for m in sys.modules if m.startswith('velora_cli')))"
+    code = "import velora_cli.engine, sys; print(sorted(m for m in sys.modules if m.startswith('velora_cli')))"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True, cwd=PACKAGE.parent
     )
     loaded = ast.literal_eval(result.stdout.strip())
-    assert [m for m in loaded if m != "velora_cli" and not m.startswith("velora_cli.velora")] == []
+    assert [m for m in loaded if m != "velora_cli" and not m.startswith("velora_cli.engine")] == []

@@ -43,7 +43,7 @@ def base_recipe(ws: Path, model: Path) -> dict:
 @pytest.fixture(scope="module")
 def trained_run(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished one-step run of the tiny LLaMA, to export and evaluate."""
-    from velora_cli.pipeline import run_pipeline
+    from velora_cli.finetune.pipeline import run_pipeline
 
     base = tmp_path_factory.mktemp("trained")
     (base / "data.json").write_text(json.dumps(ROWS))
@@ -326,7 +326,7 @@ def test_hub_unreachable_fails_within_seconds(tmp_path: Path, monkeypatch, capsy
     """Not offline, but no route to the hub: one probe, one line, no retries."""
     import time
 
-    from velora_cli import hub
+    from velora_cli.common import hub
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:9")  # the discard port: nothing listens

@@ -1,4 +1,4 @@
-"""Plain-text corpora (velora_cli/corpus.py): what a directory or glob is read as (text documents or a dataset,
+"""Plain-text corpora (velora_cli/data/corpus.py): what a directory or glob is read as (text documents or a dataset,
 never an ambiguous mix of both), and a streamed run resumed mid-stream ending where an uninterrupted one ends."""
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import yaml
 from conftest import c4_like, run_cli
 from safetensors.torch import load_file
 
-from velora_cli.corpus import iter_documents
-from velora_cli.errors import DataError
-from velora_cli.recipe import validate_recipe
-from velora_cli.train import FinetuneSession
+from velora_cli.common.errors import DataError
+from velora_cli.config.load import validate_recipe
+from velora_cli.data.corpus import iter_documents
+from velora_cli.finetune.session import FinetuneSession
 
 BLOCK = 192
 MIXED = "is a data file among 2 text files; a source is read either as text documents (.txt, .md, .text) or as a "
@@ -46,12 +46,12 @@ def test_a_text_folder_reads_its_text_and_a_stray_data_file_is_refused_before_a_
         list(iter_documents(f"{folder}/*"))  # a glob matching both kinds: the same refusal
     assert list(iter_documents(f"{folder}/**/*.[tm][xd]*")) == ["Alpha one.", "Alpha two.", "Beta one."]
 
-    import velora_cli.methods
+    import velora_cli.models.full
 
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built")
 
-    monkeypatch.setattr(velora_cli.methods, "build_full_model", no_model)
+    monkeypatch.setattr(velora_cli.models.full, "build_full_model", no_model)
     recipe = {"method": "pretrain", "model": {"config": str(tiny_llama_dir)},
               "data": {"path": str(folder), "cutoff_len": 16}, "train": {"max_steps": 1},
               "output": {"dir": str(tmp_path / "run")}}  # fmt: skip
@@ -116,7 +116,7 @@ def test_a_streamed_run_resumed_mid_stream_ends_bit_identical(tmp_path: Path, ti
     elsewhere."""
     from transformers import AutoTokenizer
 
-    from velora_cli.corpus import iter_blocks
+    from velora_cli.data.corpus import iter_blocks
 
     source = c4_like(tmp_path / "c4")
     one_pass = iter_documents(str(source), subset="en", streaming=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from velora_cli.velora import VeloraConfig, VeloraLinear, apply_velora, project_subtokens, reconstruct_subtokens
+from velora_cli.engine import VeloraConfig, VeloraLinear, apply_velora, project_subtokens, reconstruct_subtokens
 
 DEVICE = torch.device(os.environ.get("VELORA_CUDA_TESTS_DEVICE", "cuda"))
 pytestmark = [

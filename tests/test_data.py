@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from velora_cli.data import load_records, make_collator, split_validation, tokenize_record
-from velora_cli.errors import DataError
-from velora_cli.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, IGNORE_INDEX, record_pieces
+from velora_cli.common.errors import DataError
+from velora_cli.data.formats import ALPACA_NO_INPUT, ALPACA_WITH_INPUT, IGNORE_INDEX, record_pieces
+from velora_cli.data.load import load_records, make_collator, split_validation, tokenize_record
 
 ROWS = [
     {"instruction": "Add the numbers.", "input": "2 + 3", "output": "5"},

@@ -74,8 +74,8 @@ def test_finetune_under_torchrun_trains_one_adapter(tmp_path: Path, tiny_llama_d
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from velora_cli.recipe import validate_recipe
-    from velora_cli.train import FinetuneSession
+    from velora_cli.config.load import validate_recipe
+    from velora_cli.finetune.session import FinetuneSession
 
     run_dir = tmp_path / "run"
     recipe = recipe_dict(tiny_llama_dir, run_dir)

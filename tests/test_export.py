@@ -15,10 +15,12 @@ import pytest
 import torch
 from conftest import run_cli
 
-from velora_cli.export import export_run, parse_size
-from velora_cli.models import DEFAULT_MODEL
-from velora_cli.recipe import dump_recipe, read_run_recipe, validate_recipe
-from velora_cli.runs import write_json_atomic
+from velora_cli.common.fs import write_json_atomic
+from velora_cli.config.load import dump_recipe, validate_recipe
+from velora_cli.config.presets import DEFAULT_MODEL
+from velora_cli.export.merge import export_run
+from velora_cli.export.options import parse_size
+from velora_cli.rundir.layout import read_run_recipe
 
 PROMPTS = [
     "The capital of France is",
@@ -48,7 +50,7 @@ def _train_run(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
-    from velora_cli.models import ModelSource, load_base_model
+    from velora_cli.models.load import ModelSource, load_base_model
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -315,7 +317,7 @@ def test_default_out_is_inside_the_run(tiny_run: Path, tmp_path: Path) -> None:
 
 def test_pre_quantised_base_is_dequantised(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """A base saved in bnb 4-bit (like *-bnb-4bit hub models) is exported without quantization_config."""
-    from velora_cli.models import ModelSource, load_base_model
+    from velora_cli.models.load import ModelSource, load_base_model
 
     quantised = tmp_path / "base-nf4"
     load_base_model(ModelSource("tiny", str(tiny_llama_dir)), quantization="nf4").save_pretrained(quantised)

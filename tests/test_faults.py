@@ -19,10 +19,10 @@ import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from velora_cli.callbacks import RunMonitor
-from velora_cli.errors import TrainingAborted
-from velora_cli.recipe import validate_recipe
-from velora_cli.train import FinetuneSession
+from velora_cli.common.errors import TrainingAborted
+from velora_cli.config.load import validate_recipe
+from velora_cli.finetune.callbacks import RunMonitor
+from velora_cli.finetune.session import FinetuneSession
 
 TESTS = Path(__file__).resolve().parent
 DEMO_DATA = TESTS.parent / "recipes" / "data" / "demo_tasks_train.json"

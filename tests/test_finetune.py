@@ -17,10 +17,10 @@ import yaml
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from velora_cli.errors import RecipeError, TrainingAborted
-from velora_cli.pipeline import run_pipeline
-from velora_cli.recipe import validate_recipe
-from velora_cli.train import FinetuneSession
+from velora_cli.common.errors import RecipeError, TrainingAborted
+from velora_cli.config.load import validate_recipe
+from velora_cli.finetune.pipeline import run_pipeline
+from velora_cli.finetune.session import FinetuneSession
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "recipes" / "data" / "demo_tasks_train.json"
 

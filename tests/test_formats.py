@@ -12,9 +12,9 @@ import yaml
 from transformers import AutoTokenizer
 
 from velora_cli.cli import main
-from velora_cli.data import load_records, tokenize_counted
-from velora_cli.formats import IGNORE_INDEX, detect_format, encode, fit_cutoff
-from velora_cli.recipe import DataSection
+from velora_cli.config.recipe import DataSection
+from velora_cli.data.formats import IGNORE_INDEX, detect_format, encode, fit_cutoff
+from velora_cli.data.load import load_records, tokenize_counted
 
 CHAT = [
     {"role": "system", "content": "You answer in one line."},
@@ -70,7 +70,7 @@ def test_conversation_labels_are_the_assistant_turns_exactly(tokenizer) -> None:
 
 
 def load_records_from_rows(rows: list, tmp: Path | None = None) -> list:
-    from velora_cli.formats import check_row
+    from velora_cli.data.formats import check_row
 
     return [check_row(r, detect_format(r, "r"), "r") for r in rows]
 

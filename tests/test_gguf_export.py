@@ -17,8 +17,8 @@ import torch
 from conftest import run_cli, write_run_recipe
 
 from velora_cli.cli import main
-from velora_cli.export import export_run
-from velora_cli.templates import ALPACA_CHAT_TEMPLATE
+from velora_cli.data.templates import ALPACA_CHAT_TEMPLATE
+from velora_cli.export.merge import export_run
 
 SENTENCE = "The capital of France is Paris; 2024 had 366 days.\n  Indented, émigré, 東京!"
 
@@ -171,8 +171,8 @@ def test_cli_default_place_and_modelfile(exports) -> None:
 def test_chat_template_runs_get_a_chatml_modelfile(tiny_lora_run: Path, tmp_path: Path, capsys) -> None:
     from transformers import AutoTokenizer
 
-    from velora_cli.modelfile import modelfile
-    from velora_cli.templates import PromptStyle
+    from velora_cli.data.templates import PromptStyle
+    from velora_cli.export.modelfile import modelfile
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_lora_run)
     text = modelfile("model.gguf", PromptStyle("chat", None), tokenizer, 8192)
@@ -244,7 +244,7 @@ def test_a_sentencepiece_style_vocabulary_round_trips(tmp_path: Path) -> None:
     scores, read back into the same tokenizer and model. A toy vocabulary stands in for Llama-2's (not offline)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaTokenizer
 
-    from velora_cli.gguf_export import check, write_gguf
+    from velora_cli.export.gguf import check, write_gguf
 
     pieces = ["▁", "t", "h", "e", "a", "c", "p", "i", "l", "o", "f", "r", "n", "s", "F", "P", "T", "▁t", "he", "▁the"]
     tokens = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256)), *pieces, "ca", "▁ca", "ra", "is"]

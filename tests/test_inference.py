@@ -15,9 +15,9 @@ import pytest
 import torch
 from conftest import run_cli, write_run_recipe
 
-from velora_cli.formats import ALPACA_NO_INPUT, record_pieces
-from velora_cli.recipe import read_run_recipe
-from velora_cli.templates import PromptStyle, render
+from velora_cli.data.formats import ALPACA_NO_INPUT, record_pieces
+from velora_cli.data.templates import PromptStyle, render
+from velora_cli.rundir.layout import read_run_recipe
 
 PROMPT = "Name a colour."
 FOLLOW_UP = "And another one?"
@@ -152,8 +152,8 @@ def test_a_merged_export_is_prompted_as_its_run(tiny_lora_run: Path, tmp_path: P
     """The export's tokenizer carries the Alpaca prompt as its chat template, so the merged model answers alike."""
     from transformers import AutoTokenizer
 
-    from velora_cli.export import export_run
-    from velora_cli.templates import ALPACA_CHAT_TEMPLATE
+    from velora_cli.data.templates import ALPACA_CHAT_TEMPLATE
+    from velora_cli.export.merge import export_run
 
     merged = export_run(tiny_lora_run, tmp_path / "merged", dtype="fp32")
     assert AutoTokenizer.from_pretrained(merged).chat_template == ALPACA_CHAT_TEMPLATE
@@ -167,7 +167,7 @@ def test_a_merged_export_is_prompted_as_its_run(tiny_lora_run: Path, tmp_path: P
 def test_sampling_is_seeded_and_4bit_loads_as_trained(tiny_lora_run, tiny_llama_dir, reference, capsys) -> None:
     from peft import PeftModel
 
-    from velora_cli.models import ModelSource, load_base_model
+    from velora_cli.models.load import ModelSource, load_base_model
 
     args = ["generate", str(tiny_lora_run), "--prompt", PROMPT, "--max-new-tokens", str(TOKENS)]
     sampled = [run_cli([*args, "--temperature", "1.5", "--seed", "3"], capsys)[1] for _ in range(2)]

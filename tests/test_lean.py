@@ -1,4 +1,4 @@
-"""Lean activations (velora_cli.velora.lean): every technique is exact, and saves what it claims to save.
+"""Lean activations (velora_cli.engine.lean): every technique is exact, and saves what it claims to save.
 
 Exactness: on a tiny fp32 LLaMA with PEFT LoRA on all seven projections (B initialised non-zero, so A's gradients
 are not trivially zero), the loss and every trainable tensor's gradient equal the stock path's: per tensor
@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from velora_cli.velora import VeloraConfig, apply_velora
-from velora_cli.velora.lean import (
+from velora_cli.engine import VeloraConfig, apply_velora
+from velora_cli.engine.lean import (
     apply_lean,
     causal_lm_loss,
     linear_cross_entropy,
@@ -28,8 +28,8 @@ from velora_cli.velora.lean import (
     select_backend,
     swiglu,
 )
-from velora_cli.velora.lean import loss as lean_loss
-from velora_cli.velora.meter import ActivationMeter
+from velora_cli.engine.lean import loss as lean_loss
+from velora_cli.engine.meter import ActivationMeter
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK = 4
@@ -439,8 +439,8 @@ def test_smollm2_nf4_lora_velora_stack(tmp_path: Path, embedded_model_dir: Path)
     the stock path with another thread count (another BLAS summation order) moves layer-0 adapter gradients by
     ~1e-5 relative. The bar here is therefore max(1e-5, 3 x that measured floor).
     """
-    from velora_cli.models import build_training_model
-    from velora_cli.recipe import validate_recipe
+    from velora_cli.config.load import validate_recipe
+    from velora_cli.models.build import build_training_model
 
     recipe = validate_recipe({
         "model": {"name": str(embedded_model_dir), "quantization": "nf4", "compute_dtype": "fp32"},
@@ -497,7 +497,7 @@ def test_smollm2_nf4_lora_velora_stack(tmp_path: Path, embedded_model_dir: Path)
 def test_lean_ops_pick_liger_on_cuda_only_when_installed(tiny_base: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
     """Liger's RMSNorm/SwiGLU are chosen for CUDA weights when liger_kernel imports (a stand-in here: nothing runs
     on CUDA), the torch Functions otherwise; apply_lean's summary says which."""
-    from velora_cli.velora.lean import select_ops_backend
+    from velora_cli.engine.lean import select_ops_backend
 
     monkeypatch.setattr(lean_loss, "_installed", lambda module: False)
     assert select_ops_backend({"cuda"}) == "torch"
@@ -513,8 +513,8 @@ def test_lean_ops_pick_liger_on_cuda_only_when_installed(tiny_base: nn.Module, m
 def test_full_method_applies_the_memory_section_exactly(tmp_path: Path, tiny_llama_dir: Path, velora: bool) -> None:
     """method full builds through apply_memory: chunked loss + lean ops + MLP recompute patch the model, and its
     loss and every weight's gradient (norms, embeddings and the tied lm_head included) equal the stock path's."""
-    from velora_cli.methods import build_full_model
-    from velora_cli.recipe import validate_recipe
+    from velora_cli.config.load import validate_recipe
+    from velora_cli.models.full import build_full_model
 
     def build(memory: dict[str, Any]) -> nn.Module:
         recipe = validate_recipe({

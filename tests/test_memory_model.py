@@ -12,15 +12,15 @@ import torch
 from conftest import run_cli
 
 from velora_cli.cli import main
-from velora_cli.memory.arch import LLAMA_PROJECTIONS, arch_for
+from velora_cli.config.presets import LLAMA_PROJECTIONS
+from velora_cli.memory.activations import activations, layer_activations
+from velora_cli.memory.arch import arch_for
 from velora_cli.memory.command import parse_memory
 from velora_cli.memory.estimate import (
     COMPONENTS,
     Settings,
-    activations,
     estimate,
     largest_fitting,
-    layer_activations,
     optimizer_bytes,
     quantized_linear_bytes,
     weights_bytes,
@@ -61,7 +61,7 @@ def test_weights_line_matches_nf4_footprint_of_llama(preset: str, hidden: int, l
 
 @pytest.fixture(scope="module")
 def smollm2_nf4(embedded_model_dir: Path):
-    from velora_cli.models import ModelSource, load_base_model
+    from velora_cli.models.load import ModelSource, load_base_model
 
     return load_base_model(ModelSource("embedded", str(embedded_model_dir)), quantization="nf4")
 
@@ -70,7 +70,7 @@ def smollm2_nf4(embedded_model_dir: Path):
 def smollm2_base(embedded_model_dir: Path):
     """Unquantised frozen base: its linears save nothing for backward, exactly like bitsandbytes' 4-bit ones
     (test_nf4_base_saves_the_same checks it), and bitsandbytes' CPU 4-bit matmul costs ~30 s per forward here."""
-    from velora_cli.models import ModelSource, load_base_model
+    from velora_cli.models.load import ModelSource, load_base_model
 
     return load_base_model(ModelSource("embedded", str(embedded_model_dir)), quantization="none")
 
@@ -113,8 +113,8 @@ VELORA = {"off": (), "vd": ("v_proj", "down_proj"), "all": LLAMA_PROJECTIONS}
 def _meter_bytes(base, velora: tuple[str, ...], dropout: float, batch: int, seq: int) -> tuple[int, object]:
     from peft import LoraConfig, get_peft_model
 
-    from velora_cli.velora import VeloraConfig, apply_velora
-    from velora_cli.velora.meter import ActivationMeter
+    from velora_cli.engine import VeloraConfig, apply_velora
+    from velora_cli.engine.meter import ActivationMeter
 
     cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=list(LLAMA_PROJECTIONS))
     model = get_peft_model(base, cfg)
@@ -276,9 +276,9 @@ def test_quantized_stack_is_what_the_estimate_counts(tmp_path: Path, tiny_llama_
     """The real nf4 + LoRA + VeLoRA stack in a GPU's compute dtype (bf16 runs on CPU too, slowly): the frozen
     embeddings and norms stay in that dtype (prepare_model_for_kbit_training's fp32 upcast is undone), so the
     residual stream - and every activation saved for backward - is bf16, and the meter equals the estimate."""
-    from velora_cli.models import build_training_model
-    from velora_cli.recipe import validate_recipe
-    from velora_cli.velora.meter import ActivationMeter
+    from velora_cli.config.load import validate_recipe
+    from velora_cli.engine.meter import ActivationMeter
+    from velora_cli.models.build import build_training_model
 
     recipe = validate_recipe({
         "model": {"name": str(tiny_llama_dir), "quantization": "nf4", "compute_dtype": compute},

@@ -12,11 +12,13 @@ import torch
 import yaml
 from conftest import run_cli
 
-from velora_cli.errors import RecipeError
-from velora_cli.memory.arch import LLAMA_PROJECTIONS, arch_for
-from velora_cli.memory.estimate import Settings, activations, estimate
+from velora_cli.common.errors import RecipeError
+from velora_cli.config.load import validate_recipe
+from velora_cli.config.presets import LLAMA_PROJECTIONS
+from velora_cli.memory.activations import activations
+from velora_cli.memory.arch import arch_for
+from velora_cli.memory.estimate import Settings, estimate
 from velora_cli.memory.plan import candidates, plan, relative_speed, resolve_auto
-from velora_cli.recipe import validate_recipe
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "recipes" / "data" / "demo_tasks_train.json"
 
@@ -129,7 +131,7 @@ def test_cli_prints_frontier_and_choice(tmp_path: Path, capsys: pytest.CaptureFi
 
 
 def test_auto_checkpointing_reaches_the_model(tmp_path: Path, tiny_llama_dir: Path) -> None:
-    from velora_cli.train import FinetuneSession
+    from velora_cli.finetune.session import FinetuneSession
 
     data: dict[str, Any] = {
         "name": "auto",
@@ -191,7 +193,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 @pytest.fixture(scope="module")
 def smollm2_base(embedded_model_dir: Path):
     """Unquantised frozen fp32 base: its linears save nothing for backward, like bitsandbytes' 4-bit ones."""
-    from velora_cli.models import ModelSource, load_base_model
+    from velora_cli.models.load import ModelSource, load_base_model
 
     return load_base_model(ModelSource("embedded", str(embedded_model_dir)), quantization="none")
 
@@ -201,8 +203,8 @@ def smollm2_base(embedded_model_dir: Path):
 def test_estimate_within_5_percent_of_meter(smollm2_base, config: str) -> None:
     from peft import LoraConfig, get_peft_model
 
-    from velora_cli.velora import VeloraConfig, apply_velora
-    from velora_cli.velora.lean import apply_lean, remove_lean
+    from velora_cli.engine import VeloraConfig, apply_velora
+    from velora_cli.engine.lean import apply_lean, remove_lean
 
     cfg = CONFIGS[config]
     batch, seq = 2, 64
@@ -226,7 +228,7 @@ def test_estimate_within_5_percent_of_meter(smollm2_base, config: str) -> None:
 
 def _metered_bytes(model, vocab: int, batch: int, seq: int) -> int:
     """Bytes the ActivationMeter sees saved for backward in one training step on random tokens."""
-    from velora_cli.velora.meter import ActivationMeter
+    from velora_cli.engine.meter import ActivationMeter
 
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
     with ActivationMeter(model, attribute=False) as meter:
@@ -241,8 +243,8 @@ def test_full_method_estimate_within_5_percent_of_meter(smollm2_base) -> None:
     sequences. The chunked loss keeps the trainable lm_head's V x H weight gradient from forward to backward."""
     import copy
 
-    from velora_cli.velora import VeloraConfig, apply_velora
-    from velora_cli.velora.lean import apply_lean
+    from velora_cli.engine import VeloraConfig, apply_velora
+    from velora_cli.engine.lean import apply_lean
 
     batch, seq = 1, 32
     s = Settings(batch=batch, seq=seq, quantization="none", compute="fp32", device="cpu", method="full", targets=(),

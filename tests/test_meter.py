@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from velora_cli.velora.meter import UNATTRIBUTED, ActivationMeter
+from velora_cli.engine.meter import UNATTRIBUTED, ActivationMeter
 
 
 class Toy(nn.Module):
@@ -61,7 +61,7 @@ def test_velora_saving_on_a_real_lora_model_is_exactly_d_minus_d_over_m(tiny_lla
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from velora_cli.velora import VeloraConfig, apply_velora
+    from velora_cli.engine import VeloraConfig, apply_velora
 
     ids = torch.randint(5, 400, (2, 16), generator=torch.Generator().manual_seed(0))
     measured = []

@@ -12,10 +12,10 @@ import yaml
 from conftest import c4_like
 from safetensors.torch import load_file
 
-from velora_cli.errors import RecipeError
-from velora_cli.pipeline import run_pipeline
-from velora_cli.recipe import dump_recipe, validate_recipe
-from velora_cli.train import FinetuneSession
+from velora_cli.common.errors import RecipeError
+from velora_cli.config.load import dump_recipe, validate_recipe
+from velora_cli.finetune.pipeline import run_pipeline
+from velora_cli.finetune.session import FinetuneSession
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "recipes" / "data" / "demo_tasks_train.json"
 
@@ -81,7 +81,7 @@ def test_full_recipe_defaults_to_unquantised_and_round_trips() -> None:
 def test_paper_sizes_have_galores_shapes() -> None:
     from transformers import LlamaForCausalLM
 
-    from velora_cli.methods import size_config
+    from velora_cli.config.presets import size_config
 
     with torch.device("meta"):
         sizes = {n: sum(p.numel() for p in LlamaForCausalLM(size_config(n)).parameters())
@@ -123,7 +123,7 @@ def test_full_training_saves_resumes_bit_for_bit_and_exports(tmp_path: Path, tin
 
     from transformers import AutoModelForCausalLM
 
-    from velora_cli.export import export_run
+    from velora_cli.export.merge import export_run
 
     out = export_run(run_dir, tmp_path / "export", dtype="fp32")
     exported = AutoModelForCausalLM.from_pretrained(out)
@@ -184,8 +184,8 @@ def test_pretrain_on_text_packs_blocks_and_scores_perplexity(tmp_path: Path, tin
 def test_corpus_packs_without_padding_and_holds_out_whole_documents(tmp_path: Path, tiny_llama_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    from velora_cli.corpus import iter_documents, load_text_sets
-    from velora_cli.recipe import DataSection
+    from velora_cli.config.recipe import DataSection
+    from velora_cli.data.corpus import iter_documents, load_text_sets
 
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     rows = tmp_path / "rows.jsonl"
@@ -384,10 +384,10 @@ def test_bad_corpus_files_are_one_line(
 ) -> None:
     from transformers import AutoTokenizer
 
-    from velora_cli.corpus import load_text_sets
-    from velora_cli.errors import DataError
-    from velora_cli.logs import configure
-    from velora_cli.recipe import DataSection
+    from velora_cli.common.errors import DataError
+    from velora_cli.common.logs import configure
+    from velora_cli.config.recipe import DataSection
+    from velora_cli.data.corpus import load_text_sets
 
     configure()  # as every command: the libraries' own log lines go to the log file
     path = tmp_path / name

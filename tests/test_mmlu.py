@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import run_cli
 
-from velora_cli.errors import UsageError
+from velora_cli.common.errors import UsageError
 from velora_cli.eval.command import load_eval_model
 from velora_cli.eval.mmlu_data import (
     SPLITS,

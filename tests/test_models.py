@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from velora_cli.errors import UsageError
-from velora_cli.hub import is_hub_id
-from velora_cli.models import ModelSource, load_base_model, load_tokenizer, resolve_model
+from velora_cli.common.errors import UsageError
+from velora_cli.common.hub import is_hub_id
+from velora_cli.models.load import ModelSource, load_base_model, load_tokenizer, resolve_model
 
 
 def test_embedded_model_is_converted_to_a_plain_checkpoint(embedded_model_dir: Path) -> None:

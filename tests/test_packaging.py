@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from velora_cli import __version__
-from velora_cli.recipe import load_recipe
+from velora_cli.config.load import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from velora_cli.data import make_collator
-from velora_cli.formats import IGNORE_INDEX
-from velora_cli.packing import assign, pack_rows, padding_waste
-from velora_cli.velora.lean.packed_attention import PACKED_SDPA, register_packed_attention
+from velora_cli.data.formats import IGNORE_INDEX
+from velora_cli.data.load import make_collator
+from velora_cli.data.packing import assign, pack_rows, padding_waste
+from velora_cli.engine.lean.packed_attention import PACKED_SDPA, register_packed_attention
 
 LENGTHS = [7, 12, 5, 9, 3, 11, 6]  # packed into rows of 20 tokens: 3 rows, one of them shorter (padding)
 
@@ -137,7 +137,7 @@ def test_packed_attention_is_sdpa_on_padded_batches_and_generation(tiny) -> None
 
 def test_chunked_loss_on_packed_batches(tiny) -> None:
     """The chunked loss (memory.loss: chunked) gives the packed batch the stock path's loss and gradients unpacked."""
-    from velora_cli.velora.lean import apply_lean
+    from velora_cli.engine.lean import apply_lean
 
     tokenizer, path = tiny
     rows = examples(len(tokenizer))
@@ -159,7 +159,7 @@ def test_chunked_loss_on_packed_batches(tiny) -> None:
 
 def test_packed_recipe_trains(tiny, tmp_path: Path) -> None:
     """data.packing through the whole finetune path: the plan counts examples and sequences, training runs."""
-    from velora_cli.pipeline import run_pipeline
+    from velora_cli.finetune.pipeline import run_pipeline
 
     _, path = tiny
     convs = [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
@@ -178,8 +178,8 @@ def test_packed_recipe_trains(tiny, tmp_path: Path) -> None:
     summary = run_pipeline(tmp_path / "r.yaml", overrides=[])
     assert summary["train"]["steps"] == 2 and summary["train"]["train_loss"] > 0
     assert summary["train"]["after"]["eval_loss"] is not None
-    from velora_cli.recipe import load_recipe
-    from velora_cli.train import FinetuneSession
+    from velora_cli.config.load import load_recipe
+    from velora_cli.finetune.session import FinetuneSession
 
     session = FinetuneSession(load_recipe(tmp_path / "r.yaml"), tmp_path / "run")
     session.setup_data()
@@ -189,11 +189,12 @@ def test_packed_recipe_trains(tiny, tmp_path: Path) -> None:
 
 def test_memory_estimate_counts_packed_batches(tiny, tmp_path: Path) -> None:
     """The estimate with data.packing equals what the meter measures on a packed batch (nf4 + LoRA + VeLoRA, sdpa)."""
+    from velora_cli.config.load import validate_recipe
+    from velora_cli.engine.meter import ActivationMeter
+    from velora_cli.memory.activations import activations
     from velora_cli.memory.arch import arch_for
-    from velora_cli.memory.estimate import activations, settings_from_recipe
-    from velora_cli.models import build_training_model
-    from velora_cli.recipe import validate_recipe
-    from velora_cli.velora.meter import ActivationMeter
+    from velora_cli.memory.estimate import settings_from_recipe
+    from velora_cli.models.build import build_training_model
 
     _, path = tiny
     recipe = validate_recipe({

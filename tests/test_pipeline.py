@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from velora_cli.cli import main
-from velora_cli.pipeline import run_pipeline
+from velora_cli.finetune.pipeline import run_pipeline
 
 DEMO = Path(__file__).resolve().parents[1] / "recipes" / "smollm2_demo.yaml"
 QUICK = [
@@ -39,7 +39,7 @@ def test_demo_recipe_trains_exports_and_scores(tmp_path: Path, capsys: pytest.Ca
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from velora_cli.models import resolve_model
+    from velora_cli.models.load import resolve_model
 
     base_dir = resolve_model("embedded:smollm2-135m").path
     adapter_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), run_dir).eval()

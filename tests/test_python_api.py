@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from velora_cli.velora import VECTORS_FILE, VeloraCallback, VeloraConfig, apply_velora, velora_state_dict
+from velora_cli.engine import VECTORS_FILE, VeloraCallback, VeloraConfig, apply_velora, velora_state_dict
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

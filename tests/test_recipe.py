@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from velora_cli.errors import RecipeError
-from velora_cli.recipe import VeloraSection, apply_overrides, expand_layer_names, load_recipe, validate_recipe
+from velora_cli.common.errors import RecipeError
+from velora_cli.config.load import apply_overrides, load_recipe, validate_recipe
+from velora_cli.config.recipe import VeloraSection, expand_layer_names
 
 BASE = {"data": {"path": "train.json"}}
 
@@ -113,7 +114,7 @@ def test_shape_errors_from_the_engine_name_the_recipe_field(tiny_llama_dir: Path
     """A grouping that does not divide a layer's depth is the engine's ValueError, reported as the recipe's field."""
     import torch
 
-    from velora_cli.models import build_training_model
+    from velora_cli.models.build import build_training_model
 
     recipe = validate_recipe(
         {"model": {"name": str(tiny_llama_dir), "quantization": "none"}, "data": {"path": "x.json"},

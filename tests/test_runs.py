@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from velora_cli.runs import SUMMARY_FILE, RunSummary, staged, staged_dir, summaries, write_text_atomic
+from velora_cli.common.fs import staged, staged_dir, write_text_atomic
+from velora_cli.rundir.layout import SUMMARY_FILE
+from velora_cli.rundir.summary import RunSummary, summaries
 
 HELDOUT = {"exact_match": 0.25, "loss": 2.0, "n": 4, "examples": [{"instruction": "i", "expected": "e",
                                                                   "greedy": "g", "correct": True}]}  # fmt: skip

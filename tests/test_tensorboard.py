@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from velora_cli.errors import RecipeError
-from velora_cli.pipeline import run_pipeline
+from velora_cli.common.errors import RecipeError
+from velora_cli.finetune.pipeline import run_pipeline
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "recipes" / "data" / "demo_tasks_train.json"
 

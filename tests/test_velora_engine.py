@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from velora_cli.velora import (
+from velora_cli.engine import (
     ActivationMeter,
     VeloraConfig,
     VeloraConfigError,
@@ -23,7 +23,7 @@ from velora_cli.velora import (
     reconstruct_subtokens,
     velora_state_dict,
 )
-from velora_cli.velora.function import draw_dropout_seed, dropout_mask
+from velora_cli.engine.function import draw_dropout_seed, dropout_mask
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -391,7 +391,7 @@ def test_per_layer_type_group_counts(tiny_lora) -> None:
 def _quantized_lora(tiny_llama_dir: Path, quantization: str):
     from peft import LoraConfig, get_peft_model
 
-    from velora_cli.models import ModelSource, load_base_model
+    from velora_cli.models.load import ModelSource, load_base_model
 
     torch.manual_seed(0)
     base = load_base_model(ModelSource(str(tiny_llama_dir), str(tiny_llama_dir)), quantization=quantization)
@@ -535,7 +535,7 @@ def test_checkpointed_weight_grad_is_the_closed_form() -> None:
     """Under non-reentrant checkpointing: grad_W == g^T (z_p v^T) for the dropped-out input of the first run."""
     from torch.utils.checkpoint import checkpoint
 
-    from velora_cli.velora import function
+    from velora_cli.engine import function
 
     layer = VeloraLinear(nn.Linear(64, 32, bias=False), subtoken_size=16, init="batch_average_once", dropout_p=0.25)
     layer.train()
@@ -548,7 +548,7 @@ def test_checkpointed_weight_grad_is_the_closed_form() -> None:
 
     x = torch.randn(3, 7, 64, requires_grad=True)
     g = torch.randn(3, 7, 32)
-    import velora_cli.velora.layer as layer_module
+    import velora_cli.engine.layer as layer_module
 
     original, layer_module.draw_dropout_seed = layer_module.draw_dropout_seed, recording
     try:
@@ -571,7 +571,7 @@ def test_saving_figure_counts_fp32_adapter_inputs_on_a_bf16_model(tiny_llama_dir
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from velora_cli.velora import velora_saving_per_token
+    from velora_cli.engine import velora_saving_per_token
 
     def model_with(velora: bool):
         torch.manual_seed(0)

@@ -15,7 +15,8 @@ from pathlib import Path
 import typer
 
 from velora_cli import __version__
-from velora_cli.errors import VeloraError
+from velora_cli.common.errors import VeloraError
+from velora_cli.export.options import DEFAULTS as EXPORT
 
 try:  # typer >= 0.20 vendors click; older versions use the click package
     from typer._click import exceptions as click_exceptions
@@ -53,7 +54,7 @@ TrustOption = typer.Option(
 
 
 def _quiet(verbose: bool) -> None:
-    from velora_cli import logs
+    from velora_cli.common import logs
 
     logs.configure(verbose)
 
@@ -72,7 +73,7 @@ def finetune(
     verbose: bool = VerboseOption,
 ) -> None:
     """Train a LoRA adapter from a recipe; then export and evaluate when the recipe asks."""
-    from velora_cli.pipeline import run_pipeline
+    from velora_cli.finetune.pipeline import run_pipeline
 
     _quiet(verbose)
     run_pipeline(
@@ -140,32 +141,25 @@ def evaluate(
 def export(
     run_dir: Path = typer.Argument(..., help="A finetune run directory (holds the adapter)."),
     out: Path | None = typer.Option(None, "--out", help="Output directory (default: RUN_DIR/merged)."),
-    fmt: str = typer.Option("safetensors", "--format", help="safetensors | gguf (llama.cpp / Ollama, LLaMA models)."),
-    quant: str | None = typer.Option(None, "--quant", help="GGUF weights: f16 (default) | bf16 | q8_0 | f32."),
-    dtype: str = typer.Option("bf16", "--dtype", help="safetensors weights: bf16 | fp16 | fp32."),
+    fmt: str = typer.Option(EXPORT.fmt, "--format", help="safetensors | gguf (llama.cpp / Ollama, LLaMA models)."),
+    quant: str | None = typer.Option(EXPORT.quant, "--quant", help="GGUF weights: f16 (default) | bf16 | q8_0 | f32."),
+    dtype: str = typer.Option(EXPORT.dtype, "--dtype", help="safetensors weights: bf16 | fp16 | fp32."),
     checkpoint: int | None = typer.Option(None, "--checkpoint", help="Export checkpoint-N, not the final adapter."),
-    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
+    max_shard_size: str = typer.Option(EXPORT.max_shard_size, "--max-shard-size", help="Largest safetensors shard."),
     adapter_only: bool = typer.Option(False, "--adapter-only", help="Copy the PEFT adapter only, no merge."),
     force: bool = typer.Option(False, "--force", help="Overwrite a non-empty output directory."),
     trust_remote_code: bool = TrustOption,
     verbose: bool = VerboseOption,
 ) -> None:
     """Merge the adapter into full-precision weights that any transformers loader can serve (or into GGUF)."""
-    from velora_cli.export import run_export
+    from velora_cli.export.merge import run_export
+    from velora_cli.export.options import ExportOptions
 
     _quiet(verbose)
-    run_export(
-        run_dir,
-        out=out,
-        dtype=dtype,
-        checkpoint=checkpoint,
-        max_shard_size=max_shard_size,
-        adapter_only=adapter_only,
-        force=force,
-        trust_remote_code=trust_remote_code,
-        fmt=fmt,
-        quant=quant,
-    )
+    options = ExportOptions(out=out, fmt=fmt, quant=quant, dtype=dtype, checkpoint=checkpoint,
+                            max_shard_size=max_shard_size, adapter_only=adapter_only, force=force,
+                            trust_remote_code=trust_remote_code)  # fmt: skip
+    run_export(run_dir, options)
 
 
 ModelArgument = typer.Argument(
@@ -193,7 +187,7 @@ def generate(
     verbose: bool = VerboseOption,
 ) -> None:
     """Answer one prompt, prompted as the run was trained; only the answer goes to stdout."""
-    from velora_cli.inference import Sampling, run_generate
+    from velora_cli.infer.generate import Sampling, run_generate
 
     _quiet(verbose)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
@@ -213,8 +207,8 @@ def chat(
     verbose: bool = VerboseOption,
 ) -> None:
     """Talk to a model, answers streamed; /reset forgets the conversation, /exit quits."""
-    from velora_cli.chat import run_chat
-    from velora_cli.inference import Sampling
+    from velora_cli.infer.chat import run_chat
+    from velora_cli.infer.generate import Sampling
 
     _quiet(verbose)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
@@ -262,7 +256,7 @@ def runs(
     root: Path = typer.Argument(Path("runs"), help="Directory holding run directories."),
 ) -> None:
     """List finetune runs side by side from their summary files (method, MMLU, memory)."""
-    from velora_cli.pipeline import list_runs
+    from velora_cli.finetune.pipeline import list_runs
 
     list_runs(root)
 
@@ -279,7 +273,7 @@ def data_preview(
     verbose: bool = VerboseOption,
 ) -> None:
     """The first rows with trained tokens highlighted, lengths, cutoff losses and padding (tokenizer only)."""
-    from velora_cli.preview import run_preview
+    from velora_cli.data.preview import run_preview
 
     _quiet(verbose)
     run_preview(recipe, overrides or [], rows)
@@ -323,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except OSError as exc:  # unforeseeable file-system failures (disk full mid-run): one line, not a traceback
-        from velora_cli.validate import os_error_line
+        from velora_cli.common.fs import os_error_line
 
         typer.echo(f"error: {os_error_line(exc)}", err=True)
         sys.exit(1)

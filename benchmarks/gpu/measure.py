@@ -16,7 +16,7 @@ AdamW), the configurations in CONFIGS at each workload in WORKLOADS:
   PEFT over the same base.
 
 Everything depends only on stable interfaces: transformers / peft / bitsandbytes, the engine's public API
-(`velora_cli.velora.VeloraConfig`, `apply_velora`), and the CLI and benchmark scripts as commands.
+(`velora_cli.engine.VeloraConfig`, `apply_velora`), and the CLI and benchmark scripts as commands.
 Each stage is guarded (an error is recorded in the JSON, the next stage runs) and the JSON is rewritten after
 each one, so a run cut short keeps what it measured. `--tiny --device cpu` runs the same code on tiny shapes.
 
@@ -263,7 +263,7 @@ def peft_wrap(model: torch.nn.Module, cfg: Config):
     """What `velora finetune` does to a k-bit base (models.build_training_model), through the public APIs."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    from velora_cli.velora import VeloraConfig, apply_velora
+    from velora_cli.engine import VeloraConfig, apply_velora
 
     loaded = {name: p.dtype for name, p in model.named_parameters()}
     model = prepare_model_for_kbit_training(

@@ -19,23 +19,15 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from velora_cli import report
-from velora_cli.device import compute_dtype, default_device
-from velora_cli.errors import UsageError
+from velora_cli.common.device import compute_dtype, default_device
+from velora_cli.common.errors import UsageError
+from velora_cli.common.fs import check_writable, write_json_atomic, write_text_atomic
 from velora_cli.eval.mmlu_data import load_mmlu
+from velora_cli.eval.report import print_mmlu_results
 from velora_cli.eval.summary import accuracy, evaluate_loaded
-from velora_cli.lock import run_lock
-from velora_cli.models import ModelSource, load_base_model, load_recipe_base, load_tokenizer, resolve_model
-from velora_cli.recipe import read_run_recipe
-from velora_cli.runs import (
-    ADAPTER_CONFIG,
-    MMLU_FILE,
-    is_run_dir,
-    latest_run,
-    write_json_atomic,
-    write_text_atomic,
-)
-from velora_cli.validate import check_writable
+from velora_cli.models.load import ModelSource, load_base_model, load_recipe_base, load_tokenizer, resolve_model
+from velora_cli.rundir.layout import ADAPTER_CONFIG, MMLU_FILE, is_run_dir, latest_run, read_run_recipe
+from velora_cli.rundir.lock import run_lock
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
 
@@ -143,7 +135,7 @@ def _evaluate(reference, quantization, trust, data, data_dir, limit, shots, batc
                 f"{subject}: {100 * accuracy(preds)['acc']:.1f}% of {len(preds)}", highlight=False
             ),
         )
-    report.print_mmlu_results(result, Console())
+    print_mmlu_results(result, Console())
     if json_path is not None:
         write_json_atomic(json_path, result)
         console.print(f"results: {json_path}")

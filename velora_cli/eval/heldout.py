@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from velora_cli.data import make_collator, tokenize_record
-from velora_cli.formats import IGNORE_INDEX, describe
-from velora_cli.runs import HeldoutScore
+from velora_cli.data.formats import IGNORE_INDEX, describe
+from velora_cli.data.load import make_collator, tokenize_record
+from velora_cli.rundir.summary import HeldoutScore
 
 
 @torch.no_grad()

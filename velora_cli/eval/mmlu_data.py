@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from velora_cli.errors import DataError, UsageError, did_you_mean
+from velora_cli.common.errors import DataError, UsageError, did_you_mean
 
 LETTERS = ("A", "B", "C", "D")
 SPLITS = {"test": "test", "validation": "val", "dev": "dev"}  # --split name -> directory / file suffix

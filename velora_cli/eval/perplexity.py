@@ -1,6 +1,6 @@
 """Perplexity of held-out text: `velora eval --perplexity --data FILE` and the recipe's `eval.perplexity` stage.
 
-The text is read and packed exactly as training packs it (velora_cli.corpus: documents + EOS, blocks of
+The text is read and packed exactly as training packs it (velora_cli.data.corpus: documents + EOS, blocks of
 cutoff_len tokens, no padding), so every position of a block but the first is predicted. Perplexity is
 exp(total next-token NLL / predicted tokens), summed in fp64 over every block.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from velora_cli.errors import DataError
+from velora_cli.common.errors import DataError
 
 
 @torch.no_grad()
@@ -44,7 +44,7 @@ def perplexity(model, blocks, batch_size: int = 8, limit: int | None = None) -> 
 
 def file_blocks(path: str, tokenizer, block: int, text_field: str = "text"):
     """Packed blocks of a text corpus (.txt/.jsonl/.parquet/hub id), as corpus.pack makes them."""
-    from velora_cli.corpus import iter_documents, pack
+    from velora_cli.data.corpus import iter_documents, pack
 
     return pack(iter_documents(path, text_field=text_field), tokenizer, block)
 
@@ -54,9 +54,10 @@ def run_perplexity_command(model: str | None, data: Path | None, block: int, lim
     """`velora eval --perplexity --data FILE [--model RUN_OR_MODEL]`: load, score, print one line, write JSON."""
     from rich.console import Console
 
-    from velora_cli.errors import UsageError
+    from velora_cli.common.errors import UsageError
+    from velora_cli.common.fs import write_json_atomic
     from velora_cli.eval.command import load_eval_model
-    from velora_cli.runs import latest_run, write_json_atomic
+    from velora_cli.rundir.layout import latest_run
 
     if data is None:
         raise UsageError("velora eval --perplexity needs --data FILE (text, .jsonl with a text field, parquet)")

@@ -16,52 +16,9 @@ from typing import Any
 
 import torch
 
-from velora_cli.errors import UsageError, did_you_mean
-from velora_cli.methods import PRETRAIN_COMMON, PRETRAIN_SIZES
-from velora_cli.models import load_config, resolve_model
-
-# ------------------------------------------------------------------------------------------- presets
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "llama-7b": dict(
-        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-        intermediate_size=11008, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=2048,
-    ),
-    "llama-13b": dict(
-        hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40,
-        intermediate_size=13824, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=2048,
-    ),
-    "llama-3.1-8b": dict(
-        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-        intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=131072,
-    ),
-    "smollm2-135m": dict(
-        hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-        intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
-    ),
-}  # fmt: skip
-
-# Hub ids (lower case) whose architecture is one of the presets: the shipped recipes' models and common siblings.
-# Their config.json files agree with the preset on every field the memory model reads.
-KNOWN_MODELS: dict[str, str] = {
-    "huggyllama/llama-7b": "llama-7b",
-    "meta-llama/llama-2-7b-hf": "llama-7b",
-    "huggyllama/llama-13b": "llama-13b",
-    "meta-llama/llama-2-13b-hf": "llama-13b",
-    "huggingfacetb/smollm2-135m": "smollm2-135m",
-    "huggingfacetb/smollm2-135m-instruct": "smollm2-135m",
-    "embedded:smollm2-135m": "smollm2-135m",
-    "meta-llama/llama-3.1-8b": "llama-3.1-8b",
-    "meta-llama/llama-3.1-8b-instruct": "llama-3.1-8b",
-}
-
-# The paper's pre-training sizes (GaLore's configs; velora_cli/methods.py builds them for method: pretrain).
-PRESETS.update({name: {**PRETRAIN_COMMON, **shape} for name, shape in PRETRAIN_SIZES.items()})
-
-LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-# --------------------------------------------------------------------------------------- architecture
+from velora_cli.common.errors import UsageError, did_you_mean
+from velora_cli.config.presets import KNOWN_MODELS, LLAMA_PROJECTIONS, PRESETS
+from velora_cli.models.load import load_config, resolve_model
 
 
 @dataclass(frozen=True)
@@ -167,7 +124,7 @@ def recipe_arch(recipe: Any) -> Arch:
 
 def model_config(model: str, trust_remote_code: bool = False):
     """A model's config for planning: local files or the hub cache first, then KNOWN_MODELS, then the hub."""
-    from velora_cli.hub import is_hub_id
+    from velora_cli.common.hub import is_hub_id
 
     known = KNOWN_MODELS.get(model.lower())
     if known is not None and (model.startswith("embedded:") or is_hub_id(model)):

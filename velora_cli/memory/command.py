@@ -11,9 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from velora_cli import report
-from velora_cli.device import default_device
-from velora_cli.errors import RecipeError, UsageError
+from velora_cli.common.device import default_device
+from velora_cli.common.errors import RecipeError, UsageError
+from velora_cli.common.fs import check_writable, write_json_atomic
+from velora_cli.common.memstats import parse_bytes
+from velora_cli.config.load import apply_overrides, dump_recipe, load_recipe, load_yaml, validate_recipe
+from velora_cli.config.recipe import Recipe
+from velora_cli.memory import report
 from velora_cli.memory.arch import arch_for, preset_config, recipe_arch
 from velora_cli.memory.estimate import (
     Estimate,
@@ -26,10 +30,6 @@ from velora_cli.memory.estimate import (
 )
 from velora_cli.memory.measure import measure_training
 from velora_cli.memory.plan import plan_micro_batches, resolve_auto
-from velora_cli.memstats import parse_bytes
-from velora_cli.recipe import Recipe, apply_overrides, dump_recipe, load_recipe, load_yaml, validate_recipe
-from velora_cli.runs import write_json_atomic
-from velora_cli.validate import check_writable
 
 
 def parse_memory(text: str, what: str = "--gpu-mem") -> int:

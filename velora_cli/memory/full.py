@@ -23,8 +23,8 @@ from typing import Any
 
 from velora_cli.memory.arch import Arch
 
-BNB_OPT_BLOCK = 256
-BNB_OPT_MIN_8BIT = 4096
+BNB_OPT_BLOCK = 256  # 8-bit optimizer state blocksize
+BNB_OPT_MIN_8BIT = 4096  # smaller tensors keep fp32 states (bitsandbytes' min_8bit_size)
 INPUTS = {"attn_in": ("q_proj", "k_proj", "v_proj"), "o_in": ("o_proj",), "mlp_in": ("gate_proj", "up_proj"),
           "down_in": ("down_proj",)}  # fmt: skip
 
@@ -43,7 +43,12 @@ def full_optimizer_bytes(sizes: list[int], optimizer: str, c: int) -> int:
     if optimizer in ("adamw_torch", "adamw_torch_fused", "paged_adamw_32bit"):
         per = c if optimizer != "paged_adamw_32bit" else 4
         return sum(2 * per * n for n in sizes)
-    total = 2 * 256 * 4
+    return adam8bit_bytes(sizes)
+
+
+def adam8bit_bytes(sizes: list[int]) -> int:
+    """bitsandbytes' 8-bit AdamW states: two uint8 states + one fp32 absmax per block each, fp32 below the minimum."""
+    total = 2 * 256 * 4  # the two shared 8-bit quantisation maps
     for n in sizes:
         total += 8 * n if n < BNB_OPT_MIN_8BIT else 2 * n + 2 * 4 * math.ceil(n / BNB_OPT_BLOCK)
     return total

@@ -12,11 +12,11 @@ from typing import Any
 
 import torch
 
-from velora_cli.device import default_device
-from velora_cli.errors import UsageError
+from velora_cli.common.device import default_device
+from velora_cli.common.errors import UsageError
+from velora_cli.engine.meter import ActivationMeter
 from velora_cli.memory.estimate import Settings
-from velora_cli.models import build_training_model
-from velora_cli.velora.meter import ActivationMeter
+from velora_cli.models.build import build_training_model
 
 # --------------------------------------------------------------------------------------------- measuring
 

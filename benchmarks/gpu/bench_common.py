@@ -42,8 +42,9 @@ SHAPES: dict[str, dict[str, Any]] = {
                       num_key_value_heads=8, vocab_size=32000, max_position_embeddings=1024, **_COMMON),
     "tiny-7b": dict(hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=4, vocab_size=1024, max_position_embeddings=512, **_COMMON),
-    "tiny-8b": dict(hidden_size=128, intermediate_size=448, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=4096, max_position_embeddings=512, **_COMMON),
+    # 10 layers: deep enough for the planner's 0.25x / 0.10x budgets to fit at a tiny size, as they do at 7B/8B
+    "tiny-8b": dict(hidden_size=64, intermediate_size=224, num_hidden_layers=10, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=256, max_position_embeddings=512, **_COMMON),
     "tiny-1b": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                     num_key_value_heads=2, vocab_size=1024, max_position_embeddings=512, **_COMMON),
     "tiny-60m": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,

@@ -75,9 +75,9 @@ STAGES = "memory,ops,cuda_tests,packed,pretrain,mmlu_full,builder_check,export,m
 def settings(args: argparse.Namespace) -> None:
     """Shapes, step counts and time shares: the GPU run's, or the dry run's tiny ones (same keys)."""
     if args.tiny:
-        args.workloads = [Workload("7b_1x2048", "tiny-7b", 1, 128, steps=2, budget_s=300),
-                          Workload("8b_1x8192", "tiny-8b", 1, 256, steps=2, budget_s=300)]  # fmt: skip
-        args.pretrain_workload = Workload("60m_32x256", "tiny-60m", 4, 64, steps=2, budget_s=60)
+        args.workloads = [Workload("7b_1x2048", "tiny-7b", 1, 128, steps=1, budget_s=300),
+                          Workload("8b_1x8192", "tiny-8b", 1, 128, steps=1, budget_s=300)]  # fmt: skip
+        args.pretrain_workload = Workload("60m_32x256", "tiny-60m", 4, 64, steps=1, budget_s=60)
         args.packed_workload = Workload("1b_packed", "tiny-1b", 4, 128)
         args.packed_examples, args.packed_median, args.packed_rows = 12, 30, 2
         args.ops_tokens, args.ops_reps = 64, 2

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# GPU truth (issue 16): install the carried wheels if needed, then measure everything into OUT_DIR.
+# GPU truth (issues 16, 28): install the carried wheels if needed, then measure everything into OUT_DIR.
 #
-#   bash benchmarks/gpu/run.sh OUT_DIR                    # on the GPU machine (under 7 minutes on one H200)
+#   bash benchmarks/gpu/run.sh OUT_DIR                    # on the GPU machine (about 6 minutes on one H200)
 #   bash benchmarks/gpu/run.sh OUT_DIR --device cpu --tiny   # the dry run: same code paths, tiny shapes, CPU
 #
 # Extra arguments go to benchmarks/gpu/measure.py (--budget-s, --stages, --keep-work). Writes
 # OUT_DIR/results.json, results.md, run.log (this whole output), estimates.json, pytest_cuda.log.
-# Wheels: `make gpu-wheels` downloads into .whl/ the ones the GPU image lacks (bitsandbytes, pydantic, ...);
-# each is installed with pip --no-deps --target into $VELORA_GPU_SITE only when its module is missing (or older).
+# Wheels: `make gpu-wheels` downloads into .whl/ the ones the GPU image lacks (bitsandbytes, pydantic, liger-kernel,
+# ...); each is installed with pip --no-deps --target into $VELORA_GPU_SITE only when its module is missing (or older).
 # PYTHON picks the interpreter (default python3, the one that holds torch on the GPU image).
 set -uo pipefail
 if [ $# -lt 1 ]; then

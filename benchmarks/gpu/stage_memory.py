@@ -304,8 +304,13 @@ def measure_rows(
             if cfg.plan is not None:
                 row["plan"] = cfg.plan
             table[w.key][cfg.name] = row
-            if cfg.plan_error:
-                row["error"] = cfg.plan_error
+            if cfg.plan_error:  # nothing fits the budget: the planner's answer, not a failure of the run
+                row.update(skipped=cfg.plan_error, error=None)
+                continue
+            same = next((n for n, r in table[w.key].items() if n != cfg.name and r.get("velora") == row["velora"]
+                         and r.get("memory") == cfg.memory and r.get("error") is None and "tokens_per_s" in r), None)
+            if same is not None:  # e.g. the planner chose one configuration for both budgets: measured once
+                row.update({k: v for k, v in table[w.key][same].items() if k not in row}, same_as=same)
                 continue
             if clock.left < args.config_need_s:
                 row.update(skipped=f"time budget: {clock.left:.0f} s left of this workload's", error=None)

@@ -81,20 +81,22 @@ def settings(args: argparse.Namespace) -> None:
         args.packed_workload = Workload("1b_packed", "tiny-1b", 4, 128)
         args.packed_examples, args.packed_median, args.packed_rows = 12, 30, 2
         args.ops_tokens, args.ops_reps = 64, 2
-        args.mmlu_subjects, args.mmlu_limit, args.mmlu_batch, args.mmlu_budget_s = 2, 3, 8, 60
+        # the first subject, and the one with the longest shots (over the context: shots dropped, as at 2,048)
+        args.mmlu_subjects = ["abstract_algebra", "high_school_european_history"]
+        args.mmlu_limit, args.mmlu_batch, args.mmlu_budget_s = 3, 8, 60
         args.mmlu_repeat, args.agreement_limit = 1, 2
         args.export_shape, args.pytest_timeout, args.sub_timeout = "tiny-1b", 240, 240
         args.warmup, args.config_need_s, default_budget = 1, 1, 900
     else:
-        args.workloads = [Workload("7b_1x2048", "llama-7b", 1, 2048, steps=4, budget_s=70),
-                          Workload("8b_1x8192", "llama-8b", 1, 8192, steps=3, budget_s=130)]  # fmt: skip
+        args.workloads = [Workload("7b_1x2048", "llama-7b", 1, 2048, steps=3, budget_s=70),
+                          Workload("8b_1x8192", "llama-8b", 1, 8192, steps=2, budget_s=140)]  # fmt: skip
         args.pretrain_workload = Workload("60m_32x256", "llama-60m", 32, 256, steps=10, budget_s=20)
         args.packed_workload = Workload("1b_packed", "llama-1b", 8, 1024)
         args.packed_examples, args.packed_median, args.packed_rows = 96, 200, 4
         args.ops_tokens, args.ops_reps = 8192, 5
-        args.mmlu_subjects, args.mmlu_limit, args.mmlu_batch, args.mmlu_budget_s = 0, None, 8, 45
+        args.mmlu_subjects, args.mmlu_limit, args.mmlu_batch, args.mmlu_budget_s = None, None, 8, 45
         args.mmlu_repeat, args.agreement_limit = 8, 1000
-        args.export_shape, args.pytest_timeout, args.sub_timeout = "llama-1b", 150, 150
+        args.export_shape, args.pytest_timeout, args.sub_timeout = "llama-1b", 90, 150
         args.warmup, args.config_need_s, default_budget = 1, 10, 345
     args.budget = args.budget_s if args.budget_s is not None else default_budget
 

@@ -187,7 +187,7 @@ def mmlu_stage(args: argparse.Namespace) -> dict[str, Any]:
     data = mmlu_data(args)
     figures = args.work / "mmlu_speed.json"
     cmd = [sys.executable, "benchmarks/mmlu_speed.py", "--model", str(args.ckpt), "--data-dir", str(data)]
-    cmd += ["--subjects", MMLU_SUBJECTS, "--limit", str(args.mmlu_limit), "--json", str(figures)]
+    cmd += ["--subjects", MMLU_SUBJECTS, "--limit", str(args.agreement_limit), "--json", str(figures)]
     res = run_cmd(cmd, args, timeout=args.sub_timeout)
     if figures.is_file():
         res["figures"] = json.loads(figures.read_text(encoding="utf-8"))

@@ -208,7 +208,7 @@ def packed_stage(args: argparse.Namespace, w: Workload) -> dict[str, Any]:
         for i, r in enumerate(members):
             n = len(r["input_ids"])
             ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask, "use_cache": False}
 
     packed_rows = pack_rows(rows, w.seq)
     collate = PackedCollator(padded, pad_token_id=0)

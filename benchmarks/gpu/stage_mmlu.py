@@ -70,7 +70,7 @@ def mmlu_full_stage(args: argparse.Namespace, shape: str) -> dict[str, Any]:
 
     lengths = json.loads(LENGTHS.read_text(encoding="utf-8"))
     tokenizer, n_words = word_tokenizer(min(SHAPES[shape]["vocab_size"], 32000))
-    subjects = list(lengths["subjects"])[: args.mmlu_subjects or None]
+    subjects = args.mmlu_subjects or list(lengths["subjects"])
     data = synthetic_subjects({"subjects": {s: lengths["subjects"][s] for s in subjects}}, n_words, args.mmlu_limit)
     total = sum(len(d.questions) for d in data.values())
     model = random_model(shape, args.torch_device).eval()
@@ -96,7 +96,7 @@ def mmlu_full_stage(args: argparse.Namespace, shape: str) -> dict[str, Any]:
         fewer += sum(p.shots < SHOTS for p in preds)
         tokens += sum(lengths["subjects"][subject]["questions"][: len(preds)])
         out["subjects"][subject] = {"questions": len(preds), "seconds": round(took, 3)}
-    out.update(questions_done=done, seconds=round(seconds, 2), prompts_with_fewer_shots=fewer,
+    out.update(questions_done=done, scoring_s=round(seconds, 2), prompts_with_fewer_shots=fewer,
                question_tokens_done=tokens, complete=done == total)  # fmt: skip
     if done:
         out["questions_per_s"] = round(done / seconds, 2)

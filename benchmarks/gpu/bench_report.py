@@ -81,9 +81,9 @@ def ops_table(st: dict[str, Any]) -> list[str]:
 
 
 BRIEF = ("error", "skipped", "counts", "identical_logits", "bytes_ratio", "wall_s", "exported_bytes", "seconds",
-         "questions_done", "scoring_s", "questions_per_s", "extrapolated_all_questions_s", "complete", "prompts_with_fewer_shots",
-         "speedup_per_example_vs_padded", "speedup_per_example_vs_mask", "logits_max_abs_diff_per_example_vs_mask",
-         "real_tokens", "estimates", "process_rc")  # fmt: skip
+         "questions_done", "scoring_s", "questions_per_s", "extrapolated_all_questions_s", "complete",
+         "prompts_with_fewer_shots", "speedup_per_example_vs_padded", "speedup_per_example_vs_mask",
+         "logits_max_abs_diff_per_example_vs_mask", "real_tokens", "estimates", "process_rc")  # fmt: skip
 
 
 def summary_markdown(data: dict[str, Any]) -> str:

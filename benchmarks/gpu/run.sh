@@ -62,6 +62,26 @@ fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 "$PY" -c "import torch, transformers, peft, bitsandbytes, pydantic; print('== torch', torch.__version__, 'cuda', torch.cuda.is_available(), '| transformers', transformers.__version__, '| peft', peft.__version__, '| bitsandbytes', bitsandbytes.__version__, '| pydantic', pydantic.__version__)" 2>&1 | grep -v kernels-community
 
+# A carried Liger Kernel that cannot run here (Triton needs a C compiler for its launcher; a triton/torch mismatch)
+# would fail every configuration apply_lean hands to it: smoke-test it once on CUDA, and if it fails, take it out
+# of $SITE so the lean ops and the chunked loss run on their torch implementations (the ops stage then says so).
+if [ -d "$SITE/liger_kernel" ] && "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    smoke=$("$PY" -c "
+import torch
+from liger_kernel.transformers.functional import liger_rms_norm, liger_swiglu
+x = torch.randn(8, 64, device='cuda', dtype=torch.bfloat16, requires_grad=True)
+y = liger_rms_norm(x, torch.ones(64, device='cuda', dtype=torch.bfloat16), 1e-6, 0.0, 'llama', False)
+(y.sum() + liger_swiglu(x, x).sum()).backward()
+torch.cuda.synchronize()
+print('ok')" 2>&1)
+    if [ "$(echo "$smoke" | tail -1)" = "ok" ]; then
+        echo "== liger-kernel smoke test on CUDA: ok"
+    else
+        echo "== WARNING: liger-kernel does not run here, removed from $SITE (torch ops instead): $(echo "$smoke" | tail -3)"
+        rm -rf "$SITE"/liger_kernel "$SITE"/liger_kernel-*.dist-info
+    fi
+fi
+
 started=$(date +%s)
 "$PY" "$REPO/benchmarks/gpu/measure.py" "$OUT" "$@"
 rc=$?

@@ -346,7 +346,7 @@ def _bad_base_run(tiny_run: Path, tmp_path: Path, name: str) -> Path:
     run = tmp_path / "run-bad-base"
     shutil.copytree(tiny_run, run)
     recipe = read_run_recipe(run)
-    recipe.model.name = name
+    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"name": name})})
     (run / "recipe.yaml").write_text(dump_recipe(recipe))
     return run
 

@@ -451,7 +451,7 @@ def test_smollm2_nf4_lora_velora_stack(tmp_path: Path, embedded_model_dir: Path)
         "memory": {"loss": "full", "lean_ops": False},  # the stock path; apply_lean below adds the techniques
     })  # fmt: skip
     torch.manual_seed(0)
-    model, _, _ = build_training_model(recipe, torch.device("cpu"))
+    model, _ = build_training_model(recipe, torch.device("cpu"))
     g = torch.Generator().manual_seed(1)
     for name, param in model.named_parameters():
         if "lora_B" in name:
@@ -523,7 +523,7 @@ def test_full_method_applies_the_memory_section_exactly(tmp_path: Path, tiny_lla
             "data": {"path": str(tmp_path / "unused.json")}, "memory": memory,
         })  # fmt: skip
         torch.manual_seed(0)
-        model, _, _ = build_full_model(recipe, torch.device("cpu"))
+        model, _ = build_full_model(recipe, torch.device("cpu"))
         return model.train()
 
     ids, labels = batch(build({"loss": "full"}).config.vocab_size)

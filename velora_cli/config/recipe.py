@@ -22,7 +22,7 @@ from velora_cli.engine.config import DEFAULT_NUM_GROUPS, INIT_TYPES, VeloraConfi
 
 class Section(BaseModel):
     # allow_inf_nan=False: `.inf` / `.nan` are valid YAML floats, and no field of a recipe means anything with them.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):

@@ -191,7 +191,7 @@ def test_batch_not_divisible_by_processes_is_one_error_line(tmp_path: Path, tiny
     # torchrun exits 1 whenever a worker fails; the worker's own exit code (2, a usage error) is in its report.
     assert proc.returncode != 0
     assert re.search(r"exitcode\s*:\s*2\b", proc.stderr), proc.stderr[-3000:]
-    message = "error: train.batch_size=3 is not a multiple of micro_batch_size x processes = 2"
+    message = "error: train: batch_size 3 is not a multiple of micro_batch_size x processes = 2"
     lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert lines == [message]
     assert not re.search(r"\[rank\d\]: Traceback", proc.stderr)  # no worker traceback, only torchrun's report

@@ -344,6 +344,7 @@ def metered(model: nn.Module, **inputs) -> int:
     return meter.total_bytes
 
 
+@pytest.mark.slow
 def test_meter_counts_what_each_technique_removes(tiny_base: nn.Module) -> None:
     """fp32, frozen norms (LoRA): exact byte counts per technique, as the memory model will count them."""
     cfg = tiny_base.config
@@ -371,6 +372,7 @@ def test_meter_counts_what_each_technique_removes(tiny_base: nn.Module) -> None:
     assert stock - measure(loss="full", lean_ops=True, checkpointing="mlp") == region
 
 
+@pytest.mark.slow
 def test_meter_partial_recompute(tiny_base: nn.Module) -> None:
     """every:2 on two identical layers removes half of what `all` removes, up to the rotary tables (cos, sin),
     which the remaining layer still saves; `all` keeps exactly one hidden state per layer."""

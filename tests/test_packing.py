@@ -80,6 +80,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn", ["sdpa", "eager", PACKED_SDPA])
 def test_packed_batch_equals_unpacked(tiny, attn: str) -> None:
     tokenizer, path = tiny
@@ -157,6 +158,7 @@ def test_chunked_loss_on_packed_batches(tiny) -> None:
         torch.testing.assert_close(_grads(lean)[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_packed_recipe_trains(tiny, tmp_path: Path) -> None:
     """data.packing through the whole finetune path: the plan counts examples and sequences, training runs."""
     from velora_cli.finetune.pipeline import run_pipeline

@@ -114,6 +114,7 @@ def test_stage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert info.value.code == 2
 
 
+@pytest.mark.slow
 def test_one_finetune_reads_the_data_once_and_resolves_the_model_once(
     tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

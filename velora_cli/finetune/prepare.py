@@ -67,10 +67,11 @@ def prepare(recipe: Recipe, device: torch.device) -> Prepared:
 
     m = recipe.model
     source = None if recipe.method == "pretrain" else resolve_model(m.name)
+    config = None if source is None else load_config(source, m.trust_remote_code)  # a wrong name fails here, first
     reference = tokenizer_reference(m)
     tokenizer_source = source if source is not None and reference == m.name else resolve_model(reference)
     tokenizer = load_tokenizer(tokenizer_source, m.trust_remote_code)
-    config = pretrain_config(m, tokenizer) if source is None else load_config(source, m.trust_remote_code)
+    config = pretrain_config(m, tokenizer) if config is None else config
     model, compressed = _meta_model(recipe, config)
     lean = lean_supported(model, recipe)
     del model

@@ -49,11 +49,11 @@ class FinetuneSession:
     """setup() builds data, model and trainer (validating everything before writing anything);
     train() runs or resumes; save() writes the adapter and its companions atomically into the run dir."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, prepared: Prepared | None = None):
+    def __init__(self, recipe: Recipe, run_dir: Path):
         self._requested = recipe  # the recipe as loaded; prepare() settles the one it trains with
         self.run_dir = run_dir
         self.device = default_device()
-        self.prepared = prepared
+        self.prepared: Prepared | None = None
         self.model = self.trainer = None
         self.plan: Plan | None = None
         self.compressed: list[str] = []
@@ -64,7 +64,8 @@ class FinetuneSession:
         return self.prepared.recipe if self.prepared is not None else self._requested
 
     def prepare(self) -> Prepared:
-        """Model reference, tokenizer, data and the recipe as trained, resolved once (the pre-flight's, if given)."""
+        """Model reference, tokenizer, data and the recipe as trained, resolved once (by the pre-flight in a
+        `velora finetune`, or here on first use)."""
         if self.prepared is None:
             self.gradient_accumulation()  # a batch size that does not divide fails before the data is read
             self.prepared = prepare(self._requested, self.device)
@@ -92,13 +93,10 @@ class FinetuneSession:
 
     # -- setup
     def gradient_accumulation(self) -> int:
-        t = self.recipe.train
-        per_step = t.micro_batch_size * world_size()
-        if t.batch_size % per_step:
-            raise RecipeError(
-                f"train.batch_size={t.batch_size} is not a multiple of micro_batch_size x processes = {per_step}"
-            )
-        return t.batch_size // per_step
+        try:
+            return self.recipe.train.accumulation(world_size())
+        except ValueError as exc:
+            raise RecipeError(f"train: {exc}") from None
 
     def total_steps(self) -> int:
         t = self.recipe.train

@@ -1,11 +1,11 @@
-# The two set-up commands of the README: `make demo` and `make test`.
+# The set-up commands of the README: `make demo`, `make test` (the fast tier) and `make test-all` (everything; CI).
 # Each creates .venv and installs what it needs. On a machine without CUDA the CPU build of
 # torch is pinned first (an unpinned torch pulls several GB of CUDA packages).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint install clean gpu-wheels
+.PHONY: demo test test-all lint install clean gpu-wheels
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,8 +23,13 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check velora_cli tests benchmarks
 
+# The fast tier: unit tests and quick CLI cases (tests marked slow - real SmolLM2 training, torchrun, kill -9,
+# anything over ~10 s - are left out). The ten slowest are listed so a creeping test stays visible.
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not slow" --durations=10
+
+test-all: lint
+	$(PY) -m pytest -q --durations=10
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

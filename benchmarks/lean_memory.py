@@ -54,7 +54,7 @@ def build(velora: bool, compute: str, tmp: Path) -> torch.nn.Module:
         "output": {"dir": str(tmp / "run")},
     })  # fmt: skip
     torch.manual_seed(0)
-    model, _, _ = build_training_model(recipe, torch.device("cpu"))
+    model, _ = build_training_model(recipe, torch.device("cpu"))
     g = torch.Generator().manual_seed(1)
     for name, param in model.named_parameters():
         if "lora_B" in name:  # non-zero B, so every adapter gradient is non-trivial

@@ -1,7 +1,7 @@
 """Pre-training from scratch with VeLoRA in full mode (the paper's section 4.5), side by side in one process.
 
 A LLaMA of 20.5M parameters (hidden 384, MLP 1024, 6 heads, 8 layers, tied embeddings, a 16,384-token byte-level
-BPE) is built by `velora finetune`'s own code (methods.build_full_model, method pretrain: the same seed gives every
+BPE) is built by `velora finetune`'s own code (models.full.build_full_model, method pretrain: the same seed gives every
 configuration the same initial weights) and trained for --steps steps on the same batches of packed 128-token
 blocks (corpus.load_text_sets, as the CLI packs text) of the instruction, input and output fields of
 ../shared/data/instruct/alpaca_libre.json joined as plain text (all 3,131 rows at the default --rows); 200
@@ -141,10 +141,10 @@ def recipe_for(name: str, work: Path, text: Path, steps: int) -> Any:
 def build(name: str, recipe: Any, tokenizer, steps: int) -> Run:
     from transformers import get_scheduler, set_seed
 
-    from velora_cli.models.full import build_full_model
+    from velora_cli.models.full import build_full_model, pretrain_config
 
     set_seed(recipe.train.seed)  # as FinetuneSession.setup: the fresh initialisation draws from the global RNG
-    model = build_full_model(recipe, torch.device("cpu"), tokenizer)[0]
+    model = build_full_model(recipe, torch.device("cpu"), config=pretrain_config(recipe.model, tokenizer))[0]
     model.train()
     t = recipe.train
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay)

@@ -135,6 +135,7 @@ def test_common_imports_nothing_above_it() -> None:
             if not d.startswith("velora_cli.common")} == set()  # fmt: skip
 
 
+@pytest.mark.slow
 def test_engine_imports_nothing_else_of_velora_cli() -> None:
     code = "import velora_cli.engine, sys; print(sorted(m for m in sys.modules if m.startswith('velora_cli')))"
     result = subprocess.run(

@@ -342,6 +342,7 @@ def test_hub_unreachable_fails_within_seconds(tmp_path: Path, monkeypatch, capsy
                           "https://127.0.0.1:9 cannot be reached") and "\n" not in err  # fmt: skip
 
 
+@pytest.mark.slow
 def test_memory_estimate_of_the_shipped_recipe_needs_no_hub(tmp_path: Path) -> None:
     """The README's own planning example, offline, with an empty hub cache: the table of known architectures."""
     env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-hf")}

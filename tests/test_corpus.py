@@ -109,6 +109,7 @@ def streamed_run(source: Path, model_dir: Path, run_dir: Path, callbacks=()) -> 
     session.save()
 
 
+@pytest.mark.slow
 def test_a_streamed_run_resumed_mid_stream_ends_bit_identical(tmp_path: Path, tiny_llama_dir: Path) -> None:
     """Killed during step 5, resumed from checkpoint-4: the Trainer re-reads the stream from its start and skips
     the 8 blocks already trained on, RNG and optimizer states restored. The stream is shorter than that, so the

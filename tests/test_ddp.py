@@ -120,7 +120,7 @@ def test_finetune_under_torchrun_trains_one_adapter(tmp_path: Path, tiny_llama_d
     # batch_size is the global batch: 3 steps x 4 rows. With accumulation not divided by the 2 processes
     # (4 instead of 2) the Trainer would have gone through twice as many rows per step.
     session = FinetuneSession(validate_recipe(recipe), run_dir)
-    session.setup_data()
+    session.prepare()
     train_rows = len(session.train_set)
     assert state["global_step"] == 3
     micro_batches_per_rank = math.ceil(train_rows / 2)
@@ -141,9 +141,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from velora_cli.recipe import validate_recipe
-from velora_cli.train import FinetuneSession
-from velora_cli.velora import velora_layers
+from velora_cli.config.load import validate_recipe
+from velora_cli.finetune.session import FinetuneSession
+from velora_cli.engine import velora_layers
 
 session = FinetuneSession(validate_recipe(json.loads(sys.argv[1])), Path(sys.argv[2]))
 session.setup()
@@ -191,7 +191,7 @@ def test_batch_not_divisible_by_processes_is_one_error_line(tmp_path: Path, tiny
     # torchrun exits 1 whenever a worker fails; the worker's own exit code (2, a usage error) is in its report.
     assert proc.returncode != 0
     assert re.search(r"exitcode\s*:\s*2\b", proc.stderr), proc.stderr[-3000:]
-    message = "error: train.batch_size=3 is not a multiple of micro_batch_size x processes = 2"
+    message = "error: train: batch_size 3 is not a multiple of micro_batch_size x processes = 2"
     lines = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert lines == [message]
     assert not re.search(r"\[rank\d\]: Traceback", proc.stderr)  # no worker traceback, only torchrun's report

@@ -161,6 +161,7 @@ def test_fp32_export_reproduces_adapter_logits(fp32_export: Path, reference, tin
     assert export_tokenizer(PROMPTS[0])["input_ids"] == tokenizer(PROMPTS[0])["input_ids"]
 
 
+@pytest.mark.slow
 def test_fp32_export_greedy_generation_matches(fp32_export: Path, reference) -> None:
     adapter_model, tokenizer, _ = reference
     model, export_tokenizer = _load(fp32_export)
@@ -196,6 +197,7 @@ def _top1_agreement(got: list[torch.Tensor], expected: list[torch.Tensor]) -> fl
     return torch.cat([(g.argmax(-1) == e.argmax(-1)).float() for g, e in zip(got, expected, strict=True)]).mean().item()
 
 
+@pytest.mark.slow
 def test_bf16_export_close_to_fp32_adapter(
     tiny_run: Path, fp32_export: Path, reference, tiny_llama_dir: Path, tmp_path: Path
 ) -> None:
@@ -232,6 +234,7 @@ def test_bf16_export_close_to_fp32_adapter(
     assert _top1_agreement(got, expected) == 1.0
 
 
+@pytest.mark.slow
 def test_checkpoint_export_uses_that_adapter(tiny_run: Path, tiny_llama_dir: Path, tmp_path: Path) -> None:
     out = export_run(tiny_run, tmp_path / "ckpt", dtype="fp32", checkpoint=3)
     model, tokenizer = _load(out)
@@ -315,6 +318,7 @@ def test_default_out_is_inside_the_run(tiny_run: Path, tmp_path: Path) -> None:
     assert (run / "merged" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_pre_quantised_base_is_dequantised(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """A base saved in bnb 4-bit (like *-bnb-4bit hub models) is exported without quantization_config."""
     from velora_cli.models.load import ModelSource, load_base_model
@@ -346,7 +350,7 @@ def _bad_base_run(tiny_run: Path, tmp_path: Path, name: str) -> Path:
     run = tmp_path / "run-bad-base"
     shutil.copytree(tiny_run, run)
     recipe = read_run_recipe(run)
-    recipe.model.name = name
+    recipe = recipe.model_copy(update={"model": recipe.model.model_copy(update={"name": name})})
     (run / "recipe.yaml").write_text(dump_recipe(recipe))
     return run
 

@@ -48,6 +48,7 @@ def adapter_weights(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_training_writes_a_complete_run_directory(tmp_path: Path, tiny_llama_dir: Path) -> None:
     run_dir = tmp_path / "run"
     summary = run_pipeline(write_recipe(tmp_path, tiny_recipe(tiny_llama_dir, run_dir)), overrides=[])
@@ -87,6 +88,7 @@ def test_training_writes_a_complete_run_directory(tmp_path: Path, tiny_llama_dir
     assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["model"]["name"] == str(tiny_llama_dir)
 
 
+@pytest.mark.slow
 def test_evaluating_before_training_does_not_change_training(tmp_path: Path, tiny_llama_dir: Path) -> None:
     """`velora finetune` scores the validation split and the held-out tasks before training. That must leave the
     run exactly as if it had not: the same batches and dropout masks (global RNG untouched) and gradients still
@@ -119,6 +121,7 @@ class CrashAt(TrainerCallback):
             raise RuntimeError("simulated crash")
 
 
+@pytest.mark.slow
 def test_interrupted_and_resumed_run_ends_with_the_same_adapter(tmp_path: Path, tiny_llama_dir: Path) -> None:
     straight = validate_recipe(tiny_recipe(tiny_llama_dir, tmp_path / "straight", max_steps=6, save_steps=3))
     session = FinetuneSession(straight, tmp_path / "straight")
@@ -175,6 +178,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path
     assert all(torch.isfinite(t).all() for t in adapter_weights(tmp_path / "run" / "checkpoint-2").values())
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_the_rerun_resumes(tmp_path: Path, tiny_llama_dir: Path) -> None:
     run_dir = tmp_path / "run"
     recipe = write_recipe(tmp_path, tiny_recipe(tiny_llama_dir, run_dir, max_steps=400, save_steps=1000,
@@ -225,10 +229,11 @@ def test_dry_run_validates_shapes_and_writes_nothing(tmp_path: Path, tiny_llama_
 def test_batch_size_must_split_over_processes(tmp_path: Path, tiny_llama_dir: Path, monkeypatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "3")
     recipe = validate_recipe(tiny_recipe(tiny_llama_dir, tmp_path / "run"))
-    with pytest.raises(RecipeError, match="train.batch_size=4 is not a multiple of micro_batch_size x processes = 6"):
+    with pytest.raises(RecipeError, match="train: batch_size 4 is not a multiple of micro_batch_size x processes = 6"):
         FinetuneSession(recipe, tmp_path / "run").setup()
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_trains_with_the_totals_meter(tmp_path: Path, tiny_llama_dir: Path) -> None:
     """train.gradient_checkpointing is memory.checkpointing: all, applied per layer by apply_lean (non-reentrant);
     the first-step meter (attribute=False) sees each layer's kept input."""

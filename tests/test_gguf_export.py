@@ -74,6 +74,7 @@ def _read(path: Path) -> tuple[dict, dict[str, str]]:
     return metadata, types
 
 
+@pytest.mark.slow
 def test_f16_reads_back_as_the_merged_model(exports, merged, loaded) -> None:
     from transformers import AutoTokenizer
 
@@ -90,6 +91,7 @@ def test_f16_reads_back_as_the_merged_model(exports, merged, loaded) -> None:
         assert (got - want).abs().max() < 1e-3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant", ["bf16", "f32"])
 def test_bf16_and_f32_hold_the_merged_weights_exactly(quant, tiny_lora_run, merged, loaded, tmp_path) -> None:
     """bf16: each matrix is the fp32 merge rounded to bf16 (round to nearest even, as torch), nothing else;
@@ -135,6 +137,7 @@ def test_metadata_and_tensor_names_follow_llama_cpp(exports, merged) -> None:
     assert tensors["blk.0.attn_norm.weight"] == "F32" and tensors["blk.1.ffn_down.weight"] == "F16"
 
 
+@pytest.mark.slow
 def test_q8_0_weights_are_within_a_quantisation_step(exports, merged, loaded) -> None:
     model, tokenizer = merged
     _, tensors = _read(exports["q8_0"] / "model.gguf")

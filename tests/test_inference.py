@@ -72,6 +72,7 @@ def test_the_alpaca_chat_template_renders_trainings_prompt(reference) -> None:
     )
 
 
+@pytest.mark.slow
 def test_generate_answers_as_model_generate_does(tiny_lora_run: Path, reference, tiny_llama_dir: Path, capsys) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -88,6 +89,7 @@ def test_generate_answers_as_model_generate_does(tiny_lora_run: Path, reference,
     assert expected != answer(ALPACA_NO_INPUT.format(instruction=PROMPT), of=base)
 
 
+@pytest.mark.slow
 def test_a_chat_template_run_is_prompted_with_its_system_message(tiny_lora_run, reference, tmp_path, capsys) -> None:
     _, tokenizer, answer = reference
     run = _run_with(tiny_lora_run, tmp_path, template="chat", system_prompt="You answer in French.")
@@ -117,6 +119,7 @@ def test_a_run_is_prompted_as_its_data_format_trained(fmt, tiny_lora_run, refere
     assert out == answer(text) + "\n"
 
 
+@pytest.mark.slow
 def test_chat_through_stdin_keeps_resets_and_exits(tiny_lora_run: Path, reference, monkeypatch, capsys) -> None:
     _, _, answer = reference
     script = f"{PROMPT}\n{FOLLOW_UP}\n/reset\n\n/bogus\n{PROMPT}\n/exit\n{FOLLOW_UP}\n"
@@ -148,6 +151,7 @@ def test_chat_says_when_a_message_leaves_no_room_to_answer(tiny_lora_run: Path, 
     assert "that message alone fills the model's context; say it in fewer words" in err
 
 
+@pytest.mark.slow
 def test_a_merged_export_is_prompted_as_its_run(tiny_lora_run: Path, tmp_path: Path, capsys) -> None:
     """The export's tokenizer carries the Alpaca prompt as its chat template, so the merged model answers alike."""
     from transformers import AutoTokenizer
@@ -164,6 +168,7 @@ def test_a_merged_export_is_prompted_as_its_run(tiny_lora_run: Path, tmp_path: P
     assert from_export == from_run
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_4bit_loads_as_trained(tiny_lora_run, tiny_llama_dir, reference, capsys) -> None:
     from peft import PeftModel
 

@@ -344,6 +344,7 @@ def metered(model: nn.Module, **inputs) -> int:
     return meter.total_bytes
 
 
+@pytest.mark.slow
 def test_meter_counts_what_each_technique_removes(tiny_base: nn.Module) -> None:
     """fp32, frozen norms (LoRA): exact byte counts per technique, as the memory model will count them."""
     cfg = tiny_base.config
@@ -371,6 +372,7 @@ def test_meter_counts_what_each_technique_removes(tiny_base: nn.Module) -> None:
     assert stock - measure(loss="full", lean_ops=True, checkpointing="mlp") == region
 
 
+@pytest.mark.slow
 def test_meter_partial_recompute(tiny_base: nn.Module) -> None:
     """every:2 on two identical layers removes half of what `all` removes, up to the rotary tables (cos, sin),
     which the remaining layer still saves; `all` keeps exactly one hidden state per layer."""
@@ -451,7 +453,7 @@ def test_smollm2_nf4_lora_velora_stack(tmp_path: Path, embedded_model_dir: Path)
         "memory": {"loss": "full", "lean_ops": False},  # the stock path; apply_lean below adds the techniques
     })  # fmt: skip
     torch.manual_seed(0)
-    model, _, _ = build_training_model(recipe, torch.device("cpu"))
+    model, _ = build_training_model(recipe, torch.device("cpu"))
     g = torch.Generator().manual_seed(1)
     for name, param in model.named_parameters():
         if "lora_B" in name:
@@ -523,7 +525,7 @@ def test_full_method_applies_the_memory_section_exactly(tmp_path: Path, tiny_lla
             "data": {"path": str(tmp_path / "unused.json")}, "memory": memory,
         })  # fmt: skip
         torch.manual_seed(0)
-        model, _, _ = build_full_model(recipe, torch.device("cpu"))
+        model, _ = build_full_model(recipe, torch.device("cpu"))
         return model.train()
 
     ids, labels = batch(build({"loss": "full"}).config.vocab_size)

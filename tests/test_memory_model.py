@@ -287,7 +287,7 @@ def test_quantized_stack_is_what_the_estimate_counts(tmp_path: Path, tiny_llama_
         "data": {"path": str(tmp_path / "unused.json")},
         "output": {"dir": str(tmp_path / "run")},
     })  # fmt: skip
-    model, _, _ = build_training_model(recipe, torch.device("cpu"))
+    model, _ = build_training_model(recipe, torch.device("cpu"))
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[compute]
     frozen = {n: p.dtype for n, p in model.named_parameters() if not p.requires_grad and p.is_floating_point()}
     assert frozen and set(frozen.values()) == {dtype}, frozen  # embeddings + norms; 4-bit weights are uint8

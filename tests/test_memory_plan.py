@@ -130,6 +130,7 @@ def test_cli_prints_frontier_and_choice(tmp_path: Path, capsys: pytest.CaptureFi
 # -------------------------------------------------------------------------------------------- finetune
 
 
+@pytest.mark.slow
 def test_auto_checkpointing_reaches_the_model(tmp_path: Path, tiny_llama_dir: Path) -> None:
     from velora_cli.finetune.session import FinetuneSession
 
@@ -275,6 +276,7 @@ def test_cli_plans_full_and_pretrain(capsys: pytest.CaptureFixture[str]) -> None
     assert "choice: full + " in text and "full's tokens/s" in text and "optimizer in backward" in text
 
 
+@pytest.mark.slow
 def test_hostile_memory_settings_stop_before_a_model_loads(
     tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

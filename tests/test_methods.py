@@ -103,6 +103,7 @@ class CrashAt:
         return _Crash()
 
 
+@pytest.mark.slow
 def test_full_training_saves_resumes_bit_for_bit_and_exports(tmp_path: Path, tiny_llama_dir: Path) -> None:
     straight = run(recipe(tiny_llama_dir, tmp_path / "straight"))
     run_dir = tmp_path / "straight"
@@ -140,6 +141,7 @@ def test_lora_method_trains_an_unquantised_adapter(tmp_path: Path, tiny_llama_di
     assert yaml.safe_load((tmp_path / "lora" / "recipe.yaml").read_text())["model"]["quantization"] == "none"
 
 
+@pytest.mark.slow
 def test_optimizer_in_backward_equals_adamw(tmp_path: Path, tiny_llama_dir: Path) -> None:
     """Same seed and batches: the per-parameter AdamW steps in backward give ordinary AdamW's weights (no clipping:
     the ordinary run's max_grad_norm is too large to clip; optimizer_in_backward clips nothing)."""
@@ -159,6 +161,7 @@ def test_optimizer_in_backward_equals_adamw(tmp_path: Path, tiny_llama_dir: Path
     assert all(torch.equal(b[k], c[k]) for k in b)
 
 
+@pytest.mark.slow
 def test_pretrain_on_text_packs_blocks_and_scores_perplexity(tmp_path: Path, tiny_llama_dir: Path) -> None:
     text = corpus(tmp_path)
     data = recipe(tiny_llama_dir, tmp_path / "pre", method="pretrain", max_steps=3)
@@ -254,6 +257,7 @@ def cli_exit(argv: list[str], capsys) -> tuple[int, str]:
     return exited.value.code, capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_pretrain_from_the_cli_resumes_bit_for_bit_exports_and_lists(
     tmp_path: Path, tiny_llama_dir: Path, monkeypatch, capsys
 ) -> None:
@@ -296,6 +300,7 @@ def test_pretrain_from_the_cli_resumes_bit_for_bit_exports_and_lists(
     assert f"{tiny_llama_dir} (from scratch)" in listing and "pretrain + VeLoRA (v_proj,down_proj)" in listing
 
 
+@pytest.mark.slow
 def test_full_from_the_cli_names_the_model_and_exports_its_logits(
     tmp_path: Path, tiny_llama_dir: Path, monkeypatch, capsys
 ) -> None:

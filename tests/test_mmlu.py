@@ -145,6 +145,7 @@ def test_scores_are_next_token_log_likelihoods_of_the_letters(tiny, fixture_data
     assert (pred.subject, pred.index, pred.gold, pred.shots) == ("nutrition", 0, "A", 5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 def test_fast_path_matches_the_reference_path(tiny, fixture_data, batch_size: int) -> None:
     model, tokenizer = tiny
@@ -237,6 +238,7 @@ def test_cli_writes_json_and_predictions(tiny_llama_dir: Path, tmp_path: Path, c
     assert result["subjects"]["nutrition"]["n"] == 3
 
 
+@pytest.mark.slow
 def test_run_dir_loads_base_plus_adapter(tiny_llama_dir: Path, tmp_path: Path, tiny, fixture_data, capsys) -> None:
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM

@@ -20,6 +20,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "velora_cli", *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_help_lists_every_command() -> None:
     result = run_cli("--help")
     assert result.returncode == 0
@@ -27,11 +28,13 @@ def test_help_lists_every_command() -> None:
         assert command in result.stdout
 
 
+@pytest.mark.slow
 def test_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.strip() == f"velora {__version__}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -104,8 +107,8 @@ def test_dockerfile_runs_velora_as_a_non_root_user_on_cuda(capsys: pytest.Captur
 
 
 def test_documented_make_targets_run_the_demo_and_the_suite(tmp_path: Path) -> None:
-    """`make demo` and `make test`, the README's two commands, resolve to the demo recipe and to ruff + pytest;
-    CI runs `make test`."""
+    """`make demo`, `make test` and `make test-all`, the README's commands, resolve to the demo recipe, to ruff + the
+    fast tier (`-m "not slow"`) and to ruff + every test; CI runs `make test-all`."""
 
     def plan(target: str) -> str:  # what make would run, with a fresh .venv so nothing counts as done
         result = subprocess.run(["make", "-n", target, f"VENV={tmp_path / 'venv'}"], cwd=REPO, capture_output=True,
@@ -113,15 +116,18 @@ def test_documented_make_targets_run_the_demo_and_the_suite(tmp_path: Path) -> N
         assert result.returncode == 0, result.stderr
         return result.stdout
 
-    readme_targets = set(re.findall(r"^make (\w+)", (REPO / "README.md").read_text(), re.M))
-    assert readme_targets == {"demo", "test"}
+    readme_targets = set(re.findall(r"^make ([\w-]+)", (REPO / "README.md").read_text(), re.M))
+    assert readme_targets == {"demo", "test", "test-all"}
     demo = plan("demo")
     command = re.search(r"/bin/velora finetune (\S+)", demo).group(1)
     assert load_recipe(REPO / command).name == "smollm2_demo"
     test = plan("test")
-    assert "ruff check velora_cli tests benchmarks" in test and "-m pytest" in test
+    assert "ruff check velora_cli tests benchmarks" in test and '-m pytest -q -m "not slow"' in test
+    everything = plan("test-all")
+    assert "ruff check velora_cli tests benchmarks" in everything and "-m pytest" in everything
+    assert "not slow" not in everything
     ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
-    assert ci[-1] == "make test"
+    assert ci[-1] == "make test-all"
 
 
 @pytest.mark.parametrize(

@@ -80,6 +80,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attn", ["sdpa", "eager", PACKED_SDPA])
 def test_packed_batch_equals_unpacked(tiny, attn: str) -> None:
     tokenizer, path = tiny
@@ -157,6 +158,7 @@ def test_chunked_loss_on_packed_batches(tiny) -> None:
         torch.testing.assert_close(_grads(lean)[name], grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_packed_recipe_trains(tiny, tmp_path: Path) -> None:
     """data.packing through the whole finetune path: the plan counts examples and sequences, training runs."""
     from velora_cli.finetune.pipeline import run_pipeline
@@ -182,7 +184,7 @@ def test_packed_recipe_trains(tiny, tmp_path: Path) -> None:
     from velora_cli.finetune.session import FinetuneSession
 
     session = FinetuneSession(load_recipe(tmp_path / "r.yaml"), tmp_path / "run")
-    session.setup_data()
+    session.prepare()
     assert session.counts.examples == 10 and 1 < len(session.train_set) < 10
     assert "position_ids" in session.train_set.column_names and "position_ids" not in session.val_set.column_names
 
@@ -203,7 +205,7 @@ def test_memory_estimate_counts_packed_batches(tiny, tmp_path: Path) -> None:
         "data": {"path": str(tmp_path / "unused.json"), "packing": True, "cutoff_len": 32},
         "train": {"micro_batch_size": 2, "batch_size": 2}, "output": {"dir": str(tmp_path / "run")},
     })  # fmt: skip
-    model, _, _ = build_training_model(recipe, torch.device("cpu"))
+    model, _ = build_training_model(recipe, torch.device("cpu"))
     assert model.get_base_model().config._attn_implementation == PACKED_SDPA  # no (S x S) mask kept per layer
     model.train()
     ids = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))

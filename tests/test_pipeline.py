@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 from transformers import AutoModelForCausalLM
 
 from velora_cli.cli import main
@@ -111,3 +112,51 @@ def test_stage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit) as info:
         main(["runs", str(tmp_path / "nothing")])
     assert info.value.code == 2
+
+
+@pytest.mark.slow
+def test_one_finetune_reads_the_data_once_and_resolves_the_model_once(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The recipe is resolved once: the pre-flight's prepared data, tokenizer and model reference serve training,
+    the export stage and the saved recipe.yaml (the data's detected format included) - nothing is read twice."""
+    import sys
+
+    import yaml
+
+    import velora_cli.models.load as load
+
+    rows = [{"instruction": f"Add {i} and {i}.", "input": "", "output": str(2 * i)} for i in range(12)]
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps(rows))
+    recipe = {"method": "lora", "model": {"name": str(tiny_llama_dir)}, "data": {"path": "rows.json", "val_set_size": 4,
+              "cutoff_len": 64}, "train": {"max_steps": 1, "micro_batch_size": 2, "batch_size": 2},
+              "eval": {"heldout": {"enabled": True, "limit": 2}}, "export": {"enabled": True}}  # fmt: skip
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+
+    opened: list[str] = []
+    counting = [True]
+    target = str(data.resolve())
+    sys.addaudithook(lambda event, args: counting[0] and event == "open" and str(args[0]) == target
+                     and opened.append(event))  # fmt: skip
+    resolved: list[str] = []
+    original = load.resolve_model
+
+    def counted(reference: str):
+        resolved.append(reference)
+        return original(reference)
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("velora_cli") and getattr(module, "resolve_model", None) is original:
+            monkeypatch.setattr(module, "resolve_model", counted)
+    try:
+        code, _, err = run_cli(["finetune", str(tmp_path / "recipe.yaml"), "--output-dir", str(tmp_path / "run")],
+                               capsys)  # fmt: skip
+    finally:
+        counting[0] = False
+    assert code == 0, err
+    assert (tmp_path / "run" / "merged" / "model.safetensors").is_file()
+    assert len(opened) == 1  # the training file: read once, by the pre-flight
+    assert resolved == [str(tiny_llama_dir)]  # one resolution for pre-flight, training and export
+    saved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
+    assert saved["data"]["format"] == "alpaca" and saved["data"]["path"] == target

@@ -78,6 +78,7 @@ def _trainer(model_dir: Path, output_dir: Path, callbacks: list):
     return Trainer(model=model, args=args, train_dataset=rows, data_collator=collator, callbacks=callbacks), model
 
 
+@pytest.mark.slow
 def test_stock_trainer_resume_restores_v_bit_for_bit(tmp_path: Path, tiny_llama_dir: Path) -> None:
     """init=batch_average moves v every micro-batch, so a resume that re-initialised v would train differently."""
     straight, straight_model = _trainer(tiny_llama_dir, tmp_path / "straight", [VeloraCallback()])
@@ -112,6 +113,7 @@ def test_stock_trainer_resume_restores_v_bit_for_bit(tmp_path: Path, tiny_llama_
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
 
 
+@pytest.mark.slow
 def test_resume_without_the_vectors_is_an_error_not_a_silent_reinit(tmp_path: Path, tiny_llama_dir: Path) -> None:
     crashed, _ = _trainer(tiny_llama_dir, tmp_path / "run", [VeloraCallback(), CrashAt(3)])
     with pytest.raises(RuntimeError, match="simulated crash"):

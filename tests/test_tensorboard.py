@@ -32,6 +32,7 @@ def _recipe(tmp_path: Path, model_dir: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_scalars_reach_the_event_file(tmp_path: Path, tiny_llama_dir: Path) -> None:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

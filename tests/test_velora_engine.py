@@ -426,6 +426,7 @@ def _check_quantized(model, base_cls: type) -> None:
     )
 
 
+@pytest.mark.slow
 def test_qlora_nf4_layer(tiny_llama_dir: Path) -> None:
     import bitsandbytes as bnb
 

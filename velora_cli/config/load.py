@@ -81,23 +81,31 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return path, value
 
 
+def _set(data: dict[str, Any], path: list[str], value: Any, text: str | None = None) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {text or '.'.join(path)!r}: {part!r} is not a section")
+        node = child
+    node[path[-1]] = value
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for text in overrides:
         path, value = parse_override(text)
-        node = data
-        for part in path[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                raise RecipeError(f"--set {text!r}: {part!r} is not a section")
-            node = child
-        node[path[-1]] = value
+        _set(data, path, value, text)
     return data
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Read, override and validate a recipe file. Raises RecipeError with one clear line."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, settings: dict[str, Any] | None = None) -> Recipe:
+    """Read, override and validate a recipe file: the one place a Recipe is made from one (frozen from here on).
+
+    `overrides`: `--set KEY=VALUE` texts; `settings`: values the command line sets by its own flags (`output.dir`,
+    `train.max_steps`), taken as given. Relative paths are resolved beside the recipe (`_resolve_relative`).
+    Raises RecipeError with one clear line."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}" if not path.exists() else f"{path}: not a file")
@@ -116,7 +124,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections, got {type(data).__name__}")
     data = apply_overrides(data, overrides or [])
+    for key, value in (settings or {}).items():
+        _set(data, key.split("."), value)
     data.setdefault("name", path.stem)
+    _resolve_relative(data, path.resolve().parent)
     return validate_recipe(data, source=str(path), overrides=overrides)
 
 
@@ -139,17 +150,17 @@ def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json", exclude=exclude), sort_keys=False)
 
 
-def resolve_relative(recipe: Recipe, base: Path) -> None:
-    """Relative data paths are read beside the recipe file when they exist there (else as given: CWD or hub)."""
+# Fields that name local files or folders: read beside the recipe file when they exist there.
+PATH_FIELDS = (("data", "path"), ("data", "val_path"), ("model", "config"), ("eval", "perplexity", "path"),
+               ("eval", "heldout", "path"), ("eval", "mmlu", "data_dir"))  # fmt: skip
 
-    def fix(value: str | None) -> str | None:
-        if value and not Path(value).is_absolute() and (base / value).exists():
-            return str((base / value).resolve())
-        return value
 
-    recipe.data.path = fix(recipe.data.path)
-    recipe.model.config = fix(recipe.model.config)
-    recipe.eval.perplexity.path = fix(recipe.eval.perplexity.path)
-    recipe.data.val_path = fix(recipe.data.val_path)
-    recipe.eval.heldout.path = fix(recipe.eval.heldout.path)
-    recipe.eval.mmlu.data_dir = fix(recipe.eval.mmlu.data_dir)
+def _resolve_relative(data: dict[str, Any], base: Path) -> None:
+    """Relative paths are read beside the recipe file when they exist there (else as given: CWD or hub)."""
+    for *sections, key in PATH_FIELDS:
+        node = data
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        value = node.get(key) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and not Path(value).is_absolute() and (base / value).exists():
+            node[key] = str((base / value).resolve())

@@ -22,7 +22,7 @@ from velora_cli.engine.config import DEFAULT_NUM_GROUPS, INIT_TYPES, VeloraConfi
 
 class Section(BaseModel):
     # allow_inf_nan=False: `.inf` / `.nan` are valid YAML floats, and no field of a recipe means anything with them.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):
@@ -136,12 +136,17 @@ class TrainSection(Section):
     save_total_limit: int = Field(2, gt=0)
     report_to: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
 
+    def accumulation(self, processes: int = 1) -> int:
+        """Gradient accumulation steps: batch_size is the global batch of micro-batches over every process."""
+        per_step = self.micro_batch_size * processes
+        if self.batch_size % per_step:
+            by = f"micro_batch_size x processes = {per_step}" if processes > 1 else f"micro_batch_size {per_step}"
+            raise ValueError(f"batch_size {self.batch_size} is not a multiple of {by}")
+        return self.batch_size // per_step
+
     @model_validator(mode="after")
     def _accumulation(self) -> TrainSection:
-        if self.batch_size % self.micro_batch_size:
-            raise ValueError(
-                f"batch_size {self.batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}"
-            )
+        self.accumulation()
         return self
 
 

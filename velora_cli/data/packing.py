@@ -7,7 +7,7 @@ predicting the next one's first token; the causal shift never scores an example'
 rows carry `position_ids` and no attention_mask: with attention_mask None and no KV cache (the collator passes
 use_cache=False), transformers' masking_utils (find_packed_sequence_indices) reads the restarts in position_ids and
 builds a block-diagonal causal mask for eager attention; on `sdpa`, the recipe's model is switched to per-example
-SDPA without a mask (velora/lean/packed_attention.py, via models.attention_for_packing); flash-attention reads the
+SDPA without a mask (engine/lean/packed_attention.py, via models.build.attention_for_packing); flash-attention reads the
 restarts itself (tests/test_packing.py checks that each example's logits equal its own forward pass; with a cache
 they do not). A micro-batch is `micro_batch_size` packed rows, right-padded to the longest (the padding counts
 positions 0, 1, ... on: one sequence of its own after the row's examples, label -100); rows are not flattened into

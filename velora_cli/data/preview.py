@@ -53,12 +53,10 @@ def highlighted(input_ids: list[int], labels: list[int], tokenizer) -> Text:
 
 def run_preview(recipe_path: Path, overrides: list[str], n: int, out: Console | None = None) -> dict[str, float]:
     """Print the preview; return its numbers (for tests and scripts)."""
-    from velora_cli.config.load import resolve_relative
     from velora_cli.models.load import recipe_tokenizer
 
     out = out or Console(soft_wrap=True, highlight=False)
     recipe = load_recipe(recipe_path, overrides)
-    resolve_relative(recipe, Path(recipe_path).resolve().parent)
     d, t = recipe.data, recipe.train
     text_note = "data preview: plain text (data.format text) is packed into cutoff_len blocks, every token trained"
     if recipe.text_data:

@@ -6,7 +6,7 @@ base model from RUN_DIR/recipe.yaml with its quantization, plus the LoRA adapter
 backward pass stores, so inference needs the adapter alone) - and writing the results JSON and the per-question
 predictions, only once the whole evaluation has succeeded (their locations are checked before the model loads).
 A model's own code (`auto_map`) runs only with --trust-remote-code, never because a file in the evaluated
-directory asks for it. The tables are report's.
+directory asks for it. The tables are eval.report's.
 """
 
 from __future__ import annotations
@@ -33,12 +33,14 @@ QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
 
 
 def load_eval_model(
-    reference: str | Path, quantization: str = "none", trust_remote_code: bool = False
+    reference: str | Path, quantization: str = "none", trust_remote_code: bool = False, *, recipe: Any = None,
+    source: ModelSource | None = None,
 ) -> tuple[Any, Any, str]:
     """(model, tokenizer, description) for a hub id, checkpoint / merged dir, GGUF, or finetune run dir.
 
     A run dir (or one of its checkpoint-N dirs) loads as trained: the recipe's base model and quantization,
-    plus the LoRA adapter.
+    plus the LoRA adapter. `recipe` / `source`: the run's recipe and resolved base when the caller holds them (the
+    pipeline's eval stage), else read from recipe.yaml and resolved here.
     """
     if quantization not in QUANTIZATIONS:
         raise UsageError(f"--quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
@@ -56,9 +58,8 @@ def load_eval_model(
         description = str(reference) + ("" if quantization == "none" else f" ({quantization})")
         return model.eval(), load_tokenizer(source, trust_remote_code), description
 
-    recipe = read_run_recipe(run_dir).model
     # The run's recipe.yaml may come from anyone: its trust_remote_code is not ours to follow.
-    recipe.trust_remote_code = trust_remote_code
+    recipe = (recipe or read_run_recipe(run_dir)).model.model_copy(update={"trust_remote_code": trust_remote_code})
     if quantization not in ("none", recipe.quantization):
         raise UsageError(
             f"{run_dir} was trained on a {recipe.quantization} base; --quantization applies to hub ids and "
@@ -66,7 +67,7 @@ def load_eval_model(
         )
     from peft import PeftModel  # peft pulls in half of transformers; only a run's adapter needs it
 
-    source = resolve_model(recipe.name)
+    source = source or resolve_model(recipe.name)
     model = PeftModel.from_pretrained(load_recipe_base(recipe, device, source), str(path))
     has_tokenizer = (path / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(ModelSource(str(path), str(path)) if has_tokenizer else source, trust_remote_code)

@@ -29,11 +29,12 @@ def full_model_dir(run_dir: Path, checkpoint: int | None) -> Path | None:
     return path if has_model and (run_dir / RECIPE_FILE).is_file() else None
 
 
-def export_full(run_dir: Path, out: Path | None, dtype: torch.dtype, checkpoint: int | None, shard: int, force: bool):
-    """A full/pretrain run: nothing to merge; the model is loaded in `dtype` and saved again (methods.py)."""
+def export_full(run_dir: Path, out: Path | None, dtype: torch.dtype, checkpoint: int | None, shard: int, force: bool,
+                recipe=None):
+    """A full/pretrain run: nothing to merge; the model is loaded in `dtype` and saved again (models/full.py)."""
     from velora_cli.export.card import full_model_card
 
-    recipe = read_run_recipe(run_dir)
+    recipe = recipe or read_run_recipe(run_dir)
     target = Path(out) if out is not None else default_out(run_dir, checkpoint, False)
     check_target(target, run_dir, force)
     recipe_text = (run_dir / RECIPE_FILE).read_text(encoding="utf-8")

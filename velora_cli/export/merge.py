@@ -6,9 +6,9 @@ The merged export is the base model reloaded WITHOUT quantisation in the chosen 
 model card (README.md). VeLoRA only changed how gradients were computed during training, so nothing of it
 is left to merge: the exported model computes base + LoRA, exactly what PeftModel over the same base does.
 
-With `--format gguf` the merge is done in fp32 and handed to gguf_export.py (one .gguf file for llama.cpp and an
+With `--format gguf` the merge is done in fp32 and handed to export/gguf.py (one .gguf file for llama.cpp and an
 Ollama Modelfile) instead of `save_pretrained`. The exported tokenizer carries the chat template the run trained with
-(templates.py): an Alpaca run's export is prompted with the Alpaca prompt by any server that applies it.
+(data/templates.py): an Alpaca run's export is prompted with the Alpaca prompt by any server that applies it.
 
 What the export reproduces: the adapter applied to the *unquantised* base. A QLoRA run trained the adapter
 against the NF4-dequantised base, so the export differs from the training-time forward pass by the base's
@@ -27,7 +27,7 @@ sharding that transformers already does.
 
 Nothing is half-written: everything goes to a hidden staging directory beside the target, which is renamed
 into place at the end; with --force the old export is only moved away once the new one is complete, and what a
-killed export left behind is cleaned up by the next one (runs.recover_staged). The base model's own code
+killed export left behind is cleaned up by the next one (common.fs.recover_staged). The base model's own code
 (`auto_map`) runs only with --trust-remote-code on the command line, never because a recipe.yaml in the run
 directory says so: the run directory may come from someone else.
 """
@@ -50,6 +50,7 @@ from velora_cli.common.device import dtype_name
 from velora_cli.common.errors import UsageError, VeloraError
 from velora_cli.common.fs import check_writable, staged_dir
 from velora_cli.common.memstats import human_bytes
+from velora_cli.config.recipe import Recipe
 from velora_cli.data.templates import PromptStyle, served_chat_template, style_of_recipe
 from velora_cli.export.card import model_card
 from velora_cli.export.full import export_full, full_model_dir
@@ -128,7 +129,7 @@ def _merge(peft_model, adapter_path: Path):
 
 def _run_tokenizer(dirs: list[Path], source: ModelSource | None, trust_remote_code: bool, style: PromptStyle):
     """The tokenizer the run saved (checkpoint first, then the run), else the base model's, carrying the chat
-    template the run trained with (templates.py: an Alpaca run's export is prompted with the Alpaca prompt)."""
+    template the run trained with (data/templates.py: an Alpaca run's export is prompted with the Alpaca prompt)."""
     from transformers import AutoTokenizer
 
     where = next((d for d in dirs if any((d / m).is_file() for m in TOKENIZER_MARKERS)), None)
@@ -147,10 +148,12 @@ def _save_tokenizer(tokenizer, staging: Path) -> None:
     tokenizer.save_pretrained(staging)
 
 
-def export_run(run_dir: Path, out: Path | None = None, options: ExportOptions | None = None, **kwargs: Any) -> Path:
+def export_run(run_dir: Path, out: Path | None = None, options: ExportOptions | None = None, *,
+               recipe: Recipe | None = None, source: ModelSource | None = None, **kwargs: Any) -> Path:
     """Export a run's adapter (merged into its base, or as is with `adapter_only`) as safetensors, or the merged
     model as GGUF (`fmt="gguf"`, `quant` f16 | bf16 | q8_0 | f32, with an Ollama Modelfile); return the export dir.
-    Options: an ExportOptions, or its fields as keywords.
+    Options: an ExportOptions, or its fields as keywords. `recipe` / `source`: the run's recipe and resolved base
+    model when the caller holds them (the pipeline's export stage), else read from RUN_DIR/recipe.yaml and resolved.
 
     Every input problem raises UsageError before anything is written.
     """
@@ -163,11 +166,12 @@ def export_run(run_dir: Path, out: Path | None = None, options: ExportOptions | 
     checked = options.checked()
     if (Path(run_dir) / RECIPE_FILE).is_file():
         with run_lock(Path(run_dir)):
-            return _export_run(Path(run_dir), options, checked)
-    return _export_run(Path(run_dir), options, checked)
+            return _export_run(Path(run_dir), options, checked, recipe, source)
+    return _export_run(Path(run_dir), options, checked, recipe, source)
 
 
-def _export_run(run_dir: Path, options: ExportOptions, checked: CheckedOptions) -> Path:
+def _export_run(run_dir: Path, options: ExportOptions, checked: CheckedOptions, recipe: Recipe | None,
+                source: ModelSource | None) -> Path:
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: run directory not found")
     torch_dtype, gguf_quant, adapter_only = checked.dtype, checked.gguf_quant, options.adapter_only
@@ -176,18 +180,18 @@ def _export_run(run_dir: Path, options: ExportOptions, checked: CheckedOptions) 
         if gguf_quant is not None:
             raise UsageError(f"--format gguf: {run_dir} is a full-training run; export safetensors first, then "
                              "convert that directory with llama.cpp's convert_hf_to_gguf.py")  # fmt: skip
-        return export_full(run_dir, options.out, torch_dtype, checkpoint, checked.shard_bytes, options.force)
+        return export_full(run_dir, options.out, torch_dtype, checkpoint, checked.shard_bytes, options.force, recipe)
     adapter_path = adapter_dir(run_dir, checkpoint)
     if not (adapter_path / ADAPTER_WEIGHTS).is_file():
         raise UsageError(f"{adapter_path}: {ADAPTER_WEIGHTS} missing beside {ADAPTER_CONFIG}")
-    recipe = read_run_recipe(run_dir)
+    recipe = recipe or read_run_recipe(run_dir)
     fmt = options.fmt
     target = Path(options.out) if options.out is not None else default_out(run_dir, checkpoint, adapter_only, fmt)
     check_target(target, run_dir, options.force)
     check_writable(target, "--out", directory=True)
     # Resolve the base and read its config and tokenizer now, so an unavailable base (or one the GGUF writer does
     # not know) fails before anything is written.
-    source = resolve_model(recipe.model.name)
+    source = source or resolve_model(recipe.model.name)
     base_config = load_config(source, trust_remote_code=trust)
     style = style_of_recipe(recipe)
     tokenizer = _run_tokenizer([adapter_path, run_dir], source, trust, style)

@@ -2,7 +2,7 @@
 
 Ollama prompts with Go templates, not the Jinja chat templates transformers and llama.cpp read, and a Jinja
 template cannot be translated in general. So the TEMPLATE is written for the prompt families velora knows: the
-Alpaca prompt (templates.py, for runs trained on it), ChatML (`<|im_start|>`: SmolLM2, Qwen) and Llama 3
+Alpaca prompt (data/templates.py, for runs trained on it), ChatML (`<|im_start|>`: SmolLM2, Qwen) and Llama 3
 (`<|start_header_id|>`), each turn for turn as its Jinja renders it; a plain-text model gets `{{ .Prompt }}`. Any
 other chat template is left to Ollama, which reads `tokenizer.chat_template` from the GGUF file itself. A default
 system message (the recipe's, or the one the chat template inserts on its own) becomes SYSTEM, which Ollama puts

@@ -3,9 +3,9 @@
 Owns the stages and the driver only. Each stage records itself in RUN_DIR/summary.json (summary.RunSummary) when it
 completes, so a rerun of the same command skips finished stages (a run whose training finished but whose eval
 crashed resumes at the eval; a finished run is a no-op that says so), and `--stages` selects a subset;
-`--dry-run` validates everything and trains nothing. Every stage's inputs are checked (validate.preflight)
-before anything is written, and the run directory is locked (lock.run_lock) while the stages run. `velora runs`
-puts the summaries of several runs side by side. The tables are report's.
+`--dry-run` validates everything and trains nothing. Every stage's inputs are checked (finetune.preflight)
+before anything is written, and the run directory is locked (rundir.lock.run_lock) while the stages run. `velora runs`
+puts the summaries of several runs side by side. The tables are finetune.display's.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ from velora_cli.common.device import is_main_process
 from velora_cli.common.errors import UsageError, VeloraError
 from velora_cli.common.memstats import human_bytes
 from velora_cli.config.description import RunDescription
-from velora_cli.config.load import load_recipe, resolve_relative
+from velora_cli.config.load import load_recipe
 from velora_cli.config.recipe import Recipe
 from velora_cli.eval.heldout import exact_match
 from velora_cli.finetune import display as report
 from velora_cli.finetune.preflight import Preflight, check_trainable, preflight
-from velora_cli.memory.arch import arch_for
+from velora_cli.memory.arch import arch_of_config
 from velora_cli.memory.estimate import estimate, settings_from_recipe
 from velora_cli.rundir import layout as runs
 from velora_cli.rundir.lock import run_lock
@@ -73,10 +73,9 @@ def stage_train(recipe: Recipe, run_dir: Path, resume: bool, summary: RunSummary
     # transformers' Trainer and peft load only once a stage runs (recipe errors stay fast).
     from velora_cli.finetune.plan import rng_preserved
 
-    session = checks.session  # its data were loaded and checked by the pre-flight
+    session = checks.session  # prepared by the pre-flight: model reference, tokenizer, data, the recipe as trained
     plan = session.setup()
-    # What ran, from the recipe as the session resolved and applied it (the planner's choice for auto).
-    summary.description = RunDescription.of(session.recipe)
+    summary.description = RunDescription.of(recipe)
     if is_main_process():
         report.print_plan(plan.lines(), out)
     fresh = not (resume and runs.resumable_checkpoints(run_dir, bool(session.compressed)))
@@ -116,7 +115,7 @@ def stage_train(recipe: Recipe, run_dir: Path, resume: bool, summary: RunSummary
     report.print_before_after(before, after, out)
 
 
-def stage_export(recipe: Recipe, run_dir: Path, summary: RunSummary, out: Console) -> None:
+def stage_export(recipe: Recipe, run_dir: Path, summary: RunSummary, out: Console, checks: Preflight) -> None:
     from velora_cli.export.merge import export_run  # merging loads peft and a full-precision model
     from velora_cli.export.options import ExportOptions, default_out
 
@@ -124,17 +123,18 @@ def stage_export(recipe: Recipe, run_dir: Path, summary: RunSummary, out: Consol
     out.print(f"[bold]export[/]: merging the adapter into {recipe.export.dtype} weights -> {target}")
     options = ExportOptions(out=target, dtype=recipe.export.dtype, force=True,
                             trust_remote_code=recipe.model.trust_remote_code)  # fmt: skip
-    path = export_run(run_dir, options=options)
+    path = export_run(run_dir, options=options, recipe=recipe, source=checks.source)
     summary.export = ExportSummary(path=str(path), dtype=recipe.export.dtype)
 
 
-def stage_perplexity(recipe: Recipe, run_dir: Path, summary: RunSummary, out: Console) -> None:
+def stage_perplexity(recipe: Recipe, run_dir: Path, summary: RunSummary, out: Console, checks: Preflight) -> None:
     """eval.perplexity: the trained model on held-out text (eval.perplexity.path, else the run's held-out split)."""
     from velora_cli.eval.command import load_eval_model
     from velora_cli.eval.perplexity import file_blocks, perplexity
 
     p, d = recipe.eval.perplexity, recipe.data
-    model, tokenizer, description = load_eval_model(str(run_dir), trust_remote_code=recipe.model.trust_remote_code)
+    model, tokenizer, description = load_eval_model(str(run_dir), trust_remote_code=recipe.model.trust_remote_code,
+                                                    recipe=recipe, source=checks.source)  # fmt: skip
     if p.path:
         blocks = file_blocks(p.path, tokenizer, d.cutoff_len, d.text_field)
     else:
@@ -158,7 +158,7 @@ def stage_eval(recipe: Recipe, run_dir: Path, summary: RunSummary, out: Console,
     from velora_cli.eval.summary import evaluate_loaded
 
     if recipe.eval.perplexity.enabled:
-        stage_perplexity(recipe, run_dir, summary, out)
+        stage_perplexity(recipe, run_dir, summary, out, checks)
         if not recipe.eval.mmlu.enabled:
             return
     m = recipe.eval.mmlu
@@ -166,7 +166,8 @@ def stage_eval(recipe: Recipe, run_dir: Path, summary: RunSummary, out: Console,
     reference = summary.export.path if use_merged else str(run_dir)
     which = "the merged export" if use_merged else "the adapter model"
     out.print(f"[bold]eval[/]: {m.shots}-shot MMLU ({m.split}) on {which}")
-    model, tokenizer, description = load_eval_model(reference, trust_remote_code=recipe.model.trust_remote_code)
+    model, tokenizer, description = load_eval_model(reference, trust_remote_code=recipe.model.trust_remote_code,
+                                                    recipe=recipe, source=checks.source)  # fmt: skip
     data_dir = Path(m.data_dir) if m.data_dir else None
     data = checks.mmlu or load_mmlu(data_dir, split=m.split, subjects=m.subjects, limit=m.limit, shots=m.shots)
     result, _ = evaluate_loaded(
@@ -191,13 +192,8 @@ def run_pipeline(
     stages: str | None = None,
 ) -> dict[str, Any]:
     """Run the chosen stages; return summary.json's content (or, with `dry_run`, the planned steps and memory)."""
-    recipe = load_recipe(recipe_path, overrides)
-
-    if output_dir is not None:
-        recipe.output.dir = str(output_dir)
-    if max_steps is not None:
-        recipe.train.max_steps = max_steps
-    resolve_relative(recipe, Path(recipe_path).resolve().parent)
+    flags = {"output.dir": str(output_dir) if output_dir is not None else None, "train.max_steps": max_steps}
+    recipe = load_recipe(recipe_path, overrides, {k: v for k, v in flags.items() if v is not None})
     chosen = select_stages(recipe, stages)
     check_trainable(recipe)
     run_dir = recipe.run_dir()
@@ -222,7 +218,8 @@ def run_pipeline(
         checks = preflight(recipe, todo, run_dir, has_adapter=has_adapter, resume=resume)
         stack.enter_context(run_lock(run_dir))  # creates the run dir once everything checked out
         stack.enter_context(logs.also_to(run_dir / "velora.log"))
-        return _run_stages(recipe, run_dir, todo, resume, summary, out, checks)
+        # From here on every stage runs with the one recipe the pre-flight settled (finetune.prepare).
+        return _run_stages(checks.recipe, run_dir, todo, resume, summary, out, checks)
 
 
 def _run_stages(recipe: Recipe, run_dir: Path, todo: list[str], resume: bool, summary: RunSummary, out: Console,
@@ -232,7 +229,7 @@ def _run_stages(recipe: Recipe, run_dir: Path, todo: list[str], resume: bool, su
         t0 = time.monotonic()
         {
             "train": lambda: stage_train(recipe, run_dir, resume, summary, out, checks),
-            "export": lambda: stage_export(recipe, run_dir, summary, out),
+            "export": lambda: stage_export(recipe, run_dir, summary, out, checks),
             "eval": lambda: stage_eval(recipe, run_dir, summary, out, checks),
         }[stage]()
         if not is_main_process():
@@ -263,16 +260,10 @@ def dry_run_plan(recipe: Recipe, run_dir: Path, out: Console, stages: list[str] 
 
     check_writable(run_dir, "output.dir", directory=True)
     checks = preflight(recipe, [s for s in STAGES if s in {"train", *stages}], run_dir, has_adapter=False)
-    session = checks.session
-    choice = session.resolve_memory_plan()  # checkpointing: auto -> the planner's choice (one line when none fits)
-    recipe = session.recipe
-    if recipe.method == "pretrain":
-        from velora_cli.memory.arch import arch_of_model
-        from velora_cli.models.full import meta_model
-
-        arch = arch_of_model(meta_model(recipe), recipe.model.config)
-    else:
-        arch = arch_for(model=recipe.model.name, trust_remote_code=recipe.model.trust_remote_code)
+    session, recipe = checks.session, checks.recipe  # checkpointing: auto -> the planner's choice
+    prepared = session.prepared
+    choice = prepared.memory_choice
+    arch = arch_of_config(prepared.config, recipe.model.name if prepared.source else str(recipe.model.config))
     est = estimate(arch, settings_from_recipe(recipe, device=session.device.type))
     rows = [
         ("train rows", str(session.counts.examples)),

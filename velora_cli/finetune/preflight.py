@@ -21,10 +21,11 @@ from velora_cli.common.fs import check_writable
 class Preflight:
     """What the checks loaded, so the stages need not load it again."""
 
-    session: Any = None  # train.FinetuneSession with its data set up (train stage)
+    recipe: Any  # the recipe every stage runs with: finetune.prepare's for the train stage, else as loaded
+    session: Any = None  # finetune.session.FinetuneSession, prepared (train stage)
+    source: Any = None  # the base model's resolved reference (models.load.ModelSource), for every stage
     heldout: list[dict[str, str]] = field(default_factory=list)
     mmlu: dict[str, Any] | None = None  # local MMLU data (eval stage)
-    config: Any = None  # the base model's config
 
 
 def check_trainable(recipe) -> None:
@@ -44,19 +45,6 @@ def check_trainable(recipe) -> None:
         if recipe.model.compute_dtype == "fp32":
             raise RecipeError("model.attn_implementation=flash_attention_2 computes in bf16/fp16: set "
                               "model.compute_dtype to auto, bf16 or fp16")  # fmt: skip
-
-
-def check_shapes(recipe, config) -> None:
-    """LoRA targets exist and VeLoRA's grouping divides every compressed layer's input depth: the adapters are
-    attached to a meta-device model by the code that trains, so a 13B recipe is validated without its weights."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from velora_cli.models.build import attach_adapters
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-        attach_adapters(model, recipe)
 
 
 def check_resumable_optimizer(recipe, run_dir: Path, velora: bool) -> None:
@@ -112,44 +100,40 @@ def preflight(recipe, stages: list[str], run_dir: Path, *, has_adapter: bool, re
     """Check every input and output of the chosen `stages` (see the module docstring); raise before writing.
     `resume`: the train stage will continue from the run's newest checkpoint."""
     from velora_cli.data.load import load_records
-    from velora_cli.models.load import load_config, resolve_model
 
-    checks = Preflight()
+    checks = Preflight(recipe)
     check_writable(run_dir, "output.dir", directory=True)
     if "train" not in stages and not has_adapter:
         raise UsageError(f"{run_dir}: no trained adapter yet; run the train stage first")
     if "train" in stages:
-        if recipe.full:  # full fine-tuning / pre-training: VeLoRA on the trainable linears of a meta model
-            from velora_cli.models.full import attach_full_velora, meta_model
-
-            model = meta_model(recipe)
-            checks.config = model.config
-            compressed = attach_full_velora(model, recipe)
-            if resume:
-                check_resumable_optimizer(recipe, run_dir, bool(compressed))
-        else:
-            checks.config = load_config(resolve_model(recipe.model.name), recipe.model.trust_remote_code)
-            check_shapes(recipe, checks.config)
-        check_memory(recipe, checks.config)  # both methods' configs
-        check_reporting(recipe)
         from velora_cli.finetune.session import FinetuneSession
 
-        checks.session = FinetuneSession(recipe, run_dir)
-        checks.session.gradient_accumulation()
-        checks.session.setup_data()
-        checks.session.total_steps()  # a stream has no length: it needs train.max_steps
+        check_reporting(recipe)
+        session = FinetuneSession(recipe, run_dir)
+        prepared = session.prepare()  # model config, shapes on a meta model, the data: read once, here
+        checks.recipe, checks.session, checks.source = prepared.recipe, session, prepared.source
+        if recipe.full and resume:
+            check_resumable_optimizer(recipe, run_dir, bool(prepared.compressed))
+        check_memory(recipe, prepared.config)
+        session.total_steps()  # a stream has no length: it needs train.max_steps
         h = recipe.eval.heldout
         if h.enabled:
-            # read in the training data's format (setup_data resolved it), so a bad row names its missing field
-            fmt = recipe.data.format if recipe.data.format != "text" else None
-            rows = checks.session.val_records
+            # read in the training data's format, so a bad row names its missing field
+            fmt = prepared.data.format if prepared.data.format != "text" else None
+            rows = prepared.data.val_records
             if h.path:
                 rows = load_records(h.path, field="eval.heldout.path", fmt=fmt).records
             if not rows:
                 raise UsageError("eval.heldout: enabled without a path, and the recipe holds out no validation rows")
             checks.heldout = list(rows)[: h.limit]
+    elif not recipe.full:  # export and eval load the run's base: resolved here, once
+        from velora_cli.models.load import resolve_model
+
+        checks.source = resolve_model(recipe.model.name)
     if "export" in stages:
-        target = Path(recipe.export.dir) if recipe.export.dir else run_dir / "merged"
+        from velora_cli.export.options import default_out
+
+        target = Path(recipe.export.dir) if recipe.export.dir else default_out(run_dir, None, adapter_only=False)
         check_writable(target, "export.dir", directory=True)
     if "eval" in stages:
         m = recipe.eval.mmlu

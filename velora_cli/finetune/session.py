@@ -25,19 +25,20 @@ from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
 from velora_cli.common import fs
 from velora_cli.common.device import compute_dtype, default_device, dtype_name, is_main_process, world_size
-from velora_cli.common.errors import DataError, RecipeError, TrainingAborted, UsageError, VeloraError
+from velora_cli.common.errors import RecipeError, TrainingAborted, UsageError, VeloraError
 from velora_cli.common.memstats import human_bytes, memory_stats, reset_peak
 from velora_cli.config.description import RunDescription
 from velora_cli.config.load import dump_recipe
 from velora_cli.config.recipe import Recipe
-from velora_cli.data.load import DataCounts, load_records, make_collator, split_validation, tokenize_counted
+from velora_cli.data.load import DataCounts, make_collator
+from velora_cli.data.training import TrainingData
 from velora_cli.engine import VeloraCallback, load_velora_vectors, save_velora_vectors, velora_saving_per_token
 from velora_cli.finetune.callbacks import CheckpointKeeper, InterruptHandler, RunMonitor, StepGuard
 from velora_cli.finetune.display import TrainingDisplay
 from velora_cli.finetune.plan import Plan, TrainResult
-from velora_cli.models.build import build_training_model, memory_as_trained
+from velora_cli.finetune.prepare import Prepared, prepare
+from velora_cli.models.build import build_training_model, lean_kernels
 from velora_cli.models.full import load_full_checkpoint
-from velora_cli.models.load import load_tokenizer, resolve_model
 from velora_cli.rundir import layout as runs
 from velora_cli.rundir.metrics import read_metrics, truncate_metrics
 
@@ -49,95 +50,89 @@ class FinetuneSession:
     train() runs or resumes; save() writes the adapter and its companions atomically into the run dir."""
 
     def __init__(self, recipe: Recipe, run_dir: Path):
-        self.recipe = recipe
+        self._requested = recipe  # the recipe as loaded; prepare() settles the one it trains with
         self.run_dir = run_dir
         self.device = default_device()
-        self.model = self.tokenizer = self.trainer = None
-        self.train_set = self.val_set = None
+        self.prepared: Prepared | None = None
+        self.model = self.trainer = None
         self.plan: Plan | None = None
         self.compressed: list[str] = []
 
+    @property
+    def recipe(self) -> Recipe:
+        """The recipe as it trains once prepared (finetune.prepare), the loaded one before."""
+        return self.prepared.recipe if self.prepared is not None else self._requested
+
+    def prepare(self) -> Prepared:
+        """Model reference, tokenizer, data and the recipe as trained, resolved once (by the pre-flight in a
+        `velora finetune`, or here on first use)."""
+        if self.prepared is None:
+            self.gradient_accumulation()  # a batch size that does not divide fails before the data is read
+            self.prepared = prepare(self._requested, self.device)
+        return self.prepared
+
+    @property
+    def tokenizer(self):
+        return self.prepared.tokenizer if self.prepared is not None else None
+
+    @property
+    def data(self) -> TrainingData:
+        return self.prepare().data
+
+    @property
+    def train_set(self):
+        return self.data.train_set
+
+    @property
+    def val_set(self):
+        return self.data.val_set
+
+    @property
+    def counts(self) -> DataCounts:
+        return self.data.counts
+
     # -- setup
     def gradient_accumulation(self) -> int:
-        t = self.recipe.train
-        per_step = t.micro_batch_size * world_size()
-        if t.batch_size % per_step:
-            raise RecipeError(
-                f"train.batch_size={t.batch_size} is not a multiple of micro_batch_size x processes = {per_step}"
-            )
-        return t.batch_size // per_step
-
-    def setup_data(self) -> None:
-        d = self.recipe.data
-        if self.tokenizer is None:
-            from velora_cli.models.load import tokenizer_reference
-
-            reference = tokenizer_reference(self.recipe.model)
-            self.tokenizer = load_tokenizer(resolve_model(reference), self.recipe.model.trust_remote_code)
-        loaded = None if self.recipe.text_data else load_records(d.path, d.split, d.skip_bad_rows, fmt=d.format)
-        if loaded is None or loaded.format == "text":  # plain text packed into blocks (pre-training, continued)
-            from velora_cli.data.corpus import load_text_sets
-
-            self.train_set, self.val_set, _ = load_text_sets(d, self.tokenizer, self.recipe.train.seed)
-            self.val_records = []
-            self.counts = DataCounts(examples=len(self.train_set) if hasattr(self.train_set, "__len__") else 0)
-            return
-        train_rows, val_rows = split_validation(loaded.records, d.val_set_size, self.recipe.train.seed)
-        if d.val_path:
-            val_rows = load_records(d.val_path, "validation", d.skip_bad_rows, field="data.val_path",
-                                    fmt=loaded.format).records  # fmt: skip
-        self.val_records = val_rows
-        d.format = loaded.format  # recipe.yaml records what was detected: generate/chat prompt the run with it
-        tokenized = tokenize_counted(train_rows, self.tokenizer, d, pack=d.packing)
-        self.train_set = tokenized.dataset
-        self.counts = DataCounts(loaded.format, tokenized.rows - tokenized.dropped, loaded.skipped,
-                                 tokenized.truncated, tokenized.dropped)  # fmt: skip
-        if self.train_set is None:
-            raise DataError(
-                f"data.path {d.path}: all {len(train_rows)} training rows are longer than data.cutoff_len="
-                f"{d.cutoff_len} tokens before their first answer ends; nothing is left to train on (raise cutoff_len)"
-            )
-        # Held-out rows stay unpacked: the same evaluation loss with packing on or off.
-        self.val_set = tokenize_counted(val_rows, self.tokenizer, d).dataset if val_rows else None
+        try:
+            return self.recipe.train.accumulation(world_size())
+        except ValueError as exc:
+            raise RecipeError(f"train: {exc}") from None
 
     def total_steps(self) -> int:
         t = self.recipe.train
         if t.max_steps:
             return t.max_steps
-        if not hasattr(self.train_set, "__len__"):
+        if not self.data.sized:
             raise RecipeError("data.streaming reads an endless stream: set train.max_steps")
         # The Trainer's own count: whole optimizer steps per epoch (a partial accumulation still steps), times epochs.
         batches = math.ceil(len(self.train_set) / (t.micro_batch_size * world_size()))
         return math.ceil(t.epochs * max(1, math.ceil(batches / self.gradient_accumulation())))
 
     def setup(self) -> Plan:
+        prepared = self.prepare()
         accumulation = self.gradient_accumulation()
-        self.setup_data()
-        choice = self.resolve_memory_plan()
         set_seed(self.recipe.train.seed)  # LoRA's A init draws from the global RNG: same seed, same adapter start
         if self.recipe.full:
             from velora_cli.models.full import build_full_model
 
-            self.model, self.tokenizer, self.compressed = build_full_model(self.recipe, self.device, self.tokenizer)
+            self.model, self.compressed = build_full_model(self.recipe, self.device, prepared.source, prepared.config)
         else:
-            self.model, self.tokenizer, self.compressed = build_training_model(
-                self.recipe, self.device, self.tokenizer
-            )
-        # What summaries, recipe.yaml and the panel say; kernels None: the stock path (not a LLaMA-family model).
-        self.recipe, kernels = memory_as_trained(self.recipe, self.model, self.device)
-        sized = hasattr(self.train_set, "__len__")
+            self.model, self.compressed = build_training_model(self.recipe, self.device, prepared.source)
+        # Which implementation the lean loss and ops run on; None: the stock path (not a LLaMA-family model).
+        kernels = lean_kernels(self.recipe, self.model, self.device) if prepared.lean else None
+        data = prepared.data
         self.plan = Plan(
             recipe=self.recipe,
             run_dir=self.run_dir,
-            train_rows=self.counts.examples,
-            sequences=len(self.train_set) if sized else 0,
-            val_rows=len(self.val_set) if self.val_set is not None else 0,
-            counts=self.counts,
-            train_tokens=int(sum(self.train_set["length"])) if sized else 0,
+            train_rows=data.counts.examples,
+            sequences=len(data.train_set) if data.sized else 0,
+            val_rows=len(data.val_set) if data.val_set is not None else 0,
+            counts=data.counts,
+            train_tokens=int(sum(data.train_set["length"])) if data.sized else 0,
             steps=self.total_steps(),
             gradient_accumulation=accumulation,
             compressed_layers=self.compressed,
-            memory_choice=choice,
+            memory_choice=prepared.memory_choice,
             lean=kernels is not None,
             kernels=kernels or "",
         )
@@ -147,8 +142,8 @@ class FinetuneSession:
         self.trainer = Trainer(
             model=self.model,
             args=self.training_arguments(),
-            train_dataset=self.train_set,
-            eval_dataset=self.val_set,
+            train_dataset=data.train_set,
+            eval_dataset=data.val_set,
             data_collator=make_collator(self.tokenizer, on_gpu=self.device.type == "cuda"),
             # CheckpointKeeper after VeloraCallback: it checks the checkpoint once the vectors are in it.
             callbacks=[VeloraCallback(), self.guard, self.interrupt, self.keeper],
@@ -162,23 +157,6 @@ class FinetuneSession:
             fused = self.recipe.train.optimizer == "adamw_torch_fused"
             self.trainer.optimizer = layerwise_for_trainer(self.trainer, fused=fused)
         return self.plan
-
-    def resolve_memory_plan(self) -> str | None:
-        """memory.checkpointing: auto -> the planner's choice for memory.budget (default: this GPU's memory),
-        written into self.recipe before the model is built; returns the planner's reason."""
-        if self.recipe.memory.checkpointing != "auto":
-            return None
-        from velora_cli.memory.arch import recipe_arch
-        from velora_cli.memory.estimate import settings_from_recipe
-        from velora_cli.memory.plan import resolve_auto
-
-        arch = recipe_arch(self.recipe)
-        budget = self.recipe.memory.budget_bytes
-        if budget is None and self.device.type == "cuda":
-            budget = torch.cuda.get_device_properties(self.device).total_memory
-        settings = settings_from_recipe(self.recipe, device=self.device.type)
-        self.recipe, result = resolve_auto(self.recipe, arch, settings, budget)
-        return result.reason
 
     def evaluate_loss(self) -> float | None:
         """Mean loss on the validation rows (None without a validation split)."""

@@ -1,4 +1,4 @@
-"""`velora chat`: a read-answer loop over inference.py, with the conversation kept between turns.
+"""`velora chat`: a read-answer loop over infer/generate.py, with the conversation kept between turns.
 
 Answers stream to stdout as they are decoded; the banner and notices go to stderr, and the `> ` prompt is shown
 only on a terminal, so a chat driven through a pipe (`printf 'hi\\n/exit\\n' | velora chat RUN`) prints answers

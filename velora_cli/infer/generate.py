@@ -2,7 +2,7 @@
 
 Shared by `velora generate` (below) and `velora chat` (chat.py). A reference is
 - a finetune run directory or one of its checkpoint-N directories holding a LoRA adapter: the adapter over the
-  base model its recipe names, prompted as the run trained (templates.py);
+  base model its recipe names, prompted as the run trained (data/templates.py);
 - a directory holding a whole model: a merged export, a full/pretrain run (or its checkpoint), any local
   transformers checkpoint; a run's recipe decides the prompt when there is one, else the model's chat template;
 - a hub id, a GGUF file or `embedded:smollm2-135m`.

@@ -49,7 +49,7 @@ class Arch:
         return self.layers * per_layer + self.other_params
 
 
-def _arch_from_config(config: Any, name: str) -> Arch:
+def arch_of_config(config: Any, name: str) -> Arch:
     """Build the model on the meta device (no memory, no weights) and read its exact parameter layout."""
     from transformers import AutoModelForCausalLM
 
@@ -108,9 +108,9 @@ def preset_config(preset: str):
 def arch_for(preset: str | None = None, model: str | None = None, trust_remote_code: bool = False) -> Arch:
     """The architecture of a preset or a model reference (config only, nothing downloaded but config.json)."""
     if preset is not None:
-        return _arch_from_config(preset_config(preset), preset)
+        return arch_of_config(preset_config(preset), preset)
     assert model is not None
-    return _arch_from_config(model_config(model, trust_remote_code), model)
+    return arch_of_config(model_config(model, trust_remote_code), model)
 
 
 def recipe_arch(recipe: Any) -> Arch:

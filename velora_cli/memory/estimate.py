@@ -6,7 +6,7 @@ micro-batch or sequence that fits a budget, and the VeLoRA paper's own accountin
 The model is exact bookkeeping, not rules of thumb:
 - weights: parameter counts from the model config (built on the meta device), with bitsandbytes' real storage
   layout for 4-bit (packed nibbles + blockwise absmax, double-quantised or not) and 8-bit (int8 + per-row scale);
-  embeddings, lm_head and norms stay in the compute dtype (models.build_training_model undoes PEFT's fp32 upcast);
+  embeddings, lm_head and norms stay in the compute dtype (models.build.build_training_model undoes PEFT's fp32 upcast);
 - adapters, gradients, optimizer: PEFT creates LoRA weights in fp32; AdamW keeps two fp32 moments, the
   bitsandbytes 8-bit variants two uint8 states + fp32 absmax per 256-block (fp32 below 4096 elements);
 - activations: per decoder layer and per op, what autograd saves for backward in this stack
@@ -21,7 +21,7 @@ The model is exact bookkeeping, not rules of thumb:
 - overhead: CUDA context + allocator slack, a stated assumption (OVERHEAD_*);
 - packing (data.packing): a micro-batch is micro_batch_size rows of cutoff_len real tokens (the worst case an
   unpacked batch is counted at too), plus the rotary tables per row; the attention saves what unpacked SDPA saves,
-  because packed rows attend per example without a mask (velora/lean/packed_attention.py; tests/test_packing.py
+  because packed rows attend per example without a mask (engine/lean/packed_attention.py; tests/test_packing.py
   checks it against the meter).
 
 It also reproduces the VeLoRA paper's own accounting (Table 3) so the two can be put side by side.

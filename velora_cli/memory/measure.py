@@ -52,7 +52,7 @@ def measure_training(recipe: Any, s: Settings, steps: int = 2) -> dict[str, int]
         # saved-tensor hooks cannot see inside non-reentrant checkpointed regions and made memory grow without bound
         raise UsageError("--measure does not support train.gradient_checkpointing=true yet; measure with it off")
     device = default_device()
-    model, _, _ = build_training_model(recipe, device)  # exactly what `velora finetune` trains
+    model, _ = build_training_model(recipe, device)  # exactly what `velora finetune` trains
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = _optimizer(trainable, recipe)

@@ -7,24 +7,24 @@ import torch
 from velora_cli.common.errors import RecipeError
 from velora_cli.engine import VeloraConfigError, apply_velora
 from velora_cli.models.load import (
+    ModelSource,
     disable_cpu_4bit_repacking,
     first_line,
     load_recipe_base,
-    load_tokenizer,
     resolve_model,
     restore_dtypes,
 )
 
 
-def build_training_model(recipe, device: torch.device, tokenizer=None):
+def build_training_model(recipe, device: torch.device, source: ModelSource | None = None):
     """The trainable model of a recipe: quantised base -> k-bit preparation -> PEFT LoRA -> VeLoRA.
 
-    Returns (model, tokenizer, names of the VeLoRA-compressed layers).
+    `source`: the base model's resolved reference (finetune.prepare resolves it once; resolved here when not given).
+    Returns (model, names of the VeLoRA-compressed layers).
     """
     from peft import prepare_model_for_kbit_training
 
-    source = resolve_model(recipe.model.name)
-    tokenizer = tokenizer or load_tokenizer(source, recipe.model.trust_remote_code)
+    source = source or resolve_model(recipe.model.name)
     model = load_recipe_base(recipe.model, device, source)
     lean = lean_supported(model, recipe)
     # apply_lean owns the per-layer checkpointing switch on the models it patches (memory.checkpointing, which
@@ -53,12 +53,12 @@ def build_training_model(recipe, device: torch.device, tokenizer=None):
     if lean:
         apply_memory(model, recipe)
     attention_for_packing(model, recipe)
-    return model, tokenizer, compressed
+    return model, compressed
 
 
 def attention_for_packing(model, recipe) -> None:
     """Packed example rows (data.packing) attend per example on stock SDPA, without the block-diagonal mask
-    (velora/lean/packed_attention.py); eager and flash-attention keep their own handling of the restarts."""
+    (engine/lean/packed_attention.py); eager and flash-attention keep their own handling of the restarts."""
     from velora_cli.engine.lean.packed_attention import use_packed_attention
 
     if recipe.data.packing and not recipe.text_data:
@@ -88,22 +88,16 @@ def lean_supported(model, recipe) -> bool:
     return False
 
 
-def memory_as_trained(recipe, model, device: torch.device):
-    """(recipe, kernels): the recipe with its memory section as `model` got it - as written when apply_lean patched
-    the model, else the stock path's equivalent (full loss, stock ops, no offload; stock checkpointing all or
-    none) - which summaries, the run's recipe.yaml and the live panel describe; and what the chunked loss and the
-    lean ops run on here (a fused CUDA kernel when installed: Liger Kernel, Cut Cross-Entropy; else the torch
-    ops), None for the stock path."""
+def lean_kernels(recipe, model, device: torch.device) -> str:
+    """What the chunked loss and the lean ops run on here, for the plan's memory line: a fused CUDA kernel when
+    installed (Liger Kernel, Cut Cross-Entropy), else the torch ops."""
     from velora_cli.engine.lean import select_backend, select_ops_backend
 
-    if not lean_supported(model, recipe):
-        stock = {"loss": "full", "lean_ops": False, "offload": False}
-        return recipe.model_copy(update={"memory": recipe.memory.model_copy(update=stock)}), None
     m = recipe.memory
     parts = [f"loss: {select_backend(device)}"] if m.loss == "chunked" else []
     if m.lean_ops:
         parts.append(f"ops: {select_ops_backend({p.device.type for p in model.parameters()})}")
-    return recipe, ", ".join(parts)
+    return ", ".join(parts)
 
 
 def apply_memory(model, recipe):

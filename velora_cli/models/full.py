@@ -1,7 +1,7 @@
 """The training methods without adapters: `full` (every weight of a pretrained model trains) and `pretrain` (every
 weight of a freshly initialised model trains), both with VeLoRA on the chosen linear layers in full mode.
 
-`qlora` and `lora` are models.build_training_model's. Here:
+`qlora` and `lora` are models.build.build_training_model's. Here:
 - the paper's pre-training sizes (GaLore's LLaMA configs, configs/llama_*.json of jiaweizzhao/GaLore, which the
   VeLoRA scripts use) and the config of a `pretrain` recipe: one of those sizes, or a hub id / directory whose
   config.json is read (weights are never loaded), its vocabulary sized to the recipe's tokenizer;
@@ -27,7 +27,7 @@ from velora_cli.common.errors import RecipeError, UsageError
 from velora_cli.config.presets import PRETRAIN_SIZES, size_config
 from velora_cli.engine import VeloraConfigError, apply_velora
 from velora_cli.models.build import apply_memory, attention_for_packing, lean_supported
-from velora_cli.models.load import load_base_model, load_config, recipe_tokenizer, resolve_model
+from velora_cli.models.load import ModelSource, load_base_model, load_config, recipe_tokenizer, resolve_model
 
 
 def pretrain_config(model_section, tokenizer):
@@ -46,24 +46,24 @@ def pretrain_config(model_section, tokenizer):
     return config
 
 
-def build_full_model(recipe, device: torch.device, tokenizer=None):
-    """The trainable model of a `full` or `pretrain` recipe: (model, tokenizer, names of the VeLoRA layers).
+def build_full_model(recipe, device: torch.device, source: ModelSource | None = None, config=None):
+    """The trainable model of a `full` or `pretrain` recipe: (model, names of the VeLoRA layers).
 
+    `source` (full) / `config` (pretrain): as finetune.prepare resolved them once; resolved here when not given.
     A fresh initialisation draws from the global RNG: the caller seeds it (train.seed) first.
     """
     from transformers import AutoModelForCausalLM
 
     m = recipe.model
     dtype = compute_dtype(m.compute_dtype, device)
-    tokenizer = tokenizer or recipe_tokenizer(recipe)
     if recipe.method == "pretrain":
-        config = pretrain_config(m, tokenizer)
+        config = config if config is not None else pretrain_config(m, recipe_tokenizer(recipe))
         kwargs = {"attn_implementation": m.attn_implementation} if m.attn_implementation else {}
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=m.trust_remote_code, **kwargs)
         model.to(device)
     else:
         model = load_base_model(
-            resolve_model(m.name), quantization="none", compute=dtype, device=device,
+            source or resolve_model(m.name), quantization="none", compute=dtype, device=device,
             trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation,
         )  # fmt: skip
     model.requires_grad_(True)
@@ -75,7 +75,7 @@ def build_full_model(recipe, device: torch.device, tokenizer=None):
     if lean:  # after VeLoRA, as for the adapters: the lean forwards call whatever the projections have become
         apply_memory(model, recipe)
     attention_for_packing(model, recipe)
-    return model, tokenizer, compressed
+    return model, compressed
 
 
 def attach_full_velora(model, recipe) -> list[str]:
@@ -86,18 +86,6 @@ def attach_full_velora(model, recipe) -> list[str]:
         return apply_velora(model, recipe.velora.to_config(), mode="full")
     except VeloraConfigError as exc:
         raise RecipeError(f"velora.{exc}") from None
-
-
-def meta_model(recipe):
-    """The recipe's architecture on the meta device (no memory): for shape checks and the memory estimate."""
-    from transformers import AutoModelForCausalLM
-
-    if recipe.method == "pretrain":
-        config = pretrain_config(recipe.model, recipe_tokenizer(recipe))
-    else:
-        config = load_config(resolve_model(recipe.model.name), recipe.model.trust_remote_code)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
 
 
 def load_full_checkpoint(model, checkpoint: Path) -> None:

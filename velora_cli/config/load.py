@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from velora_cli.common.errors import RecipeError, did_you_mean
+from velora_cli.config.preference import PREFERENCE_METHODS
 from velora_cli.config.recipe import Recipe
 from velora_cli.engine.config import VeloraConfigError
 
@@ -145,14 +146,17 @@ def validate_recipe(data: dict[str, Any], source: str = "recipe", overrides: lis
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    # A full/pretrain recipe has no lora section (validation refuses one), so its default is left out.
-    exclude = {"lora"} if recipe.full else None
-    return yaml.safe_dump(recipe.model_dump(mode="json", exclude=exclude), sort_keys=False)
+    # A full/pretrain recipe has no lora section (validation refuses one), so its default is left out; likewise
+    # the preference section, which only preference methods accept.
+    exclude = {"lora"} if recipe.full else set()
+    if recipe.method not in PREFERENCE_METHODS:
+        exclude.add("preference")
+    return yaml.safe_dump(recipe.model_dump(mode="json", exclude=exclude or None), sort_keys=False)
 
 
 # Fields that name local files or folders: read beside the recipe file when they exist there.
-PATH_FIELDS = (("data", "path"), ("data", "val_path"), ("model", "config"), ("eval", "perplexity", "path"),
-               ("eval", "heldout", "path"), ("eval", "mmlu", "data_dir"))  # fmt: skip
+PATH_FIELDS = (("data", "path"), ("data", "val_path"), ("model", "config"), ("model", "adapter"),
+               ("eval", "perplexity", "path"), ("eval", "heldout", "path"), ("eval", "mmlu", "data_dir"))  # fmt: skip
 
 
 def _resolve_relative(data: dict[str, Any], base: Path) -> None:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from velora_cli.common.errors import UsageError
 from velora_cli.common.memstats import parse_bytes
+from velora_cli.config.preference import PREFERENCE_METHODS, PreferenceSection
 from velora_cli.config.presets import DEFAULT_MODEL
 from velora_cli.engine.config import DEFAULT_NUM_GROUPS, INIT_TYPES, VeloraConfig, VeloraConfigError, expand_layer_names
 
@@ -37,6 +38,8 @@ class ModelSection(Section):
     # the paper's (GaLore's) sizes llama-60m, llama-130m, llama-350m, llama-1b (see velora_cli/models/full.py)
     config: str | None = None
     tokenizer: str | None = None  # default: model.config when it names a hub id / directory, else model.name
+    # A trained LoRA adapter to start from (an SFT run's directory or an adapter dir), e.g. before `method: dpo`
+    adapter: str | None = None
 
 
 class LoraSection(Section):
@@ -237,7 +240,7 @@ class EvalSection(Section):
     perplexity: PerplexitySection = Field(default_factory=PerplexitySection)
 
 
-METHODS = ("qlora", "lora", "full", "pretrain")
+METHODS = ("qlora", "lora", "full", "pretrain", *PREFERENCE_METHODS)
 
 FULL_METHODS = ("full", "pretrain")  # every weight trains; no adapters
 
@@ -254,6 +257,7 @@ class Recipe(Section):
     export: ExportSection = Field(default_factory=ExportSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     memory: MemorySection = Field(default_factory=MemorySection)
+    preference: PreferenceSection = Field(default_factory=PreferenceSection)  # method: dpo (config/preference.py)
 
     @model_validator(mode="after")
     def _checkpointing_alias(self) -> Recipe:
@@ -278,8 +282,12 @@ class Recipe(Section):
                              "(use quantization: none, or method: qlora)")  # fmt: skip
         if m == "lora" and q != "none" and q_given:
             raise ValueError(f"method 'lora' is unquantised; model.quantization={q!r} is method: qlora")
-        if m != "qlora" and q != "none":
+        if m not in ("qlora", *PREFERENCE_METHODS) and q != "none":  # DPO: QLoRA unless quantization: none
             self.model.__dict__["quantization"] = "none"
+        if "preference" in self.model_fields_set and m not in PREFERENCE_METHODS:
+            raise ValueError(f"the preference section is for method: dpo, not {m!r}")
+        if self.model.adapter and m in FULL_METHODS:
+            raise ValueError(f"model.adapter is a LoRA adapter to continue; method {m!r} has none")
         if m in FULL_METHODS and "lora" in self.model_fields_set:
             raise ValueError(f"method {m!r} trains every weight and has no LoRA adapter; remove the lora section")
         if m == "pretrain" and not self.model.config:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from velora_cli.config.preference import PREFERENCE_METHODS
 from velora_cli.config.recipe import Recipe
 from velora_cli.data.training import TrainingData, load_training_data
 from velora_cli.models.load import ModelSource, load_config, load_tokenizer, resolve_model, tokenizer_reference
@@ -75,7 +76,12 @@ def prepare(recipe: Recipe, device: torch.device) -> Prepared:
     model, compressed = _meta_model(recipe, config)
     lean = lean_supported(model, recipe)
     del model
-    data = load_training_data(recipe, tokenizer)
+    if recipe.method in PREFERENCE_METHODS:
+        from velora_cli.data.preference import load_preference_data
+
+        data = load_preference_data(recipe, tokenizer)
+    else:
+        data = load_training_data(recipe, tokenizer)
     if data.format != "text":  # recipe.yaml records what was detected: generate/chat prompt the run with it
         recipe = _with(recipe, "data", format=data.format)
     choice = None

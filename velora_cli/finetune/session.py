@@ -29,6 +29,7 @@ from velora_cli.common.errors import RecipeError, TrainingAborted, UsageError, V
 from velora_cli.common.memstats import human_bytes, memory_stats, reset_peak
 from velora_cli.config.description import RunDescription
 from velora_cli.config.load import dump_recipe
+from velora_cli.config.preference import PREFERENCE_METHODS
 from velora_cli.config.recipe import Recipe
 from velora_cli.data.load import DataCounts, make_collator
 from velora_cli.data.training import TrainingData
@@ -139,15 +140,21 @@ class FinetuneSession:
         self.interrupt = InterruptHandler()
         self.guard = StepGuard(self.run_dir, velora=bool(self.compressed))
         self.keeper = CheckpointKeeper(self.run_dir, self.recipe.train.save_total_limit, bool(self.compressed))
-        self.trainer = Trainer(
-            model=self.model,
-            args=self.training_arguments(),
-            train_dataset=data.train_set,
-            eval_dataset=data.val_set,
-            data_collator=make_collator(self.tokenizer, on_gpu=self.device.type == "cuda"),
-            # CheckpointKeeper after VeloraCallback: it checks the checkpoint once the vectors are in it.
-            callbacks=[VeloraCallback(), self.guard, self.interrupt, self.keeper],
-        )
+        # CheckpointKeeper after VeloraCallback: it checks the checkpoint once the vectors are in it.
+        callbacks = [VeloraCallback(), self.guard, self.interrupt, self.keeper]
+        if self.recipe.method in PREFERENCE_METHODS:  # TRL's DPOTrainer (finetune/preference.py)
+            from velora_cli.finetune.preference import make_dpo_trainer
+
+            self.trainer = make_dpo_trainer(self, callbacks)
+        else:
+            self.trainer = Trainer(
+                model=self.model,
+                args=self.training_arguments(),
+                train_dataset=data.train_set,
+                eval_dataset=data.val_set,
+                data_collator=make_collator(self.tokenizer, on_gpu=self.device.type == "cuda"),
+                callbacks=callbacks,
+            )
         self.trainer.remove_callback(PrinterCallback)  # RunMonitor and the display report instead
         if self.recipe.train.optimizer_in_backward:
             from velora_cli.finetune.layerwise import layerwise_for_trainer
@@ -164,11 +171,12 @@ class FinetuneSession:
             return None
         return float(self.trainer.evaluate()["eval_loss"])
 
-    def training_arguments(self) -> TrainingArguments:
+    def training_arguments(self, kind: type[TrainingArguments] = TrainingArguments, **extra) -> TrainingArguments:
+        """The recipe's TrainingArguments (`kind`: a subclass such as TRL's DPOConfig, given its `extra` fields)."""
         t = self.recipe.train
         compute = self._compute()
         has_eval = self.val_set is not None and t.eval_steps is not None
-        return TrainingArguments(
+        return kind(
             output_dir=str(self.run_dir),
             per_device_train_batch_size=t.micro_batch_size,
             per_device_eval_batch_size=t.micro_batch_size,
@@ -205,6 +213,7 @@ class FinetuneSession:
             prediction_loss_only=True,  # evaluation wants the loss only: the chunked loss returns no logits
             log_level="warning",
             save_only_model=False,
+            **extra,
         )
 
     # -- train
@@ -330,7 +339,9 @@ class FinetuneSession:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
             model = self.trainer.accelerator.unwrap_model(self.model) if self.trainer else self.model
-            model.save_pretrained(staging)
+            # DPO from an adapter: TRL's frozen reference copy ("ref") is not part of the result
+            only = {"selected_adapters": ["default"]} if "ref" in getattr(model, "peft_config", {}) else {}
+            model.save_pretrained(staging, **only)
             self.tokenizer.save_pretrained(staging)
             (staging / runs.RECIPE_FILE).write_text(dump_recipe(self.recipe), encoding="utf-8")
             save_velora_vectors(model, staging)

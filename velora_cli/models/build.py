@@ -132,18 +132,21 @@ def attach_adapters(model, recipe):
     """
     from peft import LoraConfig, get_peft_model
 
-    lora = LoraConfig(
-        r=recipe.lora.r,
-        lora_alpha=recipe.lora.alpha,
-        lora_dropout=recipe.lora.dropout,
-        target_modules=recipe.lora.module_names,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    try:
-        model = get_peft_model(model, lora)
-    except ValueError as exc:
-        raise RecipeError(f"lora.target_modules={recipe.lora.target_modules}: {first_line(exc)}") from None
+    if recipe.model.adapter:
+        model = continue_adapter(model, recipe.model.adapter)
+    else:
+        lora = LoraConfig(
+            r=recipe.lora.r,
+            lora_alpha=recipe.lora.alpha,
+            lora_dropout=recipe.lora.dropout,
+            target_modules=recipe.lora.module_names,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        try:
+            model = get_peft_model(model, lora)
+        except ValueError as exc:
+            raise RecipeError(f"lora.target_modules={recipe.lora.target_modules}: {first_line(exc)}") from None
     compressed: list[str] = []
     if recipe.velora.enabled:
         try:
@@ -151,3 +154,18 @@ def attach_adapters(model, recipe):
         except VeloraConfigError as exc:
             raise RecipeError(f"velora.{exc}") from None
     return model, compressed
+
+
+def continue_adapter(model, adapter: str):
+    """`model.adapter`: a trained LoRA adapter (an SFT run's directory) as the trainable starting point, its own
+    LoRA config in force. On a meta-device model (the dry run) only its config is attached, for the shape checks."""
+    from pathlib import Path
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    where = Path(adapter)
+    if not (where / "adapter_config.json").is_file():
+        raise RecipeError(f"model.adapter {adapter}: no adapter_config.json there (a finished LoRA run or adapter dir)")
+    if next(model.parameters()).is_meta:
+        return get_peft_model(model, LoraConfig.from_pretrained(str(where)))
+    return PeftModel.from_pretrained(model, str(where), is_trainable=True)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from velora_cli.config.preference import PREFERENCE_METHODS
 from velora_cli.config.presets import LLAMA_PROJECTIONS
 
 
@@ -60,6 +61,7 @@ def method_name(
     layers: "names" lists VeLoRA's modules, "short" says `all` or their letters (the planner's tables), "none"
     only that VeLoRA is on. `gradient_checkpointing`: summaries written before the memory section (no `memory`)."""
     name = method if method in ("full", "pretrain") else "QLoRA" if quantization not in (None, "none") else "LoRA"
+    name += f" {method.upper()}" if method in PREFERENCE_METHODS else ""  # e.g. QLoRA DPO
     if velora_layers:
         if layers == "names":
             name += f" + VeLoRA ({','.join(velora_layers)})"

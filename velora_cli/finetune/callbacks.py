@@ -150,6 +150,13 @@ class CheckpointKeeper(TrainerCallback):
 # ---------------------------------------------------------------------------------------------- callbacks
 
 
+# Trainer log keys -> metrics.jsonl fields; the rewards are DPO's (TRL's DPOTrainer logs them, per logging window)
+LOGGED = {key: key for key in ("loss", "eval_loss", "learning_rate", "grad_norm")} | {
+    "rewards/accuracies": "reward_accuracy", "rewards/margins": "reward_margin",
+    "eval_rewards/accuracies": "eval_reward_accuracy", "eval_rewards/margins": "eval_reward_margin",
+}  # fmt: skip
+
+
 class RunMonitor(TrainerCallback):
     """Turns Trainer logs into records (throughput, memory) for metrics.jsonl and the display."""
 
@@ -182,13 +189,13 @@ class RunMonitor(TrainerCallback):
             return
         record: dict[str, Any] = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
         non_finite = []
-        for key in ("loss", "eval_loss", "learning_rate", "grad_norm"):
+        for key, name in LOGGED.items():
             if key in logs:
                 value = float(logs[key])
                 # JSON has no NaN/inf (json.dumps would write the invalid token NaN): null, and say which.
-                record[key] = value if math.isfinite(value) else None
+                record[name] = value if math.isfinite(value) else None
                 if not math.isfinite(value):
-                    non_finite.append(key)
+                    non_finite.append(name)
         if non_finite:
             record["non_finite"] = non_finite
         now = time.monotonic()

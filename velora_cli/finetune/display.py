@@ -113,6 +113,8 @@ class TrainingDisplay:
             table.add_row("loss", f"{self.losses[-1]:.4f}  {sparkline(self.losses)}")
         if "eval_loss" in r:
             table.add_row("eval loss", f"{r['eval_loss']:.4f}")
+        if r.get("reward_accuracy") is not None:  # DPO: chosen above rejected, and by how much (TRL's rewards)
+            table.add_row("rewards", f"accuracy {r['reward_accuracy']:.0%}   margin {r.get('reward_margin') or 0:.3f}")
         if "learning_rate" in r:
             table.add_row("lr", f"{r['learning_rate']:.2e}   grad norm {r.get('grad_norm', float('nan')):.3f}")
         if "tokens_per_second" in r:
@@ -132,6 +134,8 @@ def plain_line(record: dict[str, Any], total_steps: int) -> str:
         ("epoch", "epoch {:.2f}"),
         ("loss", "loss {:.4f}"),
         ("eval_loss", "eval_loss {:.4f}"),
+        ("reward_accuracy", "reward_acc {:.2f}"),
+        ("reward_margin", "margin {:.3f}"),
         ("learning_rate", "lr {:.2e}"),
         ("grad_norm", "grad_norm {:.3f}"),
         ("tokens_per_second", "{:.0f} tok/s"),
@@ -183,6 +187,12 @@ def print_before_after(before: Scores, after: Scores, out: Console) -> None:
             _pct(earlier.exact_match if earlier else None),
             _pct(after.heldout.exact_match),
         )
+    if after.pairs is not None:  # DPO's held-out pairs
+        n, earlier = after.pairs.n, before.pairs
+        for label, key, show in (("pair accuracy", "pair_accuracy", _pct), ("reward accuracy", "reward_accuracy", _pct),
+                                 ("reward margin", "reward_margin", _num)):  # fmt: skip
+            table.add_row(f"held-out {label} (n={n})", show(getattr(earlier, key) if earlier else None),
+                          show(getattr(after.pairs, key)))  # fmt: skip
     out.print(table)
 
 

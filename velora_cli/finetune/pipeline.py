@@ -24,6 +24,7 @@ from velora_cli.common.errors import UsageError, VeloraError
 from velora_cli.common.memstats import human_bytes
 from velora_cli.config.description import RunDescription
 from velora_cli.config.load import load_recipe
+from velora_cli.config.preference import PREFERENCE_METHODS
 from velora_cli.config.recipe import Recipe
 from velora_cli.eval.heldout import exact_match
 from velora_cli.finetune import display as report
@@ -81,8 +82,18 @@ def stage_train(recipe: Recipe, run_dir: Path, resume: bool, summary: RunSummary
     fresh = not (resume and runs.resumable_checkpoints(run_dir, bool(session.compressed)))
     records = checks.heldout
 
+    preference = recipe.method in PREFERENCE_METHODS
+    slot, what = ("pairs", "pairs") if preference else ("heldout", "exact match")  # the Scores field, the label
+    if preference and records:
+        from velora_cli.data.preference import tokenize_pairs
+        from velora_cli.finetune.preference import score_pairs
+
+        pairs = tokenize_pairs(records, session.tokenizer, session.recipe)[0]
+
     def score_heldout():
         d = recipe.data
+        if preference:  # pair accuracy and DPO's reward accuracy/margin
+            return score_pairs(session.trainer, pairs)
         return exact_match(
             session.model, session.tokenizer, records, template=d.template, cutoff_len=d.cutoff_len,
             system_prompt=d.system_prompt,
@@ -94,8 +105,8 @@ def stage_train(recipe: Recipe, run_dir: Path, resume: bool, summary: RunSummary
             # Every rank evaluates: under DDP the Trainer splits the validation rows and gathers the losses.
             before.eval_loss = session.evaluate_loss()
             if records and is_main_process():
-                out.print(f"[bold]held-out exact match before training[/] ({len(records)} tasks)...")
-                before.heldout = score_heldout()
+                out.print(f"[bold]held-out {what} before training[/] ({len(records)})...")
+                setattr(before, slot, score_heldout())
     elif summary.train is not None:
         before = summary.train.before
     result = session.train(resume=resume)
@@ -108,8 +119,8 @@ def stage_train(recipe: Recipe, run_dir: Path, resume: bool, summary: RunSummary
         return
     after = Scores(eval_loss=result.eval_loss)
     if records:
-        out.print("[bold]held-out exact match after training[/]...")
-        after.heldout = score_heldout()
+        out.print(f"[bold]held-out {what} after training[/]...")
+        setattr(after, slot, score_heldout())
     summary.train = TrainSummary.from_dict(result.as_dict())
     summary.train.before, summary.train.after = before, after
     report.print_before_after(before, after, out)

@@ -15,11 +15,12 @@ velora adds here, in a subclass rather than around it:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from trl import DPOConfig, DPOTrainer
+
+from velora_cli.rundir.summary import PairScore
 
 
 class VeloraDPOTrainer(DPOTrainer):
@@ -64,16 +65,6 @@ def make_dpo_trainer(session, callbacks: list) -> VeloraDPOTrainer:
         processing_class=session.tokenizer,
         callbacks=callbacks,
     )
-
-
-@dataclass
-class PairScore:
-    """Held-out pairs at one moment: pair accuracy, and DPO's implicit reward accuracy / mean margin (0 before)."""
-
-    n: int
-    pair_accuracy: float  # log p(chosen) > log p(rejected) under the model
-    reward_accuracy: float  # beta * (policy - reference) log-ratio of chosen above rejected's
-    reward_margin: float  # mean of chosen minus rejected reward
 
 
 @torch.no_grad()

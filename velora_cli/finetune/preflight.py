@@ -15,6 +15,7 @@ from typing import Any
 
 from velora_cli.common.errors import RecipeError, UsageError
 from velora_cli.common.fs import check_writable
+from velora_cli.config.preference import PREFERENCE_METHODS
 
 
 @dataclass
@@ -121,7 +122,11 @@ def preflight(recipe, stages: list[str], run_dir: Path, *, has_adapter: bool, re
             # read in the training data's format, so a bad row names its missing field
             fmt = prepared.data.format if prepared.data.format != "text" else None
             rows = prepared.data.val_records
-            if h.path:
+            if h.path and recipe.method in PREFERENCE_METHODS:  # preference pairs, scored before and after
+                from velora_cli.data.preference import load_pairs
+
+                rows = load_pairs(h.path, "validation", recipe.data.skip_bad_rows, field="eval.heldout.path").pairs
+            elif h.path:
                 rows = load_records(h.path, field="eval.heldout.path", fmt=fmt).records
             if not rows:
                 raise UsageError("eval.heldout: enabled without a path, and the recipe holds out no validation rows")

@@ -38,22 +38,38 @@ class HeldoutScore:
 
 
 @dataclass
+class PairScore:
+    """Held-out preference pairs (method dpo): pair accuracy, and DPO's implicit reward accuracy / mean margin
+    against the reference (0 before training, when the model is the reference)."""
+
+    n: int
+    pair_accuracy: float  # log p(chosen) > log p(rejected) under the model
+    reward_accuracy: float  # beta * (policy - reference) log-ratio of chosen above rejected's
+    reward_margin: float  # mean of chosen minus rejected reward
+
+
+@dataclass
 class Scores:
-    """Validation loss and held-out exact match at one moment (before or after training)."""
+    """Validation loss and held-out exact match (or, for DPO, held-out pairs) at one moment (before or after
+    training)."""
 
     eval_loss: float | None = None
     heldout: HeldoutScore | None = None
+    pairs: PairScore | None = None
 
     @classmethod
     def from_dict(cls, data: Any) -> Scores:
         data = data if isinstance(data, dict) else {}
-        heldout = data.get("heldout")
-        return cls(data.get("eval_loss"), HeldoutScore(**_split(HeldoutScore, heldout)[0]) if heldout else None)
+        heldout, pairs = data.get("heldout"), data.get("pairs")
+        return cls(data.get("eval_loss"), HeldoutScore(**_split(HeldoutScore, heldout)[0]) if heldout else None,
+                   PairScore(**_split(PairScore, pairs)[0]) if pairs else None)  # fmt: skip
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"eval_loss": self.eval_loss}
         if self.heldout is not None:
             out["heldout"] = asdict(self.heldout)
+        if self.pairs is not None:
+            out["pairs"] = asdict(self.pairs)
         return out
 
 

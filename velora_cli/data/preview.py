@@ -19,11 +19,12 @@ from rich.text import Text
 
 from velora_cli.common.errors import UsageError
 from velora_cli.config.load import load_recipe
+from velora_cli.config.preference import PREFERENCE_METHODS
 from velora_cli.data.formats import IGNORE_INDEX, encode, fit_cutoff
 from velora_cli.data.load import load_records, split_validation
 from velora_cli.data.packing import assign, padding_waste
 
-TRAINED_STYLE, MASKED_STYLE = "bold green", "dim"
+TRAINED_STYLE, MASKED_STYLE, REJECTED_STYLE = "bold green", "dim", "bold red"
 
 
 def batches(lengths: list[int], micro_batch: int, group_by_length: bool, seed: int) -> list[list[int]]:
@@ -57,6 +58,8 @@ def run_preview(recipe_path: Path, overrides: list[str], n: int, out: Console | 
 
     out = out or Console(soft_wrap=True, highlight=False)
     recipe = load_recipe(recipe_path, overrides)
+    if recipe.method in PREFERENCE_METHODS:
+        return preview_pairs(recipe, n, out)
     d, t = recipe.data, recipe.train
     text_note = "data preview: plain text (data.format text) is packed into cutoff_len blocks, every token trained"
     if recipe.text_data:
@@ -98,4 +101,38 @@ def run_preview(recipe_path: Path, overrides: list[str], n: int, out: Console | 
         out.print(f"padding per batch of {t.micro_batch_size}: {100 * unpacked:.1f}% of tokens unpacked "
                   f"({len(kept)} sequences), {100 * packed:.1f}% packed ({len(packs)} sequences of <= "
                   f"{d.cutoff_len} tokens)" + ("  [packing is on]" if d.packing else ""))  # fmt: skip
+    return stats
+
+
+def preview_pairs(recipe, n: int, out: Console) -> dict[str, float]:
+    """method dpo: the first pairs as the two sequences DPO scores, the prompt masked and each completion trained
+    (chosen in green, rejected in red), and the lengths of the pairs' longer sequence."""
+    from velora_cli.data.preference import load_pairs, tokenize_pair
+    from velora_cli.models.load import recipe_tokenizer
+
+    d = recipe.data
+    loaded = load_pairs(d.path, d.split, d.skip_bad_rows)
+    pairs = split_validation(loaded.pairs, d.val_set_size, recipe.train.seed)[0]
+    tokenizer = recipe_tokenizer(recipe)
+    tokenized = [tokenize_pair(p, tokenizer, d.cutoff_len, recipe.preference, p["where"]) for p in pairs]
+    out.print(f"[bold]{d.path}[/]: {len(pairs)} training pairs, format {loaded.format}"
+              + (f" ({loaded.skipped} bad rows skipped)" if loaded.skipped else ""))  # fmt: skip
+    for i, pair in enumerate(tokenized[:n]):
+        out.print(f"\n[bold]pair {i}[/]: prompt {len(pair.prompt_ids)} tokens ([{MASKED_STYLE}]masked[/]), "
+                  f"chosen {len(pair.chosen_ids)} ([{TRAINED_STYLE}]trained[/]), rejected {len(pair.rejected_ids)} "
+                  f"([{REJECTED_STYLE}]trained[/])")  # fmt: skip
+        for side, ids, style in (("chosen", pair.chosen_ids, TRAINED_STYLE),
+                                 ("rejected", pair.rejected_ids, REJECTED_STYLE)):  # fmt: skip
+            text = Text(tokenizer.decode(pair.prompt_ids), style=MASKED_STYLE)
+            text.append(tokenizer.decode(ids), style=style)
+            out.print(Text(f"{side}: ", style="bold") + text)
+    longest = sorted(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) for p in tokenized)
+    truncated = sum(p.truncated for p in tokenized)
+    stats = {"rows": len(pairs), "min": longest[0], "median": statistics.median(longest),
+             "p90": longest[math.ceil(0.9 * len(longest)) - 1], "max": longest[-1], "truncated": truncated,
+             "dropped": 0}  # fmt: skip
+    out.print(f"\ntokens per sequence (prompt + longer completion): min {stats['min']}, median {stats['median']:g}, "
+              f"p90 {stats['p90']}, max {stats['max']}; {truncated} pairs cut at data.cutoff_len {d.cutoff_len}"
+              + (f" / preference.max_completion_length {recipe.preference.max_completion_length}"
+                 if recipe.preference.max_completion_length else ""))  # fmt: skip
     return stats

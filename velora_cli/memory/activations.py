@@ -116,12 +116,14 @@ def activations(arch: Arch, s: Settings) -> Activations:
     first.pop("mlp_region_recompute", None)
     per_mid, per_first = sum(mid.values()), sum(first.values())
     # cos and sin, (1, S, head_dim), shared by all layers; packed rows have position_ids of their own: (batch, S, hd)
-    rotary = 2 * s.seq * arch.head_dim * s.c * (s.batch if s.packing else 1)
+    rotary = 2 * s.seq * arch.head_dim * s.c * (s.sequences if s.packing else 1)
     frozen_norm = (s.c * arch.hidden + 4) if s.lean_ops else (4 * arch.hidden + 4)
     final_norm = n * (trainable_norm_bytes(arch, s) if s.full else frozen_norm)
-    if s.loss == "chunked":
+    if s.pairs:
+        logits_saved, logits_peak = preference_head(arch, s)
+    elif s.loss == "chunked":
         # the hidden-state gradient and int64 row index of every scored token (labels shifted: seq - 1 per row)
-        logits_saved = s.batch * (s.seq - 1) * (arch.hidden * s.c + 8)
+        logits_saved = s.sequences * (s.seq - 1) * (arch.hidden * s.c + 8)
         chunk = min(n, s.chunk_size or default_chunk_size(arch.vocab))
         logits_peak = logits_saved + chunk * arch.vocab * (2 * s.c + 4)  # one chunk's logits, fp32 copy, gradient
     else:
@@ -144,3 +146,20 @@ def activations(arch: Arch, s: Settings) -> Activations:
         in_flight = OFFLOAD_IN_FLIGHT * n * (per_mid if whole < arch.layers else arch.hidden * s.c)
         return Activations(mid, in_flight + n * transient, 0.0, logits_saved, logits_peak, meter, host=saved)
     return Activations(mid, plain + kept + n * transient, final_norm + rope, logits_saved, logits_peak, meter)
+
+
+# TRL's fused log-prob head (trl.kernels.chunked_logprob): tokens and vocabulary columns per projection tile
+TRL_TOKEN_TILE, TRL_VOCAB_TILE = 4096, 32768
+
+
+def preference_head(arch: Arch, s: Settings) -> tuple[float, float]:
+    """(saved, peak) bytes of DPO's head and reference forward: TRL's chunked log-prob function keeps the scored
+    hidden states (a copy: the shifted slice is reshaped), their int64 targets, fp32 log-normaliser and entropy, and
+    the bool label mask; no logits. Every position is counted (CUDA scores completion tokens only: fewer). At peak,
+    one (tokens x vocabulary) tile with its fp32 accumulator, or the reference forward (no grad, adapters off) that
+    runs while the policy's saved tensors are held: one layer's hidden states and MLP intermediates at a time."""
+    scored = s.sequences * (s.seq - 1)
+    saved = scored * (arch.hidden * s.c + 8 + 4 + 4 + 1)
+    tile = min(scored, TRL_TOKEN_TILE) * min(arch.vocab, TRL_VOCAB_TILE) * (s.c + 4)
+    reference = s.tokens * (2 * arch.hidden + 3 * arch.intermediate) * s.c
+    return saved, saved + max(tile, reference)

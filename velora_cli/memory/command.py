@@ -135,6 +135,8 @@ def run_memory_estimate(
     if measure:
         if preset is not None:
             raise UsageError("--measure needs real weights: use a recipe or --model, not --preset")
+        if s.pairs:
+            raise UsageError("--measure runs SFT steps; DPO's pair layout is measured by benchmarks/dpo_memory.py")
         run_s = settings_from_recipe(rec, device=default_device().type)
         measured = measure_training(rec, run_s)
         run_est = estimate(arch, run_s)

@@ -29,7 +29,8 @@ def print_estimate(
     title = (
         f"{arch.name}: {arch.total_params / 1e9:.2f}B params, {s.quantization}"
         f"{' + double quant' if s.quantization in ('nf4', 'fp4') and s.double_quant else ''}, {s.compute} compute, "
-        f"micro-batch {s.batch} x seq {s.seq}, LoRA r={s.lora_r} on {','.join(t[0] for t in s.targets)}, "
+        f"micro-batch {s.batch}{' pairs (2 rows each)' if s.pairs else ''} x seq {s.seq}, "
+        f"LoRA r={s.lora_r} on {','.join(t[0] for t in s.targets)}, "
         f"dropout {s.lora_dropout}, {s.attn}, {s.optimizer}, {s.device}"
     )
     table = Table(title=title, title_justify="left")

@@ -11,6 +11,7 @@ import torch
 
 from velora_cli.common.device import DTYPES, compute_dtype, dtype_name
 from velora_cli.common.errors import RecipeError
+from velora_cli.config.preference import PREFERENCE_METHODS
 from velora_cli.config.presets import LLAMA_PROJECTIONS
 from velora_cli.engine.config import DEFAULT_NUM_GROUPS
 from velora_cli.engine.lean import Recompute, parse_checkpointing
@@ -62,8 +63,18 @@ class Settings:
         return DTYPE_BYTES[self.compute]
 
     @property
+    def pairs(self) -> bool:
+        """A preference method (DPO): each example is two sequences (chosen, rejected) plus a reference forward."""
+        return self.method in PREFERENCE_METHODS
+
+    @property
+    def sequences(self) -> int:
+        """Rows of a micro-batch: DPO's collator stacks the chosen and the rejected rows of every pair."""
+        return self.batch * (2 if self.pairs else 1)
+
+    @property
     def tokens(self) -> int:
-        return self.batch * self.seq
+        return self.sequences * self.seq
 
     def groups_for(self, depth: int, layer: str) -> int:
         """Sub-tokens per token (D/M) VeLoRA keeps for the projection `layer` of input depth `depth`."""

@@ -153,6 +153,7 @@ def test_a_few_dpo_steps_raise_held_out_reward_accuracy_and_margin(tmp_path: Pat
 def first_step(data: dict) -> tuple[float, dict[str, torch.Tensor], list[str]]:
     """Loss and adapter gradients of the first micro-batch, as the Trainer computes them."""
     session = session_for(data)
+    session.model.train()  # as Trainer.train() sets it: recompute runs in training mode only
     trainer = session.trainer
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     loss = trainer.compute_loss(session.model, batch)

@@ -93,6 +93,14 @@ def test_bad_pairs_are_refused_in_one_line_before_training(
     assert not (tmp_path / "run").exists()
 
 
+def test_a_missing_starting_adapter_is_one_line(tmp_path: Path, tiny_llama_dir: Path, capsys) -> None:
+    path = tmp_path / "r.yaml"
+    data = recipe(tiny_llama_dir, tmp_path / "run", DEMO_PAIRS, model={"adapter": str(tmp_path / "runs" / "sft")})
+    path.write_text(yaml.safe_dump(data))
+    code, _, err = run_cli(["finetune", str(path), "--dry-run"], capsys)
+    assert code == 2 and f"model.adapter {tmp_path}/runs/sft: no adapter_config.json there" in err, err
+
+
 def test_skip_bad_rows_skips_bad_pairs_and_counts_them(tmp_path: Path, tiny_llama_dir: Path) -> None:
     from transformers import AutoTokenizer
 

@@ -151,7 +151,10 @@ def dump_recipe(recipe: Recipe) -> str:
     exclude = {"lora"} if recipe.full else set()
     if recipe.method not in PREFERENCE_METHODS:
         exclude.add("preference")
-    return yaml.safe_dump(recipe.model_dump(mode="json", exclude=exclude or None), sort_keys=False)
+    data = recipe.model_dump(mode="json", exclude=exclude or None)
+    if recipe.model.adapter is None:  # recipes that start a fresh adapter read as they did before the field
+        del data["model"]["adapter"]
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 # Fields that name local files or folders: read beside the recipe file when they exist there.

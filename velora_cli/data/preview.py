@@ -17,7 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.text import Text
 
-from velora_cli.common.errors import UsageError
+from velora_cli.common.errors import DataError, UsageError
 from velora_cli.config.load import load_recipe
 from velora_cli.config.preference import PREFERENCE_METHODS
 from velora_cli.data.formats import IGNORE_INDEX, encode, fit_cutoff
@@ -114,7 +114,13 @@ def preview_pairs(recipe, n: int, out: Console) -> dict[str, float]:
     loaded = load_pairs(d.path, d.split, d.skip_bad_rows)
     pairs = split_validation(loaded.pairs, d.val_set_size, recipe.train.seed)[0]
     tokenizer = recipe_tokenizer(recipe)
-    tokenized = [tokenize_pair(p, tokenizer, d.cutoff_len, recipe.preference, p["where"]) for p in pairs]
+    tokenized = []
+    for pair in pairs:
+        try:
+            tokenized.append(tokenize_pair(pair, tokenizer, d.cutoff_len, recipe.preference, pair["where"]))
+        except DataError:
+            if not d.skip_bad_rows:  # as training would: refused, or skipped with data.skip_bad_rows
+                raise
     out.print(f"[bold]{d.path}[/]: {len(pairs)} training pairs, format {loaded.format}"
               + (f" ({loaded.skipped} bad rows skipped)" if loaded.skipped else ""))  # fmt: skip
     for i, pair in enumerate(tokenized[:n]):

@@ -34,7 +34,7 @@ def recipe(model_dir: Path, run_dir: Path, data_path: Path, **sections) -> dict:
         "velora": {"layers": ["v", "d"], "num_groups": 8},
         "data": {"path": str(data_path), "cutoff_len": 96},
         "train": {"micro_batch_size": 4, "batch_size": 4, "max_steps": 4, "learning_rate": 1e-3, "logging_steps": 2,
-                  "save_steps": 2, "save_total_limit": 3, "group_by_length": False},
+                  "save_steps": 2, "save_total_limit": 3},
         "output": {"dir": str(run_dir)},
     }  # fmt: skip
     for name, values in sections.items():
@@ -180,8 +180,9 @@ def test_velora_and_lean_techniques_match_the_stock_first_step(
     loss0, grads0, _ = first_step(base | {"velora": {"enabled": False}, "memory": stock})
     lean = {"loss": "chunked", "lean_ops": True, "checkpointing": "all"}
     loss1, grads1, _ = first_step(base | {"velora": {"enabled": False}, "memory": lean})
-    # The policy starts as its reference, so the first loss is log 2 on every path; the gradients are the check.
-    assert loss0 == pytest.approx(0.693147, rel=1e-4) and loss1 == pytest.approx(loss0, rel=1e-6)
+    # The policy starts as its reference, so the first loss is log 2 (up to kernel rounding: the reference forward
+    # runs without grad); the gradients are the check.
+    assert loss0 == pytest.approx(0.693147, rel=1e-3) and loss1 == pytest.approx(loss0, rel=1e-6)
     assert grads1.keys() == grads0.keys() and all(float(g.abs().max()) > 0 for g in grads0.values())
     for name, grad in grads0.items():  # every technique here is exact
         assert torch.allclose(grads1[name], grad, rtol=1e-5, atol=1e-5 * float(grad.abs().max())), name

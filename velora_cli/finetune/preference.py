@@ -36,6 +36,11 @@ class VeloraDPOTrainer(DPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset  # already tokenised exactly as TRL would (data/preference.py)
 
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if "length" not in self._signature_columns:  # train.group_by_length's sampler reads it (TRL's collator not)
+            self._signature_columns.append("length")
+
 
 def dpo_arguments(session) -> DPOConfig:
     """The session's TrainingArguments as a DPOConfig, plus the recipe's preference section."""

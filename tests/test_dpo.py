@@ -235,3 +235,41 @@ def test_dpo_from_an_sft_adapter_resumes_bit_for_bit_and_exports(
     code, answer, err = run_cli(["generate", str(out), "--prompt", "What is 2 plus 2?", "--max-new-tokens", "3"],
                                 capsys)  # fmt: skip
     assert code == 0 and answer.strip(), err
+
+
+def test_memory_estimate_counts_two_rows_per_pair_and_no_logits() -> None:
+    from velora_cli.memory.arch import recipe_arch
+    from velora_cli.memory.estimate import estimate, settings_from_recipe
+
+    sft = validate_recipe({"data": {"path": "x.json", "cutoff_len": 256}, "train": {"micro_batch_size": 4}})
+    dpo = validate_recipe({"method": "dpo", "data": {"path": "x.json", "cutoff_len": 256},
+                           "train": {"micro_batch_size": 2}})  # fmt: skip
+    arch = recipe_arch(sft)
+    a, b = (estimate(arch, settings_from_recipe(r)) for r in (sft, dpo))
+    assert b.settings.sequences == 4 and b.settings.tokens == a.settings.tokens == 4 * 256
+    assert b.act.layers == a.act.layers  # 2 pairs = 4 rows: the decoder stack saves the same
+    assert b.act.logits_saved == 4 * 255 * (arch.hidden * 2 + 17)  # TRL's head: hidden states, no logits
+
+
+@pytest.mark.slow
+def test_memory_estimate_matches_the_meter_on_dpo(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    from velora_cli.engine.meter import ActivationMeter
+    from velora_cli.memory.arch import recipe_arch
+    from velora_cli.memory.estimate import estimate, settings_from_recipe
+
+    rows = [{"prompt": f"Question {i}?", "chosen": " Yes.", "rejected": " No."} for i in range(10, 14)]
+    data_path = tmp_path / "pairs.json"
+    data_path.write_text(json.dumps(rows), encoding="utf-8")
+    for memory in ({"loss": "full", "lean_ops": False}, {"lean_ops": True, "checkpointing": "all"}):
+        session = session_for(recipe(tiny_llama_dir, tmp_path / "run", data_path, memory=memory,
+                                     lora={"dropout": 0.05}))  # fmt: skip
+        session.model.train()
+        trainer = session.trainer
+        batch = trainer._prepare_inputs(trainer.data_collator([session.train_set[i] for i in range(4)]))
+        assert bool(batch["attention_mask"].all())  # equal lengths: no padding
+        with ActivationMeter(session.model, attribute=False) as meter:
+            trainer.compute_loss(session.model, batch)
+        settings = settings_from_recipe(session.recipe, device="cpu")
+        settings = type(settings)(**{**settings.__dict__, "batch": 4, "seq": batch["input_ids"].shape[1]})
+        predicted = estimate(recipe_arch(session.recipe), settings).act.meter_view
+        assert predicted == pytest.approx(meter.total_bytes, rel=0.05), memory

@@ -71,6 +71,7 @@ def finetune(
         None, "--stages", help="Comma-separated subset of train,export,eval (default: all the recipe enables)."
     ),
     verbose: bool = VerboseOption,
+    force: bool = typer.Option(False, "--force", help="Write into an existing folder velora did not create."),
 ) -> None:
     """Train a LoRA adapter from a recipe; then export and evaluate when the recipe asks."""
     from velora_cli.finetune.pipeline import run_pipeline
@@ -84,6 +85,7 @@ def finetune(
         resume=resume,
         dry_run=dry_run,
         stages=stages,
+        force=force,
     )
 
 

@@ -63,6 +63,7 @@ from velora_cli.rundir.layout import (
     adapter_dir,
     read_run_recipe,
 )
+from velora_cli.rundir.ownership import EXPORT_MARKER, claim
 
 TOKENIZER_MARKERS = ("tokenizer_config.json", "tokenizer.json")
 
@@ -202,6 +203,7 @@ def _export_run(run_dir: Path, options: ExportOptions, checked: CheckedOptions, 
         torch_dtype = torch.float32  # merged in fp32, so the weights are rounded once, to the GGUF type
 
     with staged_dir(target) as staging, quiet_transformers(), _steps(total=2 if adapter_only else 5) as steps:
+        claim(staging, EXPORT_MARKER)
         if adapter_only:
             steps.start(f"copying adapter from {adapter_path}")
             for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
@@ -245,5 +247,5 @@ def run_export(run_dir: Path, options: ExportOptions) -> None:
     kind = "adapter" if options.adapter_only else f"{quant or 'f16'} GGUF" if fmt == "gguf" else merged
     typer.echo(f"exported {kind} to {target}/")
     for path in sorted(target.iterdir()):
-        if path.is_file():
+        if path.is_file() and not path.name.startswith("."):
             typer.echo(f"  {path.name:<40} {human_bytes(path.stat().st_size):>12}")

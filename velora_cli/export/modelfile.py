@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from velora_cli.common.bounds import clip
+from velora_cli.common.errors import UsageError
 from velora_cli.data.templates import ALPACA_PREAMBLE, ALPACA_TURN_END, ALPACA_TURN_HEAD, ALPACA_TURN_TAIL, PromptStyle
 
 MODELFILE = "Modelfile"
@@ -39,10 +41,26 @@ _FAMILIES = {  # marker in the Jinja template -> (Go template, stop strings, the
 }
 
 
-def _quoted(text: str) -> str:
-    if '"""' in text:
-        raise ValueError("a Modelfile value cannot contain three double quotes")
+def _quoted(text: str, what: str) -> str:
+    """`text` as Ollama's Modelfile parser (parser/parser.go) reads it back unchanged, else UsageError.
+
+    That parser has no escapes: a value opened by three double quotes ends at the first space or line break that
+    follows three double quotes, and it drops characters that are not printable (Go's strconv.IsPrint; a quoted
+    value keeps its spaces, tabs and line breaks). A value ending in a double quote reads back as it is: the parser
+    ends the value at the line break after the last three quotes.
+    """
+    bad = re.search(r'"{3}[ \t\r\n]', text)
+    odd = next((c for c in text if not (c.isprintable() or c in "\t\r\n")), None)
+    if bad or odd is not None:
+        why = (f"has three double quotes before a space or line break (at character {bad.start()})" if bad else
+               f"has the unprintable character {odd!r}")  # fmt: skip
+        raise UsageError(f"Modelfile {what} {clip(text)}: {why}, which Ollama's Modelfile parser cannot read back")
     return f'"""{text}"""'
+
+
+def _stop(text: str) -> str:
+    plain = text and not any(c in text for c in ' \t\r\n"') and text.isprintable()
+    return f'"{text}"' if plain else _quoted(text, "stop string")
 
 
 def _template_default_system(tokenizer: Any, pattern: str) -> str | None:
@@ -71,9 +89,9 @@ def modelfile(gguf_name: str, style: PromptStyle, tokenizer: Any, context_length
     if template is None:
         lines.append("# No TEMPLATE: Ollama uses the chat template stored in the GGUF file.")
     else:
-        lines.append(f"TEMPLATE {_quoted(template)}")
+        lines.append(f"TEMPLATE {_quoted(template, 'TEMPLATE')}")
     if system:
-        lines.append(f"SYSTEM {_quoted(system)}")
-    lines += [f'PARAMETER stop "{stop}"' for stop in stops]
+        lines.append(f"SYSTEM {_quoted(system, 'SYSTEM (data.system_prompt or the chat template default)')}")
+    lines += [f"PARAMETER stop {_stop(stop)}" for stop in stops]
     lines.append(f"PARAMETER num_ctx {min(context_length, NUM_CTX_CAP)}")
     return "\n".join(lines) + "\n"

@@ -42,6 +42,7 @@ from velora_cli.rundir.summary import (
     TrainSummary,
     summaries,
 )
+from velora_cli.rundir.verify import sound_checkpoints
 
 STAGES = ("train", "export", "eval")
 
@@ -79,7 +80,7 @@ def stage_train(recipe: Recipe, run_dir: Path, resume: bool, summary: RunSummary
     summary.description = RunDescription.of(recipe)
     if is_main_process():
         report.print_plan(plan.lines(), out)
-    fresh = not (resume and runs.resumable_checkpoints(run_dir, bool(session.compressed)))
+    fresh = not (resume and sound_checkpoints(run_dir, bool(session.compressed))[0])
     records = checks.heldout
 
     def score_heldout():

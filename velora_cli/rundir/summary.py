@@ -174,7 +174,7 @@ class RunSummary:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             return cls.from_dict(data) if isinstance(data, dict) else None
-        except (OSError, ValueError, TypeError, KeyError):
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
             return None
 
     def write(self, run_dir: Path) -> None:

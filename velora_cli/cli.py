@@ -323,5 +323,13 @@ def main(argv: list[str] | None = None) -> None:
 
         typer.echo(f"error: {os_error_line(exc)}", err=True)
         sys.exit(1)
+    except Exception as exc:
+        from velora_cli.common.errors import damaged_input_line
+
+        line = damaged_input_line(exc)
+        if line is None:
+            raise
+        typer.echo(f"error: {line}", err=True)
+        sys.exit(1)
     if isinstance(result, int) and result:
         sys.exit(result)

@@ -17,10 +17,14 @@ MAX_WHOLE_FILE = 2 << 30  # files read into memory at once (a .json list, a text
 MAX_QUOTED = 200  # characters of a user's value repeated in an error message
 
 
-def clip(value: object, limit: int = MAX_QUOTED) -> str:
-    """repr(value), cut to `limit` characters (a recipe value may be megabytes long)."""
-    text = repr(value)
+def clip_text(text: str, limit: int = MAX_QUOTED) -> str:
+    """`text`, cut to `limit` characters (a recipe value or key may be megabytes long)."""
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def clip(value: object, limit: int = MAX_QUOTED) -> str:
+    """repr(value), cut to `limit` characters."""
+    return clip_text(repr(value), limit)
 
 
 def _kind(mode: int) -> str:
@@ -57,8 +61,9 @@ def check_regular(path: Path | str, what: str = "") -> None:
                 raise DataError(f"{label}: {entry} is {_kind(entry_mode)}; a data folder holds regular files only")
 
 
-def check_readable_whole(path: Path | str, what: str = "", limit: int = MAX_WHOLE_FILE) -> None:
-    """check_regular, plus a size cap for a file that is read into memory at once."""
+def check_readable_whole(path: Path | str, what: str = "", limit: int | None = None) -> None:
+    """check_regular, plus a size cap (MAX_WHOLE_FILE) for a file that is read into memory at once."""
+    limit = MAX_WHOLE_FILE if limit is None else limit
     check_regular(path, what)
     path = Path(path).expanduser()
     if path.is_file() and path.stat().st_size > limit:

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from velora_cli.common.bounds import check_regular, clip
+from velora_cli.common.bounds import check_regular, clip, clip_text
 from velora_cli.common.errors import DataError, RecipeError, did_you_mean
 from velora_cli.config.recipe import Recipe
 from velora_cli.engine.config import VeloraConfigError
@@ -40,7 +40,7 @@ class RecipeLoader(UniqueKeyLoader):
         if self.check_event(yaml.events.AliasEvent):
             event = self.peek_event()
             raise yaml.composer.ComposerError(
-                None, None, f"YAML aliases (*{clip(event.anchor, 40)[1:-1]}) are not allowed in a recipe",
+                None, None, f"YAML aliases (*{clip_text(str(event.anchor), 40)}) are not allowed in a recipe",
                 event.start_mark,
             )  # fmt: skip
         return super().compose_node(parent, index)
@@ -66,7 +66,7 @@ def _section_fields(loc: tuple[Any, ...]) -> list[str]:
 
 def _format_error(source: str, error: dict[str, Any]) -> str:
     loc = tuple(error["loc"])
-    dotted = ".".join(str(p) for p in loc)
+    dotted = clip_text(".".join(str(p) for p in loc))  # a key may be as long as a value
     kind = error["type"]
     if kind == "extra_forbidden":
         hint = did_you_mean(str(loc[-1]), _section_fields(loc[:-1]))

@@ -18,6 +18,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
@@ -239,10 +240,10 @@ def _run_row(path: Path, s: RunSummary) -> list[str]:
     d, train = s.description, s.train
     peak = train.peak_memory.peak if train is not None and train.peak_memory is not None else None
     act = train.activation_bytes_per_token if train is not None else None
-    return [
-        path.name,
-        str(d.base_text) if d is not None else "-",
-        str(d.method) if d is not None else "-",
+    return [  # names and texts from the file are shown as they are, never read as rich markup
+        escape(path.name),
+        escape(str(d.base_text)) if d is not None else "-",
+        escape(str(d.method)) if d is not None else "-",
         str(int(train.steps)) if train is not None else "-",
         _num(train.eval_loss if train is not None else None),
         _pct(s.mmlu.overall.acc if s.mmlu is not None else None),

@@ -42,20 +42,23 @@ _FAMILIES = {  # marker in the Jinja template -> (Go template, stop strings, the
 
 
 def _quoted(text: str, what: str) -> str:
-    """`text` as Ollama's Modelfile parser (parser/parser.go) reads it back unchanged, else UsageError.
+    """`text` as Ollama's Modelfile parser (parser/parser.go ParseFile) reads it back unchanged, else UsageError.
 
-    That parser has no escapes: a value opened by three double quotes ends at the first space or line break that
-    follows three double quotes, and it drops characters that are not printable (Go's strconv.IsPrint; a quoted
-    value keeps its spaces, tabs and line breaks). A value ending in a double quote reads back as it is: the parser
-    ends the value at the line break after the last three quotes.
-    """
-    bad = re.search(r'"{3}[ \t\r\n]', text)
-    odd = next((c for c in text if not (c.isprintable() or c in "\t\r\n")), None)
-    if bad or odd is not None:
-        why = (f"has three double quotes before a space or line break (at character {bad.start()})" if bad else
-               f"has the unprintable character {odd!r}")  # fmt: skip
-        raise UsageError(f"Modelfile {what} {clip(text)}: {why}, which Ollama's Modelfile parser cannot read back")
-    return f'"""{text}"""'
+    That parser has no escapes. A value opened by three double quotes ends at the first line break where the text so
+    far, trailing spaces trimmed, ends in three double quotes; spaces, tabs and line breaks inside are kept, and any
+    other character Go's strconv.IsPrint rejects is dropped. So a value ending in a double quote reads back as it is
+    (the parser ends it at the line break after the closing quotes), and these two kinds are refused."""
+    for i, c in enumerate(text):
+        head = ('"""' + text[:i]).rstrip()
+        if c in "\r\n" and len(head) >= 6 and head.endswith('"""'):
+            why = f"has three double quotes at the end of line {text[:i].count(chr(10)) + 1}"
+            break
+        if not (c.isprintable() or c in "\t\r\n"):
+            why = f"has the unprintable character {c!r}"
+            break
+    else:
+        return f'"""{text}"""'
+    raise UsageError(f"Modelfile {what} {clip(text)}: {why}, which Ollama's Modelfile parser cannot read back")
 
 
 def _stop(text: str) -> str:

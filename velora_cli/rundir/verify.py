@@ -57,8 +57,10 @@ def pickle_problem(path: Path) -> str | None:
     try:
         with safe_globals():
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError:
-        return f"{path.name} holds objects other than tensors (refused unread: it could run code)"
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
+            return f"{path.name} holds objects other than tensors (refused unread: it could run code)"
+        return f"{path.name} is not a readable torch file ({str(exc).splitlines()[0][:120]})"
     except (RuntimeError, OSError, ValueError, EOFError) as exc:
         return f"{path.name} cannot be read ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})"
     return None
@@ -134,6 +136,7 @@ def check_weights(folder: Path) -> None:
     for path in sorted(folder.glob("*.safetensors")):
         if problem := safetensors_problem(path):
             raise DamagedFile(f"{path}: {problem.removeprefix(path.name + ' ')}")
-    for path in sorted([*folder.glob("*.bin"), *folder.glob("*.pt"), *folder.glob("*.pth")]):
+    # The weights PEFT or transformers would unpickle (training_args.bin is the Trainer's, never loaded here).
+    for path in sorted([*folder.glob("adapter_model*.bin"), *folder.glob("pytorch_model*.bin")]):
         if problem := pickle_problem(path):
             raise DamagedFile(f"{path}: {problem.removeprefix(path.name + ' ')}")

@@ -73,6 +73,7 @@ class Workspace:
         root.mkdir(parents=True)
         (root / "data.json").write_text(json.dumps(ROWS))
         (root / "run").mkdir()
+        (root / "run" / ".velora-run").write_text("")  # velora's (rundir.ownership): a folder it may write into
         (root / "run" / "notes.txt").write_text("an existing run directory\n")
         shutil.copytree(MMLU_MINI, root / "mmlu")
         self.trained = root / "trained"

@@ -71,6 +71,7 @@ def finetune(
         None, "--stages", help="Comma-separated subset of train,export,eval (default: all the recipe enables)."
     ),
     verbose: bool = VerboseOption,
+    force: bool = typer.Option(False, "--force", help="Write into an existing folder velora did not create."),
 ) -> None:
     """Train a LoRA adapter from a recipe; then export and evaluate when the recipe asks."""
     from velora_cli.finetune.pipeline import run_pipeline
@@ -84,6 +85,7 @@ def finetune(
         resume=resume,
         dry_run=dry_run,
         stages=stages,
+        force=force,
     )
 
 
@@ -320,6 +322,14 @@ def main(argv: list[str] | None = None) -> None:
         from velora_cli.common.fs import os_error_line
 
         typer.echo(f"error: {os_error_line(exc)}", err=True)
+        sys.exit(1)
+    except Exception as exc:
+        from velora_cli.common.errors import damaged_input_line
+
+        line = damaged_input_line(exc)
+        if line is None:
+            raise
+        typer.echo(f"error: {line}", err=True)
         sys.exit(1)
     if isinstance(result, int) and result:
         sys.exit(result)

@@ -37,3 +37,18 @@ def did_you_mean(word: str, options: Iterable[str], cutoff: float = 0.6) -> str:
     """' (did you mean 'x'?)' for the closest of `options` to a misspelt `word`, or '' when none is close."""
     close = difflib.get_close_matches(word, list(options), n=1, cutoff=cutoff)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def damaged_input_line(exc: BaseException) -> str | None:
+    """One line for an error that reading a damaged or hostile file raised where no check caught it first (a
+    safetensors header, a pickle torch refused, bytes that are not UTF-8), else None: the CLI prints it instead of a
+    traceback. The checks before loading (rundir.verify, common.bounds) name the file; this is the net below them."""
+    import pickle
+
+    name = type(exc).__name__
+    if name in ("SafetensorError", "HeaderTooLarge") or isinstance(exc, pickle.UnpicklingError):
+        first = (str(exc).strip().splitlines() or [name])[0]
+        return f"damaged or unsafe file ({name}): {first[:300]}"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"input is not UTF-8 text (byte {exc.start}: {exc.reason})"
+    return None

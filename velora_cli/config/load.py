@@ -8,7 +8,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from velora_cli.common.errors import RecipeError, did_you_mean
+from velora_cli.common.bounds import check_regular, clip, clip_text
+from velora_cli.common.errors import DataError, RecipeError, did_you_mean
 from velora_cli.config.preference import PREFERENCE_METHODS
 from velora_cli.config.recipe import Recipe
 from velora_cli.engine.config import VeloraConfigError
@@ -32,9 +33,26 @@ class UniqueKeyLoader(yaml.SafeLoader):
 UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, UniqueKeyLoader.construct_mapping)
 
 
+class RecipeLoader(UniqueKeyLoader):
+    """UniqueKeyLoader without aliases (`*name`, `<<: *name`): a recipe has no need for them, and a few lines of
+    nested aliases expand to gigabytes ("billion laughs"). Refused when composed, before anything expands."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"YAML aliases (*{clip_text(str(event.anchor), 40)}) are not allowed in a recipe",
+                event.start_mark,
+            )  # fmt: skip
+        return super().compose_node(parent, index)
+
+
+MAX_RECIPE_BYTES = 1 << 20  # the shipped recipes are ~2 KiB; PyYAML parses a 50 MB file for minutes
+
+
 def load_yaml(text: str) -> Any:
-    """yaml.safe_load, with duplicate keys refused."""
-    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    """yaml.safe_load, with duplicate keys and aliases refused."""
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _section_fields(loc: tuple[Any, ...]) -> list[str]:
@@ -49,7 +67,7 @@ def _section_fields(loc: tuple[Any, ...]) -> list[str]:
 
 def _format_error(source: str, error: dict[str, Any]) -> str:
     loc = tuple(error["loc"])
-    dotted = ".".join(str(p) for p in loc)
+    dotted = clip_text(".".join(str(p) for p in loc))  # a key may be as long as a value
     kind = error["type"]
     if kind == "extra_forbidden":
         hint = did_you_mean(str(loc[-1]), _section_fields(loc[:-1]))
@@ -62,7 +80,7 @@ def _format_error(source: str, error: dict[str, Any]) -> str:
         # The engine names its own field ("num_groups=0: ..."); put it under this section's path.
         return f"{source}: {dotted}.{cause.__cause__}"
     if "input" in error and kind not in ("model_type",) and not isinstance(error["input"], dict):
-        where = f"{dotted}={error['input']!r}" if dotted else "recipe"
+        where = f"{dotted}={clip(error['input'])}" if dotted else "recipe"
         return f"{source}: {where}: {message}"
     return f"{source}: {dotted or 'recipe'}: {message}"
 
@@ -70,15 +88,15 @@ def _format_error(source: str, error: dict[str, Any]) -> str:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`train.learning_rate=2e-4` -> (["train", "learning_rate"], 2e-4); the value is read as YAML."""
     if "=" not in text:
-        raise RecipeError(f"--set {text!r}: expected KEY=VALUE, e.g. --set train.learning_rate=2e-4")
+        raise RecipeError(f"--set {clip(text)}: expected KEY=VALUE, e.g. --set train.learning_rate=2e-4")
     key, _, raw = text.partition("=")
     path = [p for p in key.strip().split(".") if p]
     if not path:
-        raise RecipeError(f"--set {text!r}: empty key")
+        raise RecipeError(f"--set {clip(text)}: empty key")
     try:
         value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise RecipeError(f"--set {text!r}: value is not valid YAML ({exc.problem})") from exc
+        raise RecipeError(f"--set {clip(text)}: value is not valid YAML ({exc.problem})") from None
     return path, value
 
 
@@ -89,7 +107,7 @@ def _set(data: dict[str, Any], path: list[str], value: Any, text: str | None = N
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise RecipeError(f"--set {text or '.'.join(path)!r}: {part!r} is not a section")
+            raise RecipeError(f"--set {clip(text or '.'.join(path))}: {clip(part)} is not a section")
         node = child
     node[path[-1]] = value
 
@@ -111,6 +129,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, settings: 
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}" if not path.exists() else f"{path}: not a file")
     try:
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"{path}: {size} bytes; a recipe is at most {MAX_RECIPE_BYTES} bytes (1 MiB)")
         data = load_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
         raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start})") from None
@@ -129,7 +150,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, settings: 
         _set(data, key.split("."), value)
     data.setdefault("name", path.stem)
     _resolve_relative(data, path.resolve().parent)
-    return validate_recipe(data, source=str(path), overrides=overrides)
+    recipe = validate_recipe(data, source=str(path), overrides=overrides)
+    _check_local_paths(data, str(path))
+    return recipe
 
 
 def validate_recipe(data: dict[str, Any], source: str = "recipe", overrides: list[str] | None = None) -> Recipe:
@@ -171,3 +194,18 @@ def _resolve_relative(data: dict[str, Any], base: Path) -> None:
         value = node.get(key) if isinstance(node, dict) else None
         if isinstance(value, str) and value and not Path(value).is_absolute() and (base / value).exists():
             node[key] = str((base / value).resolve())
+
+
+def _check_local_paths(data: dict[str, Any], source: str) -> None:
+    """Local files a recipe names must be regular files or folders of them: a FIFO or a device blocks or never
+    ends. Checked when the recipe is read, before any command opens one (a missing path is the readers' to name)."""
+    for *sections, key in PATH_FIELDS:
+        node = data
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        value = node.get(key) if isinstance(node, dict) else None
+        if isinstance(value, str) and value and not any(ch in value for ch in "*?["):
+            try:
+                check_regular(value)
+            except DataError as exc:
+                raise DataError(f"{source}: {'.'.join((*sections, key))}: {exc}") from None

@@ -259,6 +259,19 @@ class Recipe(Section):
     memory: MemorySection = Field(default_factory=MemorySection)
     preference: PreferenceSection = Field(default_factory=PreferenceSection)  # method: dpo (config/preference.py)
 
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str | None) -> str | None:
+        """The run directory is runs/NAME: one path component, so a recipe cannot put it anywhere else."""
+        if name is None:
+            return None
+        bad = ("/" in name or "\\" in name or "\0" in name or name.startswith(".") or not name.strip()
+               or len(name.encode()) > 255 or any(ord(c) < 32 for c in name))  # fmt: skip
+        if bad:
+            raise ValueError("a run name is one folder name: no '/', '\\', control characters or leading '.', "
+                             "at most 255 bytes (output.dir sets the run directory itself)")
+        return name
+
     @model_validator(mode="after")
     def _checkpointing_alias(self) -> Recipe:
         """train.gradient_checkpointing: true means memory.checkpointing: all; both set and disagreeing is an error."""

@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from velora_cli.common.bounds import check_readable_whole, check_regular
 from velora_cli.common.errors import DataError
 from velora_cli.config.recipe import TEXT_SUFFIXES
 from velora_cli.data.load import split_validation
@@ -49,6 +50,7 @@ def _text_of(row: Any, field: str, where: str) -> str:
 
 
 def _read_text(file: Path) -> str:
+    check_readable_whole(file)
     try:
         return file.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -112,6 +114,8 @@ def iter_documents(
     path: str, *, split: str = "train", text_field: str = "text", subset: str | None = None, streaming: bool = False
 ) -> Iterator[str]:
     """The documents of a corpus, in order (lazily for streaming datasets)."""
+    if not any(ch in path for ch in "*?["):
+        check_regular(path, "data.path")
     if _is_dataset_dir(Path(path).expanduser()):  # the hub's code path, from a local copy
         yield from _dataset_documents(path, split, text_field, subset, streaming)
         return
@@ -151,6 +155,7 @@ def _json_documents(file: Path, field: str) -> Iterator[str]:
 
 
 def _lines(file: Path) -> Iterator[str]:
+    check_regular(file)
     with file.open(encoding="utf-8") as handle:
         try:
             yield from handle

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from velora_cli.common.bounds import check_readable_whole, check_regular
 from velora_cli.common.errors import DataError
 from velora_cli.data.formats import FORMATS, IGNORE_INDEX, check_row, detect_format, encode, fit_cutoff
 
@@ -39,6 +40,7 @@ class LoadedRecords:
 
 def _read_local_rows(path: Path) -> list[tuple[str, Any]]:
     """(location, row) pairs from a .json list or .jsonl file; location names the line or row for errors."""
+    check_readable_whole(path)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -89,6 +91,7 @@ def load_records(
     directory or a hub id (`field` names the recipe field the path came from, for error messages). Rows that are
     plain text come back unchecked, with format "text", for the text corpus to read."""
     local = Path(path).expanduser()
+    check_regular(local, field)
     if local.suffix in (".json", ".jsonl"):
         if local.is_dir() or not local.exists():
             raise DataError(f"{field}: data file not found: {path}" + (" (a directory)" if local.is_dir() else ""))

@@ -28,6 +28,7 @@ from velora_cli.eval.summary import accuracy, evaluate_loaded
 from velora_cli.models.load import ModelSource, load_base_model, load_recipe_base, load_tokenizer, resolve_model
 from velora_cli.rundir.layout import ADAPTER_CONFIG, MMLU_FILE, is_run_dir, latest_run, read_run_recipe
 from velora_cli.rundir.lock import run_lock
+from velora_cli.rundir.verify import check_weights
 
 QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
 
@@ -65,6 +66,7 @@ def load_eval_model(
             f"{run_dir} was trained on a {recipe.quantization} base; --quantization applies to hub ids and "
             "checkpoint directories"
         )
+    check_weights(Path(path))  # a damaged adapter is one line naming the file, before the base loads
     from peft import PeftModel  # peft pulls in half of transformers; only a run's adapter needs it
 
     source = source or resolve_model(recipe.name)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from velora_cli.common.bounds import check_readable_whole
 from velora_cli.common.errors import DataError, UsageError, did_you_mean
 
 LETTERS = ("A", "B", "C", "D")
@@ -140,6 +141,7 @@ def read_csv(path: Path, subject: str) -> list[Question]:
     strict=True makes a quote left open at the end of the file an error instead of one huge field, and a field
     that swallowed whole `...,A,B,C,D,X` lines (an unclosed quote closed by a later one) is refused as well, so
     rows are never silently merged into a wrong question count."""
+    check_readable_whole(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     questions: list[Question] = []

@@ -20,6 +20,7 @@ from velora_cli.rundir.layout import (
     RECIPE_FILE,
     read_run_recipe,
 )
+from velora_cli.rundir.ownership import EXPORT_MARKER, claim
 
 
 def full_model_dir(run_dir: Path, checkpoint: int | None) -> Path | None:
@@ -55,6 +56,7 @@ def export_full_model(model_dir: Path, target: Path, dtype: torch.dtype, shard_b
         if not torch.isfinite(param).all():
             raise UsageError(f"{model_dir}: weight {name} is not finite (NaN/inf); the run diverged")
     with staged_dir(target) as staging:
+        claim(staging, EXPORT_MARKER)
         model.config.use_cache = True
         model.save_pretrained(staging, max_shard_size=shard_bytes)
         tokenizer_dir = model_dir if (model_dir / "tokenizer_config.json").is_file() else model_dir.parent

@@ -54,6 +54,7 @@ from velora_cli.config.recipe import Recipe
 from velora_cli.data.templates import PromptStyle, served_chat_template, style_of_recipe
 from velora_cli.export.card import model_card
 from velora_cli.export.full import export_full, full_model_dir
+from velora_cli.export.modelfile import modelfile
 from velora_cli.export.options import CheckedOptions, ExportOptions, check_target, default_out, quiet_transformers
 from velora_cli.models.load import ModelSource, first_line, load_config, load_unquantized_base, resolve_model
 from velora_cli.rundir.layout import (
@@ -63,6 +64,8 @@ from velora_cli.rundir.layout import (
     adapter_dir,
     read_run_recipe,
 )
+from velora_cli.rundir.ownership import EXPORT_MARKER, claim
+from velora_cli.rundir.verify import check_weights
 
 TOKENIZER_MARKERS = ("tokenizer_config.json", "tokenizer.json")
 
@@ -184,6 +187,7 @@ def _export_run(run_dir: Path, options: ExportOptions, checked: CheckedOptions, 
     adapter_path = adapter_dir(run_dir, checkpoint)
     if not (adapter_path / ADAPTER_WEIGHTS).is_file():
         raise UsageError(f"{adapter_path}: {ADAPTER_WEIGHTS} missing beside {ADAPTER_CONFIG}")
+    check_weights(adapter_path)
     recipe = recipe or read_run_recipe(run_dir)
     fmt = options.fmt
     target = Path(options.out) if options.out is not None else default_out(run_dir, checkpoint, adapter_only, fmt)
@@ -199,9 +203,12 @@ def _export_run(run_dir: Path, options: ExportOptions, checked: CheckedOptions, 
         from velora_cli.export import gguf as gguf_export
 
         vocab = gguf_export.check(base_config, tokenizer, recipe.model.name)
+        # The Modelfile's values (the system prompt above all) are checked before the merge, not after it.
+        modelfile(gguf_export.GGUF_FILE, style, tokenizer, getattr(base_config, "max_position_embeddings", 4096))
         torch_dtype = torch.float32  # merged in fp32, so the weights are rounded once, to the GGUF type
 
     with staged_dir(target) as staging, quiet_transformers(), _steps(total=2 if adapter_only else 5) as steps:
+        claim(staging, EXPORT_MARKER)
         if adapter_only:
             steps.start(f"copying adapter from {adapter_path}")
             for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
@@ -245,5 +252,5 @@ def run_export(run_dir: Path, options: ExportOptions) -> None:
     kind = "adapter" if options.adapter_only else f"{quant or 'f16'} GGUF" if fmt == "gguf" else merged
     typer.echo(f"exported {kind} to {target}/")
     for path in sorted(target.iterdir()):
-        if path.is_file():
+        if path.is_file() and not path.name.startswith("."):
             typer.echo(f"  {path.name:<40} {human_bytes(path.stat().st_size):>12}")

@@ -14,6 +14,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from velora_cli.common.bounds import clip
+from velora_cli.common.errors import UsageError
 from velora_cli.data.templates import ALPACA_PREAMBLE, ALPACA_TURN_END, ALPACA_TURN_HEAD, ALPACA_TURN_TAIL, PromptStyle
 
 MODELFILE = "Modelfile"
@@ -39,10 +41,29 @@ _FAMILIES = {  # marker in the Jinja template -> (Go template, stop strings, the
 }
 
 
-def _quoted(text: str) -> str:
-    if '"""' in text:
-        raise ValueError("a Modelfile value cannot contain three double quotes")
-    return f'"""{text}"""'
+def _quoted(text: str, what: str) -> str:
+    """`text` as Ollama's Modelfile parser (parser/parser.go ParseFile) reads it back unchanged, else UsageError.
+
+    That parser has no escapes. A value opened by three double quotes ends at the first line break where the text so
+    far, trailing spaces trimmed, ends in three double quotes; spaces, tabs and line breaks inside are kept, and any
+    other character Go's strconv.IsPrint rejects is dropped. So a value ending in a double quote reads back as it is
+    (the parser ends it at the line break after the closing quotes), and these two kinds are refused."""
+    for i, c in enumerate(text):
+        head = ('"""' + text[:i]).rstrip()
+        if c in "\r\n" and len(head) >= 6 and head.endswith('"""'):
+            why = f"has three double quotes at the end of line {text[:i].count(chr(10)) + 1}"
+            break
+        if not (c.isprintable() or c in "\t\r\n"):
+            why = f"has the unprintable character {c!r}"
+            break
+    else:
+        return f'"""{text}"""'
+    raise UsageError(f"Modelfile {what} {clip(text)}: {why}, which Ollama's Modelfile parser cannot read back")
+
+
+def _stop(text: str) -> str:
+    plain = text and not any(c in text for c in ' \t\r\n"') and text.isprintable()
+    return f'"{text}"' if plain else _quoted(text, "stop string")
 
 
 def _template_default_system(tokenizer: Any, pattern: str) -> str | None:
@@ -71,9 +92,9 @@ def modelfile(gguf_name: str, style: PromptStyle, tokenizer: Any, context_length
     if template is None:
         lines.append("# No TEMPLATE: Ollama uses the chat template stored in the GGUF file.")
     else:
-        lines.append(f"TEMPLATE {_quoted(template)}")
+        lines.append(f"TEMPLATE {_quoted(template, 'TEMPLATE')}")
     if system:
-        lines.append(f"SYSTEM {_quoted(system)}")
-    lines += [f'PARAMETER stop "{stop}"' for stop in stops]
+        lines.append(f"SYSTEM {_quoted(system, 'SYSTEM (data.system_prompt or the chat template default)')}")
+    lines += [f"PARAMETER stop {_stop(stop)}" for stop in stops]
     lines.append(f"PARAMETER num_ctx {min(context_length, NUM_CTX_CAP)}")
     return "\n".join(lines) + "\n"

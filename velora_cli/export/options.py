@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from velora_cli.common.errors import UsageError
 from velora_cli.common.fs import OutputError
 from velora_cli.common.memstats import parse_bytes
+from velora_cli.rundir.ownership import EXPORT_MARKER, foreign
 
 if TYPE_CHECKING:
     import torch
@@ -92,8 +93,11 @@ def check_target(target: Path, run_dir: Path, force: bool) -> None:
     resolved, run = target.resolve(), run_dir.resolve()
     if resolved == run or resolved in run.parents:
         raise UsageError(f"--out {target}: would replace the run directory {run_dir} itself; choose another path")
-    if target.is_dir() and any(target.iterdir()) and not force:
-        raise UsageError(f"--out {target}: directory exists and is not empty; pass --force to replace it")
+    # velora's own earlier export (it carries the marker) is replaced; anyone else's folder only with --force.
+    folder = foreign(target, EXPORT_MARKER)
+    if folder is not None and not force:
+        shown = f"{target} (-> {folder})" if folder != target.absolute() else str(target)
+        raise UsageError(f"--out {shown}: directory exists and is not empty; pass --force to replace it")
 
 
 def check_format(fmt: str, quant: str | None, adapter_only: bool) -> str | None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
@@ -233,20 +234,30 @@ def print_runs(root: Path, runs: list[tuple[Path, RunSummary]]) -> None:
     table = Table(title=f"runs in {root}")
     for column in ("run", "base", "method", "steps", "eval loss", "MMLU", "peak memory", "act./token", "tok/s"):
         table.add_column(column, justify="left" if column in ("run", "base", "method") else "right")
+    notes = []
     for path, s in runs:
-        d, train = s.description, s.train
-        peak = train.peak_memory.peak if train is not None and train.peak_memory is not None else None
-        act = train.activation_bytes_per_token if train is not None else None
-        table.add_row(
-            path.name,
-            d.base_text if d is not None else "-",
-            d.method if d is not None else "-",
-            str(train.steps) if train is not None else "-",
-            _num(train.eval_loss if train is not None else None),
-            _pct(s.mmlu.overall.acc if s.mmlu is not None else None),
-            human_bytes(peak) if peak else "-",
-            human_bytes(act) if act else "-",
-            _num(train.tokens_per_second if train is not None else None, "{:.0f}"),
-        )
+        try:
+            table.add_row(*_run_row(path, s))
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:  # a summary.json with wrong types
+            notes.append(f"note: skipped {path / 'summary.json'}: damaged ({type(exc).__name__}: {str(exc)[:120]})")
     # Off a terminal rich would wrap at 80 columns; a listing meant for logs and pipes stays one row per run.
     Console(width=None if sys.stdout.isatty() else 220).print(table)
+    for note in notes:
+        print(note, file=sys.stderr)
+
+
+def _run_row(path: Path, s: RunSummary) -> list[str]:
+    d, train = s.description, s.train
+    peak = train.peak_memory.peak if train is not None and train.peak_memory is not None else None
+    act = train.activation_bytes_per_token if train is not None else None
+    return [  # names and texts from the file are shown as they are, never read as rich markup
+        escape(path.name),
+        escape(str(d.base_text)) if d is not None else "-",
+        escape(str(d.method)) if d is not None else "-",
+        str(int(train.steps)) if train is not None else "-",
+        _num(train.eval_loss if train is not None else None),
+        _pct(s.mmlu.overall.acc if s.mmlu is not None else None),
+        human_bytes(peak) if peak else "-",
+        human_bytes(act) if act else "-",
+        _num(train.tokens_per_second if train is not None else None, "{:.0f}"),
+    ]

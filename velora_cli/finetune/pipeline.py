@@ -32,6 +32,7 @@ from velora_cli.finetune.preflight import Preflight, check_trainable, preflight
 from velora_cli.memory.arch import arch_of_config
 from velora_cli.memory.estimate import estimate, settings_from_recipe
 from velora_cli.rundir import layout as runs
+from velora_cli.rundir import ownership
 from velora_cli.rundir.lock import run_lock
 from velora_cli.rundir.summary import (
     ExportSummary,
@@ -42,6 +43,7 @@ from velora_cli.rundir.summary import (
     TrainSummary,
     summaries,
 )
+from velora_cli.rundir.verify import sound_checkpoints
 
 STAGES = ("train", "export", "eval")
 
@@ -79,7 +81,7 @@ def stage_train(recipe: Recipe, run_dir: Path, resume: bool, summary: RunSummary
     summary.description = RunDescription.of(recipe)
     if is_main_process():
         report.print_plan(plan.lines(), out)
-    fresh = not (resume and runs.resumable_checkpoints(run_dir, bool(session.compressed)))
+    fresh = not (resume and sound_checkpoints(run_dir, bool(session.compressed))[0])
     records = checks.heldout
 
     preference = recipe.method in PREFERENCE_METHODS
@@ -126,13 +128,21 @@ def stage_train(recipe: Recipe, run_dir: Path, resume: bool, summary: RunSummary
     report.print_before_after(before, after, out)
 
 
-def stage_export(recipe: Recipe, run_dir: Path, summary: RunSummary, out: Console, checks: Preflight) -> None:
-    from velora_cli.export.merge import export_run  # merging loads peft and a full-precision model
-    from velora_cli.export.options import ExportOptions, default_out
+def export_target(recipe: Recipe, run_dir: Path) -> Path:
+    from velora_cli.export.options import default_out
 
-    target = Path(recipe.export.dir) if recipe.export.dir else default_out(run_dir, None, adapter_only=False)
+    return Path(recipe.export.dir) if recipe.export.dir else default_out(run_dir, None, adapter_only=False)
+
+
+def stage_export(recipe: Recipe, run_dir: Path, summary: RunSummary, out: Console, checks: Preflight,
+                 force: bool = False) -> None:  # fmt: skip
+    from velora_cli.export.merge import export_run  # merging loads peft and a full-precision model
+    from velora_cli.export.options import ExportOptions
+
+    target = export_target(recipe, run_dir)
     out.print(f"[bold]export[/]: merging the adapter into {recipe.export.dtype} weights -> {target}")
-    options = ExportOptions(out=target, dtype=recipe.export.dtype, force=True,
+    # Not forced: velora's own earlier export is replaced, anyone else's folder only with `finetune --force`.
+    options = ExportOptions(out=target, dtype=recipe.export.dtype, force=force,
                             trust_remote_code=recipe.model.trust_remote_code)  # fmt: skip
     path = export_run(run_dir, options=options, recipe=recipe, source=checks.source)
     summary.export = ExportSummary(path=str(path), dtype=recipe.export.dtype)
@@ -201,8 +211,10 @@ def run_pipeline(
     resume: bool = True,
     dry_run: bool = False,
     stages: str | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Run the chosen stages; return summary.json's content (or, with `dry_run`, the planned steps and memory)."""
+    """Run the chosen stages; return summary.json's content (or, with `dry_run`, the planned steps and memory).
+    `force`: write into an existing folder velora did not create (rundir.ownership)."""
     flags = {"output.dir": str(output_dir) if output_dir is not None else None, "train.max_steps": max_steps}
     recipe = load_recipe(recipe_path, overrides, {k: v for k, v in flags.items() if v is not None})
     chosen = select_stages(recipe, stages)
@@ -223,24 +235,29 @@ def run_pipeline(
     for stage in chosen:
         if stage not in todo:
             out.print(f"[dim]{stage}: already done in {run_dir}[/]")
+    # Someone else's folder is refused before anything (a lock file included) is written into it.
+    ownership.refuse_foreign(run_dir, ownership.RUN_MARKER, "output.dir", force=force)
+    if "export" in todo:
+        ownership.refuse_foreign(export_target(recipe, run_dir), ownership.EXPORT_MARKER, "export.dir", force=force)
     with contextlib.ExitStack() as stack:
-        if run_dir.is_dir():  # an existing run: a second process stops here, before any check
+        if ownership.owned(run_dir, ownership.RUN_MARKER):  # an existing run: a second process stops here
             stack.enter_context(run_lock(run_dir))
         checks = preflight(recipe, todo, run_dir, has_adapter=has_adapter, resume=resume)
-        stack.enter_context(run_lock(run_dir))  # creates the run dir once everything checked out
+        ownership.claim(run_dir, ownership.RUN_MARKER)  # creates the run dir once everything checked out
+        stack.enter_context(run_lock(run_dir))
         stack.enter_context(logs.also_to(run_dir / "velora.log"))
         # From here on every stage runs with the one recipe the pre-flight settled (finetune.prepare).
-        return _run_stages(checks.recipe, run_dir, todo, resume, summary, out, checks)
+        return _run_stages(checks.recipe, run_dir, todo, resume, summary, out, checks, force)
 
 
 def _run_stages(recipe: Recipe, run_dir: Path, todo: list[str], resume: bool, summary: RunSummary, out: Console,
-                checks: Preflight) -> dict[str, Any]:  # fmt: skip
+                checks: Preflight, force: bool = False) -> dict[str, Any]:  # fmt: skip
     started = time.monotonic()
     for stage in todo:
         t0 = time.monotonic()
         {
             "train": lambda: stage_train(recipe, run_dir, resume, summary, out, checks),
-            "export": lambda: stage_export(recipe, run_dir, summary, out, checks),
+            "export": lambda: stage_export(recipe, run_dir, summary, out, checks, force),
             "eval": lambda: stage_eval(recipe, run_dir, summary, out, checks),
         }[stage]()
         if not is_main_process():

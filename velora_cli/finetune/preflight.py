@@ -52,9 +52,9 @@ def check_resumable_optimizer(recipe, run_dir: Path, velora: bool) -> None:
     """The newest checkpoint's optimizer state must be of the kind this recipe trains with: LayerwiseAdamW's
     (train.optimizer_in_backward) and an ordinary AdamW's do not load into each other (torch's param-group error)."""
     from velora_cli.finetune.layerwise import stepped_in_backward
-    from velora_cli.rundir.layout import resumable_checkpoints
+    from velora_cli.rundir.verify import sound_checkpoints
 
-    complete = resumable_checkpoints(run_dir, velora)
+    complete = sound_checkpoints(run_dir, velora)[0]
     written = stepped_in_backward(complete[-1]) if complete else None
     wanted = recipe.train.optimizer_in_backward
     if written is not None and written != wanted:

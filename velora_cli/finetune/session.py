@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from velora_cli.finetune.prepare import Prepared, prepare
 from velora_cli.models.build import build_training_model, lean_kernels
 from velora_cli.models.full import load_full_checkpoint
 from velora_cli.rundir import layout as runs
+from velora_cli.rundir import verify
 from velora_cli.rundir.metrics import read_metrics, truncate_metrics
 
 STAGING = ".staging"
@@ -220,9 +222,12 @@ class FinetuneSession:
     def prepare_run_dir(self, resume: bool) -> Path | None:
         """Clean what a killed process left, cut metrics.jsonl back to the checkpoint resumed from; return it."""
         velora = bool(self.compressed)
-        complete = runs.resumable_checkpoints(self.run_dir, velora) if resume else []
+        complete, damaged = verify.sound_checkpoints(self.run_dir, velora) if resume else ([], [])
         resume_from = complete[-1] if complete else None
         if is_main_process():
+            moved = {path: verify.set_aside(path) for path, _ in damaged}  # kept for the user, out of the way
+            if line := verify.resume_line(resume_from, damaged, moved):
+                print(line, file=sys.stderr, flush=True)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.run_dir / STAGING, ignore_errors=True)
             if resume:  # a checkpoint killed half-way cannot be resumed from, and would count in the rotation

@@ -13,9 +13,11 @@ from typing import TextIO
 
 from rich.console import Console
 
+from velora_cli.common.errors import UsageError
 from velora_cli.data.templates import render
 from velora_cli.infer.generate import Loaded, Sampling, generate, load_for_command, prompt_ids
 
+MAX_LINE = 1 << 20  # characters in one message read from stdin
 COMMANDS = "/reset forgets the conversation, /exit quits"
 
 
@@ -26,7 +28,12 @@ def _read(source: TextIO, interactive: bool) -> str | None:
             return input("> ")  # readline editing and history on a terminal
         except EOFError:
             return None
-    line = source.readline()
+    try:
+        line = source.readline(MAX_LINE + 1)
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"<stdin>: not UTF-8 text (byte {exc.start} of the input read so far: {exc.reason})") from None
+    if len(line) > MAX_LINE:  # binary input without newlines would otherwise be read until memory runs out
+        raise UsageError(f"<stdin>: a line longer than {MAX_LINE} characters; a message is one line of text")
     return line if line else None
 
 

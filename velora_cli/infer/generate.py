@@ -41,6 +41,7 @@ from velora_cli.rundir.layout import (
     checkpoints,
     read_run_recipe,
 )
+from velora_cli.rundir.verify import check_weights
 
 FOUR_BIT = ("nf4", "fp4")
 
@@ -139,6 +140,8 @@ def load_for_inference(
 
     `system` (--system) is checked against the prompt style before any weights load, so it fails fast."""
     target = resolve_target(reference)
+    if target.adapter is not None:  # a damaged adapter is named now, not as a traceback after the base loads
+        check_weights(Path(target.adapter))
     tokenizer = load_tokenizer(target.tokenizer, trust_remote_code)
     style = style_of_recipe(target.recipe) if target.recipe is not None else style_of_tokenizer(tokenizer)
     if style.kind == "chat" and not getattr(tokenizer, "chat_template", None):

@@ -188,13 +188,18 @@ class RunSummary:
         block a rerun, an export or a listing)."""
         path = Path(run_dir) / SUMMARY_FILE
         try:
+            if not path.is_file() or path.stat().st_size > MAX_SUMMARY_BYTES:  # a FIFO, a device, a huge file
+                return None
             data = json.loads(path.read_text(encoding="utf-8"))
             return cls.from_dict(data) if isinstance(data, dict) else None
-        except (OSError, ValueError, TypeError, KeyError):
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
             return None
 
     def write(self, run_dir: Path) -> None:
         write_json_atomic(Path(run_dir) / SUMMARY_FILE, self.as_dict())
+
+
+MAX_SUMMARY_BYTES = 16 << 20  # velora writes a few KiB
 
 
 def summaries(root: Path) -> list[tuple[Path, RunSummary]]:

@@ -203,11 +203,12 @@ def run_pipeline(
 
     summary = (RunSummary.load(run_dir) if resume else None) or RunSummary()
     has_adapter = runs.has_weights(run_dir)  # an adapter, or a whole model (method full/pretrain)
-    # A plain rerun skips what is done; --stages reruns what it names.
-    todo = [s for s in chosen if not (stages is None and resume and summary.done(s) and has_adapter)]
+    # A rerun, with or without --stages, skips a stage that is done and whose output is still there: a finished
+    # run's summary.json keeps the figures of the run that trained it.
+    todo = [s for s in chosen if not (resume and has_adapter and stage_done(summary, s))]
     if not todo:
-        out.print(f"nothing to do: {run_dir} has finished {', '.join(chosen)} (--no-resume trains again, "
-                  "--stages reruns a stage)")  # fmt: skip
+        out.print(f"nothing to do: {run_dir} has finished {', '.join(chosen)}; summary.json is unchanged "
+                  "(--no-resume trains again; `velora eval` scores again)")  # fmt: skip
         return summary.as_dict()
     for stage in chosen:
         if stage not in todo:
@@ -216,10 +217,23 @@ def run_pipeline(
         if run_dir.is_dir():  # an existing run: a second process stops here, before any check
             stack.enter_context(run_lock(run_dir))
         checks = preflight(recipe, todo, run_dir, has_adapter=has_adapter, resume=resume)
+        if stages is not None and "eval" not in chosen:
+            checks.heldout = []  # the held-out exact match is an evaluation: `--stages train` trains only
         stack.enter_context(run_lock(run_dir))  # creates the run dir once everything checked out
         stack.enter_context(logs.also_to(run_dir / "velora.log"))
         # From here on every stage runs with the one recipe the pre-flight settled (finetune.prepare).
         return _run_stages(checks.recipe, run_dir, todo, resume, summary, out, checks)
+
+
+def stage_done(summary: RunSummary, stage: str) -> bool:
+    """`stage` is recorded done and what it wrote is still there (an export or MMLU file deleted since is redone)."""
+    if not summary.done(stage):
+        return False
+    if stage == "export" and summary.export is not None:
+        return Path(summary.export.path).is_dir()
+    if stage == "eval" and summary.mmlu is not None and summary.mmlu.path:
+        return Path(summary.mmlu.path).is_file()
+    return True
 
 
 def _run_stages(recipe: Recipe, run_dir: Path, todo: list[str], resume: bool, summary: RunSummary, out: Console,

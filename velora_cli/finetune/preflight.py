@@ -147,6 +147,6 @@ def preflight(recipe, stages: list[str], run_dir: Path, *, has_adapter: bool, re
                 )
             except UsageError as exc:  # DataError included: keep the type (and exit code), name the field
                 raise type(exc)(f"eval.mmlu.data_dir: {exc}") from None
-        elif not offline():
+        elif m.enabled and not offline():  # eval.perplexity alone reads local text: no hub
             require_hub("eval.mmlu: cais/mmlu")
     return checks

@@ -1,0 +1,69 @@
+"""What a new user meets (issue 27): README commands offline, reruns that change nothing, messages that read right."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from velora_cli.cli import main
+from velora_cli.finetune.pipeline import run_pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "recipes"
+DEMO_DATA = RECIPES / "data" / "demo_tasks_train.json"
+
+
+def tiny_recipe(model_dir: Path, run_dir: Path) -> Path:
+    recipe = {
+        "name": "tiny",
+        "model": {"name": str(model_dir), "quantization": "none"},
+        "lora": {"r": 4, "alpha": 8},
+        "velora": {"enabled": False},
+        "data": {"path": str(DEMO_DATA), "template": "chat", "cutoff_len": 48, "val_set_size": 4},
+        "train": {"micro_batch_size": 2, "batch_size": 2, "max_steps": 1, "logging_steps": 1, "save_steps": 1},
+        "eval": {"heldout": {"enabled": True, "limit": 2}},
+        "output": {"dir": str(run_dir)},
+    }
+    path = run_dir.parent / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_perplexity_only_eval_never_asks_the_hub_for_mmlu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Item 1: the tiny pretrain demo's eval stage is perplexity only; its pre-flight must not need cais/mmlu."""
+    from velora_cli.common import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def no_hub(what: str) -> None:
+        raise AssertionError(f"asked the hub for {what}")
+
+    monkeypatch.setattr(hub, "require_hub", no_hub)
+    plan = run_pipeline(RECIPES / "tiny_pretrain_demo.yaml", overrides=[], output_dir=tmp_path / "run", dry_run=True)
+    assert plan["steps"] == 150
+
+
+@pytest.mark.slow
+def test_stages_train_trains_only_and_a_finished_rerun_is_a_no_op(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Items 2 and 3: `--stages train` runs no held-out evaluation; rerun, it changes nothing and says so."""
+    from velora_cli.finetune import pipeline
+
+    def no_eval(*args, **kwargs):
+        raise AssertionError("held-out exact match ran under --stages train")
+
+    monkeypatch.setattr(pipeline, "exact_match", no_eval)
+    run_dir = tmp_path / "run"
+    recipe = tiny_recipe(tiny_llama_dir, run_dir)
+    main(["finetune", str(recipe), "--stages", "train"])
+    summary = (run_dir / "summary.json").read_text()
+    assert json.loads(summary)["train"]["steps"] == 1
+    capsys.readouterr()
+    main(["finetune", str(recipe), "--stages", "train"])
+    err = capsys.readouterr().err
+    assert "nothing to do" in err and "summary.json is unchanged" in err
+    assert (run_dir / "summary.json").read_text() == summary

@@ -67,3 +67,19 @@ def test_stages_train_trains_only_and_a_finished_rerun_is_a_no_op(
     err = capsys.readouterr().err
     assert "nothing to do" in err and "summary.json is unchanged" in err
     assert (run_dir / "summary.json").read_text() == summary
+
+
+def test_a_run_that_is_not_there_is_named_as_a_folder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Item 5: `velora generate runs/smollm2_demo` before the demo ran: no hub error."""
+    monkeypatch.chdir(tmp_path)
+    for make_runs in (False, True):
+        if make_runs:
+            (tmp_path / "runs").mkdir()
+        with pytest.raises(SystemExit) as info:
+            main(["generate", "runs/smollm2_demo", "--prompt", "hi"])
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: runs/smollm2_demo: run or model directory not found"), err
+        assert "Hugging Face" not in err

@@ -83,3 +83,25 @@ def test_a_run_that_is_not_there_is_named_as_a_folder(
         err = capsys.readouterr().err
         assert err.startswith("error: runs/smollm2_demo: run or model directory not found"), err
         assert "Hugging Face" not in err
+
+
+def test_dry_run_plans_for_the_recipes_gpu_offline(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Item 6 and --json: the 7B recipe's dry run on a CPU machine, offline, with an empty HF cache: planned for a
+    CUDA GPU (its paged optimizer needs one), the memory estimated from the known architecture, no refusal."""
+    import torch
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-hf"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    main(["finetune", str(RECIPES / "llama7b_alpaca.yaml"), "--dry-run", "--json",
+          "--output-dir", str(tmp_path / "run")])  # fmt: skip
+    captured = capsys.readouterr()
+    plan = json.loads(captured.out)
+    assert plan["planned_for"]["device"] == "cuda" and plan["planned_for"]["compute_dtype"] == "bf16"
+    assert "paged_adamw_32bit" in plan["planned_for"]["why"]
+    assert 10 * 2**30 < plan["estimated_total_bytes"] < 30 * 2**30
+    assert "HF_HUB_OFFLINE" in plan["not_checked"]
+    assert "a CUDA GPU" in captured.err and "not checked" in captured.err
+    assert not (tmp_path / "run").exists()

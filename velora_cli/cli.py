@@ -7,6 +7,7 @@ go to the log file unless --verbose (logs.py).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -70,13 +71,14 @@ def finetune(
     stages: str | None = typer.Option(
         None, "--stages", help="Comma-separated subset of train,export,eval (default: all the recipe enables)."
     ),
+    json_out: bool = typer.Option(False, "--json", help="--dry-run: also print the plan as JSON on stdout."),
     verbose: bool = VerboseOption,
 ) -> None:
     """Train a LoRA adapter from a recipe; then export and evaluate when the recipe asks."""
     from velora_cli.finetune.pipeline import run_pipeline
 
     _quiet(verbose)
-    run_pipeline(
+    result = run_pipeline(
         recipe,
         overrides=overrides or [],
         output_dir=output_dir,
@@ -85,6 +87,8 @@ def finetune(
         dry_run=dry_run,
         stages=stages,
     )
+    if json_out:
+        typer.echo(json.dumps(result, indent=2))
 
 
 @app.command("eval")

@@ -159,12 +159,16 @@ def print_plan(lines: list[tuple[str, str]], out: Console) -> None:
     out.print(table)
 
 
-def print_dry_run(name: str | None, rows: list[tuple[str, str]], out: Console) -> None:
+def print_dry_run(name: str | None, rows: list[tuple[str, str]], out: Console, complete: bool = True) -> None:
     table = Table(title=f"dry run: {name}", show_header=False)
     for key, value in rows:
         table.add_row(key, value)
     out.print(table)
-    out.print("[green]recipe is valid; nothing was trained or written[/]")
+    if complete:
+        out.print("[green]recipe is valid; nothing was trained or written[/]")
+    else:
+        out.print("[yellow]recipe fields are valid; data and shapes were not checked (offline); nothing was "
+                  "trained or written[/]")  # fmt: skip
 
 
 def print_before_after(before: Scores, after: Scores, out: Console) -> None:

@@ -105,3 +105,24 @@ def test_dry_run_plans_for_the_recipes_gpu_offline(
     assert "HF_HUB_OFFLINE" in plan["not_checked"]
     assert "a CUDA GPU" in captured.err and "not checked" in captured.err
     assert not (tmp_path / "run").exists()
+
+
+def test_runs_lists_json_without_importing_torch(tmp_path: Path) -> None:
+    """`velora runs --json` reads summary.json files only: torch (seconds to import) is never loaded."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "runs" / "demo"
+    run.mkdir(parents=True)
+    summary = {"recipe": "demo", "method": "qlora", "stages": {"train": {"status": "done", "seconds": 2.0}},
+               "train": {"steps": 3, "train_loss": 1.5, "peak_memory": {"device": "cpu", "allocated": 1,
+                                                                         "reserved": 1, "peak": 2**30}}}  # fmt: skip
+    (run / "summary.json").write_text(json.dumps(summary))
+    code = ("import sys; from velora_cli.cli import main; main(['runs', sys.argv[1], '--json']); "
+            "print('torch loaded' if 'torch' in sys.modules else 'no torch', file=sys.stderr)")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "runs")], capture_output=True, text=True,
+                          cwd=REPO, check=True)  # fmt: skip
+    assert done.stderr.strip().splitlines()[-1] == "no torch", done.stderr
+    listed = json.loads(done.stdout)
+    assert [r["run"] for r in listed] == [str(run)]
+    assert listed[0]["train"]["steps"] == 3 and listed[0]["train"]["peak_memory"]["peak"] == 2**30

@@ -258,11 +258,12 @@ def memory_estimate(
 @app.command()
 def runs(
     root: Path = typer.Argument(Path("runs"), help="Directory holding run directories."),
+    json_out: bool = typer.Option(False, "--json", help="Print each run's summary.json as one JSON list."),
 ) -> None:
     """List finetune runs side by side from their summary files (method, MMLU, memory)."""
-    from velora_cli.finetune.pipeline import list_runs
+    from velora_cli.finetune.display import list_runs
 
-    list_runs(root)
+    list_runs(root, json_out)
 
 
 data_app = typer.Typer(help="Look at training data as the model will see it.", no_args_is_help=True)

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from velora_cli.engine.config import VECTORS_FILE
 from velora_cli.engine.inject import velora_layers
 
-VECTORS_FILE = "velora_projections.safetensors"
 V_KEY = "velora_v"
 INIT_KEY = "velora_initialized"
 

@@ -11,6 +11,7 @@ rate, grad norm, tokens/s, samples/s, ETA, memory and the activation bytes VeLoR
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -220,6 +221,18 @@ def print_summary(summary: RunSummary, out: Console) -> None:
     for stage, info in summary.stages.items():
         table.add_row(f"{stage} time", f"{info.seconds:.1f} s")
     out.print(table)
+
+
+def list_runs(root: Path, as_json: bool = False) -> None:
+    """`velora runs`: every run under `root` with a summary, side by side (a table, or JSON: one object per run).
+    It reads JSON files only, so nothing here (or imported above) loads torch: it answers in about a second."""
+    from velora_cli.rundir.summary import summaries
+
+    found = summaries(root)
+    if as_json:
+        print(json.dumps([{"run": str(path), **s.as_dict()} for path, s in found], indent=2))
+    else:
+        print_runs(root, found)
 
 
 def print_runs(root: Path, runs: list[tuple[Path, RunSummary]]) -> None:

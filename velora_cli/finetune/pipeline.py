@@ -5,7 +5,7 @@ completes, so a rerun of the same command skips finished stages (a run whose tra
 crashed resumes at the eval; a finished run is a no-op that says so), and `--stages` selects a subset;
 `--dry-run` validates everything and trains nothing. Every stage's inputs are checked (finetune.preflight)
 before anything is written, and the run directory is locked (rundir.lock.run_lock) while the stages run. `velora runs`
-puts the summaries of several runs side by side. The tables are finetune.display's.
+puts the summaries of several runs side by side (finetune.display, which owns the tables).
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ from velora_cli.rundir.summary import (
     Scores,
     StageRecord,
     TrainSummary,
-    summaries,
 )
 
 STAGES = ("train", "export", "eval")
@@ -261,11 +260,6 @@ def _write_summary(recipe: Recipe, run_dir: Path, summary: RunSummary) -> None:
     if summary.description is None:  # the train stage sets it from the recipe as trained
         summary.description = RunDescription.of(recipe)
     summary.write(run_dir)
-
-
-def list_runs(root: Path) -> None:
-    """`velora runs`: every run under `root` with a summary, side by side."""
-    report.print_runs(root, summaries(root))
 
 
 def dry_run_plan(recipe: Recipe, run_dir: Path, out: Console, stages: list[str] = ("train",)) -> dict[str, Any]:

@@ -126,3 +126,33 @@ def test_runs_lists_json_without_importing_torch(tmp_path: Path) -> None:
     listed = json.loads(done.stdout)
     assert [r["run"] for r in listed] == [str(run)]
     assert listed[0]["train"]["steps"] == 3 and listed[0]["train"]["peak_memory"]["peak"] == 2**30
+
+
+def test_recipes_lists_and_copies_a_recipe_that_still_finds_its_data(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`velora recipes` (one line per shipped recipe) and `velora recipes copy NAME [DEST]` (like tune ls / cp)."""
+    from velora_cli.config.load import load_recipe
+
+    main(["recipes"])
+    lines = capsys.readouterr().out.splitlines()
+    names = {p.stem for p in RECIPES.glob("*.yaml")}
+    listed = {line.split()[0] for line in lines if line and line.split()[0] in names}
+    assert listed == names
+    assert any(line.startswith("smollm2_demo ") and "SmolLM2-135M-Instruct" in line for line in lines)
+
+    monkeypatch.chdir(tmp_path)
+    main(["recipes", "copy", "smollm2_demo"])
+    copied = tmp_path / "smollm2_demo.yaml"
+    assert "velora finetune smollm2_demo.yaml" in capsys.readouterr().out
+    recipe = load_recipe(copied, [])
+    assert Path(recipe.data.path).is_file() and Path(recipe.eval.mmlu.data_dir).is_dir()
+    assert copied.read_text().startswith("# The demo:")  # the comments travel with it
+    (tmp_path / "mine").mkdir()
+    main(["recipes", "copy", "tiny_pretrain_demo", "mine"])
+    assert load_recipe(tmp_path / "mine" / "tiny_pretrain_demo.yaml", []).model.config
+    for argv, message in ((["recipes", "copy", "smollm2_demo"], "smollm2_demo.yaml exists"),
+                          (["recipes", "copy", "smollm_demo"], "did you mean 'smollm2_demo'")):  # fmt: skip
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2 and message in capsys.readouterr().err

@@ -266,6 +266,30 @@ def runs(
     list_runs(root, json_out)
 
 
+recipes_app = typer.Typer(help="The shipped recipes: list them, copy one to edit.", invoke_without_command=True)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback()
+def recipes(ctx: typer.Context) -> None:
+    """List the shipped recipes, one line each."""
+    from velora_cli.config.shipped import print_recipes
+
+    if ctx.invoked_subcommand is None:
+        print_recipes()
+
+
+@recipes_app.command("copy")
+def recipes_copy(
+    name: str = typer.Argument(..., help="A shipped recipe, e.g. smollm2_demo."),
+    dest: Path | None = typer.Argument(None, help="File or folder to copy to (default: ./NAME.yaml)."),
+) -> None:
+    """Copy a shipped recipe to edit; its data paths point at the shipped files."""
+    from velora_cli.config.shipped import copy_recipe
+
+    copy_recipe(name, dest)
+
+
 data_app = typer.Typer(help="Look at training data as the model will see it.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 

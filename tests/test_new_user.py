@@ -156,3 +156,72 @@ def test_recipes_lists_and_copies_a_recipe_that_still_finds_its_data(
         with pytest.raises(SystemExit) as info:
             main(argv)
         assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_mmlu_prints_each_subject_once_and_an_unbroken_title(
+    tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Item 12: per-subject figures once (as each finishes), the table's title on one line, the model apart."""
+    from conftest import run_cli
+
+    code, out, err = run_cli(["eval", "--mmlu", "--model", str(tiny_llama_dir), "--data-dir",
+                              str(RECIPES / "data" / "mmlu_mini"), "--subjects", "astronomy,nutrition",
+                              "--limit", "1", "--shots", "0"], capsys)  # fmt: skip
+    assert code == 0, err
+    for subject in ("astronomy", "nutrition"):
+        assert (out + err).count(subject) == 1, out + err
+    assert "MMLU 0-shot test accuracy" in out.splitlines()[out.splitlines().index("model: " + str(tiny_llama_dir))
+                                                          + 1]  # fmt: skip
+
+
+def test_perplexity_is_one_line_and_no_dash_row_without_validation(
+    tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Item 12: the perplexity line does not break after its `: `; no all-dash `eval loss` row."""
+    from conftest import run_cli
+    from rich.console import Console
+
+    from velora_cli.finetune.display import print_before_after
+    from velora_cli.rundir.summary import Scores
+
+    code, out, err = run_cli(["eval", "--perplexity", "--data", str(RECIPES / "data" / "tiny_corpus.txt"), "--model",
+                              str(tiny_llama_dir), "--block", "32", "--limit", "2"], capsys)  # fmt: skip
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("perplexity ") and lines[0].endswith(str(tiny_llama_dir))
+
+    console = Console(record=True, width=100)
+    print_before_after(Scores(), Scores(), console)
+    assert "eval loss" not in console.export_text()
+    print_before_after(Scores(eval_loss=2.5), Scores(eval_loss=2.0), console)
+    assert "eval loss" in console.export_text()
+
+
+def test_a_cut_answer_says_so(
+    tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Item 12: generate (and chat) say when --max-new-tokens cut the answer; stdout keeps the answer only."""
+    from conftest import run_cli
+
+    code, out, err = run_cli(["generate", str(tiny_llama_dir), "--prompt", "Count to ten.", "--max-new-tokens", "3"],
+                             capsys)  # fmt: skip
+    assert code == 0, err
+    assert "answer cut at --max-new-tokens 3" in err and "cut" not in out
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Count to ten.\n/exit\n"))
+    code, out, err = run_cli(["chat", str(tiny_llama_dir), "--max-new-tokens", "3"], capsys)
+    assert code == 0 and "answer cut at --max-new-tokens 3" in err, err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--bogus"], ["finetune"], ["finetune", "x.yaml", "--max-steps", "0"], ["nonexistent"], ["runs", "a", "b"],
+     ["recipes", "copy"], ["eval", "--quantization", "nf9", "--mmlu"], ["export"]],
+)  # fmt: skip
+def test_every_error_line_is_lowercase_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """Item 12: `error:` everywhere, never click's `Error:`."""
+    from conftest import run_cli
+
+    code, _, err = run_cli(argv, capsys)
+    assert code == 2 and err.startswith("error: ") and "Error:" not in err, err

@@ -177,7 +177,8 @@ def print_before_after(before: Scores, after: Scores, out: Console) -> None:
     table.add_column("metric")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
-    table.add_row("eval loss", _num(before.eval_loss), _num(after.eval_loss))
+    if before.eval_loss is not None or after.eval_loss is not None:  # no validation set: no row of dashes
+        table.add_row("eval loss", _num(before.eval_loss), _num(after.eval_loss))
     if after.heldout is not None:
         n, earlier = after.heldout.n, before.heldout
         table.add_row(
@@ -188,7 +189,8 @@ def print_before_after(before: Scores, after: Scores, out: Console) -> None:
             _pct(earlier.exact_match if earlier else None),
             _pct(after.heldout.exact_match),
         )
-    out.print(table)
+    if table.row_count:
+        out.print(table)
 
 
 def print_summary(summary: RunSummary, out: Console) -> None:

@@ -225,3 +225,29 @@ def test_every_error_line_is_lowercase_error(argv: list[str], capsys: pytest.Cap
 
     code, _, err = run_cli(argv, capsys)
     assert code == 2 and err.startswith("error: ") and "Error:" not in err, err
+
+
+def test_written_files_follow_the_umask(tmp_path: Path) -> None:
+    """Item 10: atomically written files and staged folders get the umask's mode, not tempfile's 0600 / 0700."""
+    import os
+    import stat
+
+    import torch
+
+    from velora_cli.common.fs import staged_dir, write_json_atomic
+    from velora_cli.engine import VeloraConfig, apply_velora, save_velora_vectors
+
+    old = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "summary.json", {"a": 1})
+        with staged_dir(tmp_path / "export") as folder:
+            (folder / "config.json").write_text("{}")
+        model = torch.nn.Sequential()
+        model.add_module("v_proj", torch.nn.Linear(8, 8))
+        apply_velora(model, VeloraConfig(layers=["v_proj"], num_groups=2))
+        saved = save_velora_vectors(model, tmp_path)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "summary.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "export").stat().st_mode) == 0o755
+    assert saved is not None and stat.S_IMODE(saved.stat().st_mode) == 0o644

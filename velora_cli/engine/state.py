@@ -64,6 +64,9 @@ def save_velora_vectors(model: nn.Module, directory: str | os.PathLike[str]) -> 
     os.close(fd)
     try:
         save_file(state, tmp)
+        mask = os.umask(0o022)  # mkstemp made it 0600: give it open()'s mode, so other users can read the run
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

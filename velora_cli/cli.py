@@ -7,6 +7,7 @@ go to the log file unless --verbose (logs.py).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -70,6 +71,7 @@ def finetune(
     stages: str | None = typer.Option(
         None, "--stages", help="Comma-separated subset of train,export,eval (default: all the recipe enables)."
     ),
+    json_out: bool = typer.Option(False, "--json", help="--dry-run: also print the plan as JSON on stdout."),
     verbose: bool = VerboseOption,
     force: bool = typer.Option(False, "--force", help="Write into an existing folder velora did not create."),
 ) -> None:
@@ -77,7 +79,7 @@ def finetune(
     from velora_cli.finetune.pipeline import run_pipeline
 
     _quiet(verbose)
-    run_pipeline(
+    result = run_pipeline(
         recipe,
         overrides=overrides or [],
         output_dir=output_dir,
@@ -87,6 +89,8 @@ def finetune(
         stages=stages,
         force=force,
     )
+    if json_out:
+        typer.echo(json.dumps(result, indent=2))
 
 
 @app.command("eval")
@@ -256,11 +260,36 @@ def memory_estimate(
 @app.command()
 def runs(
     root: Path = typer.Argument(Path("runs"), help="Directory holding run directories."),
+    json_out: bool = typer.Option(False, "--json", help="Print each run's summary.json as one JSON list."),
 ) -> None:
     """List finetune runs side by side from their summary files (method, MMLU, memory)."""
-    from velora_cli.finetune.pipeline import list_runs
+    from velora_cli.finetune.display import list_runs
 
-    list_runs(root)
+    list_runs(root, json_out)
+
+
+recipes_app = typer.Typer(help="The shipped recipes: list them, copy one to edit.", invoke_without_command=True)
+app.add_typer(recipes_app, name="recipes")
+
+
+@recipes_app.callback()
+def recipes(ctx: typer.Context) -> None:
+    """List the shipped recipes, one line each."""
+    from velora_cli.config.shipped import print_recipes
+
+    if ctx.invoked_subcommand is None:
+        print_recipes()
+
+
+@recipes_app.command("copy")
+def recipes_copy(
+    name: str = typer.Argument(..., help="A shipped recipe, e.g. smollm2_demo."),
+    dest: Path | None = typer.Argument(None, help="File or folder to copy to (default: ./NAME.yaml)."),
+) -> None:
+    """Copy a shipped recipe to edit; its data paths point at the shipped files."""
+    from velora_cli.config.shipped import copy_recipe
+
+    copy_recipe(name, dest)
 
 
 data_app = typer.Typer(help="Look at training data as the model will see it.", no_args_is_help=True)

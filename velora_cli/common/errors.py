@@ -29,6 +29,10 @@ class DataError(UsageError):
     """A dataset file is missing or a row is malformed. The message names the file and row."""
 
 
+class HubUnavailable(UsageError):
+    """A file must come from the Hugging Face hub, which is switched off (HF_HUB_OFFLINE) or unreachable."""
+
+
 class TrainingAborted(VeloraError):
     """Training stopped for a reason the user must look at (non-finite loss, out of memory)."""
 

@@ -104,6 +104,7 @@ def staged(target: Path, *, directory: bool = False) -> Iterator[Path]:
         fd, name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
         os.close(fd)
         tmp = Path(name)
+    follow_umask(tmp)
     try:
         yield tmp
         old = None
@@ -124,6 +125,19 @@ def staged(target: Path, *, directory: bool = False) -> Iterator[Path]:
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: Path) -> None:
+    """Give a tempfile-made file (0600) or folder (0700) the mode an ordinary open()/mkdir() would: a server
+    running as another user must be able to read what an export wrote, as it can read files the user copies."""
+    mode = 0o777 if path.is_dir() else 0o666
+    path.chmod(mode & ~umask())
 
 
 def staged_dir(target: Path) -> Any:

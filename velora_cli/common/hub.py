@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from velora_cli.common.errors import UsageError
+from velora_cli.common.errors import HubUnavailable
 
 PROBE_SECONDS = 3.0
 
@@ -62,14 +62,14 @@ def _probe(url: str) -> str | None:
 
 
 def require_hub(what: str) -> None:
-    """UsageError, at once, when `what` would have to come from a hub that is switched off or unreachable."""
+    """HubUnavailable (a UsageError), at once, when `what` would have to come from a hub that is off or unreachable."""
     if offline():
-        raise UsageError(f"{what}: not in the local Hugging Face cache, and HF_HUB_OFFLINE is set")
+        raise HubUnavailable(f"{what}: not in the local Hugging Face cache, and HF_HUB_OFFLINE is set")
     url = endpoint()
     if url not in _reachable:
         _reachable[url] = _probe(url)
     if _reachable[url] is not None:
-        raise UsageError(
+        raise HubUnavailable(
             f"{what}: not in the local Hugging Face cache, and {url} cannot be reached ({_reachable[url]}); "
             "connect, or set HF_HUB_OFFLINE=1 to work from the cache"
         )

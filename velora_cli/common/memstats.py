@@ -10,11 +10,12 @@ import re
 import resource
 import sys
 from dataclasses import asdict, dataclass
-
-import psutil
-import torch
+from typing import TYPE_CHECKING
 
 from velora_cli.common.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ def _peak_rss() -> int:
 
 
 def memory_stats(device: torch.device | str | None = None) -> MemoryStats:
+    import torch  # here, not at the top: `velora runs` reads summaries with MemoryStats and must not load torch
+
     device = torch.device(device) if device is not None else None
     if device is not None and device.type == "cuda":
         return MemoryStats(
@@ -58,11 +61,15 @@ def memory_stats(device: torch.device | str | None = None) -> MemoryStats:
             reserved=torch.cuda.memory_reserved(device),
             peak=torch.cuda.max_memory_allocated(device),
         )
+    import psutil
+
     rss = psutil.Process().memory_info().rss
     return MemoryStats(device="cpu", allocated=rss, reserved=rss, peak=_peak_rss())
 
 
 def reset_peak(device: torch.device | str | None = None) -> None:
+    import torch
+
     device = torch.device(device) if device is not None else None
     if device is not None and device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

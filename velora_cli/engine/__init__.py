@@ -12,30 +12,40 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from velora_cli.engine.config import DEFAULT_NUM_GROUPS, VeloraConfig, VeloraConfigError, expand_layer_names
-from velora_cli.engine.function import VeloraLinearFunction, project_subtokens, reconstruct_subtokens
-from velora_cli.engine.inject import apply_velora, velora_layers, velora_saving_per_token
-from velora_cli.engine.layer import VeloraLinear
-from velora_cli.engine.meter import ActivationMeter
-from velora_cli.engine.state import (
-    VECTORS_FILE,
-    load_velora_state_dict,
-    load_velora_vectors,
-    save_velora_vectors,
-    velora_state_dict,
-)
+# Every name loads on first use (PEP 562): `velora runs` and the recipe checks import engine.config, which needs no
+# torch, through this package, and torch alone takes seconds to import.
+_HOME = {
+    "DEFAULT_NUM_GROUPS": "config", "VeloraConfig": "config", "VeloraConfigError": "config",
+    "expand_layer_names": "config", "VeloraLinearFunction": "function", "project_subtokens": "function",
+    "reconstruct_subtokens": "function", "apply_velora": "inject", "velora_layers": "inject",
+    "velora_saving_per_token": "inject", "VeloraLinear": "layer", "ActivationMeter": "meter",
+    "VECTORS_FILE": "state", "load_velora_state_dict": "state", "load_velora_vectors": "state",
+    "save_velora_vectors": "state", "velora_state_dict": "state", "VeloraCallback": "callback",
+}  # fmt: skip
 
 if TYPE_CHECKING:
     from velora_cli.engine.callback import VeloraCallback
+    from velora_cli.engine.config import DEFAULT_NUM_GROUPS, VeloraConfig, VeloraConfigError, expand_layer_names
+    from velora_cli.engine.function import VeloraLinearFunction, project_subtokens, reconstruct_subtokens
+    from velora_cli.engine.inject import apply_velora, velora_layers, velora_saving_per_token
+    from velora_cli.engine.layer import VeloraLinear
+    from velora_cli.engine.meter import ActivationMeter
+    from velora_cli.engine.state import (
+        VECTORS_FILE,
+        load_velora_state_dict,
+        load_velora_vectors,
+        save_velora_vectors,
+        velora_state_dict,
+    )
 
 
 def __getattr__(name: str) -> Any:
-    # VeloraCallback needs transformers; importing it lazily keeps `import velora_cli.engine` light.
-    if name == "VeloraCallback":
-        from velora_cli.engine.callback import VeloraCallback
+    home = _HOME.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
 
-        return VeloraCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{home}"), name)
 
 
 __all__ = [

@@ -22,6 +22,7 @@ from typing import Literal, get_args
 
 InitType = Literal["batch_average_once", "batch_average", "ema", "random", "svd"]
 INIT_TYPES: tuple[str, ...] = get_args(InitType)
+VECTORS_FILE = "velora_projections.safetensors"  # the run directory's VeLoRA projections (engine.state writes it)
 DEFAULT_NUM_GROUPS = 32  # the paper's LLaMA-7B setting (D=4096, M=128)
 
 # LLaMA-family projection names by the letters the VeLoRA paper uses (q,k,v,o,g,u,d).

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from velora_cli.engine.config import VECTORS_FILE
 from velora_cli.engine.inject import velora_layers
 
-VECTORS_FILE = "velora_projections.safetensors"
 V_KEY = "velora_v"
 INIT_KEY = "velora_initialized"
 
@@ -64,6 +64,9 @@ def save_velora_vectors(model: nn.Module, directory: str | os.PathLike[str]) -> 
     os.close(fd)
     try:
         save_file(state, tmp)
+        mask = os.umask(0o022)  # mkstemp made it 0600: give it open()'s mode, so other users can read the run
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

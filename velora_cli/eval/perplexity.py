@@ -65,8 +65,10 @@ def run_perplexity_command(model: str | None, data: Path | None, block: int, lim
     loaded, tokenizer, description = load_eval_model(reference, trust_remote_code=trust_remote_code)
     result = perplexity(loaded, file_blocks(str(data), tokenizer, block), batch_size=batch_size, limit=limit)
     result |= {"model": description, "data": str(data), "block": block}
+    # soft_wrap: one line however narrow the terminal (rich would break it after a `: `), so it greps and pipes
     Console().print(f"perplexity {result['perplexity']:.3f} (loss {result['loss']:.4f}) over {result['tokens']} "
-                    f"tokens in {result['blocks']} blocks of {block}: {description}", highlight=False)  # fmt: skip
+                    f"tokens in {result['blocks']} blocks of {block}: {description}", highlight=False,
+                    soft_wrap=True)  # fmt: skip
     if json_path is not None:
         write_json_atomic(json_path, result)
     return result

@@ -1,4 +1,4 @@
-"""What `velora eval --mmlu` prints: accuracy per category and overall."""
+"""What `velora eval --mmlu` prints at the end: accuracy per category and overall."""
 
 from __future__ import annotations
 
@@ -9,16 +9,11 @@ from rich.table import Table
 
 
 def print_mmlu_results(result: dict[str, Any], console: Console | None = None) -> None:
+    """The category table. Each subject's figure is printed once, as it finishes (eval.command). The model goes
+    on a line of its own above: in the title it would wrap the title to the table's width, mid-phrase."""
     console = console or Console()
-    if len(result["subjects"]) <= 12:
-        table = Table(title="MMLU by subject")
-        for column in ("subject", "category", "n", "accuracy"):
-            table.add_column(column, justify="right" if column in ("n", "accuracy") else "left")
-        for name, row in result["subjects"].items():
-            table.add_row(name, row["category"], str(row["n"]), f"{100 * row['acc']:.1f}%")
-        console.print(table)
-    title = f"MMLU {result['shots']}-shot {result['split']} accuracy: {result['model']}"
-    table = Table(title=title)
+    console.print(f"model: {result['model']}", highlight=False, soft_wrap=True)
+    table = Table(title=f"MMLU {result['shots']}-shot {result['split']} accuracy")
     table.add_column("category")
     table.add_column("questions", justify="right")
     table.add_column("accuracy", justify="right")

@@ -11,6 +11,7 @@ rate, grad norm, tokens/s, samples/s, ETA, memory and the activation bytes VeLoR
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -164,12 +165,16 @@ def print_plan(lines: list[tuple[str, str]], out: Console) -> None:
     out.print(table)
 
 
-def print_dry_run(name: str | None, rows: list[tuple[str, str]], out: Console) -> None:
+def print_dry_run(name: str | None, rows: list[tuple[str, str]], out: Console, complete: bool = True) -> None:
     table = Table(title=f"dry run: {name}", show_header=False)
     for key, value in rows:
         table.add_row(key, value)
     out.print(table)
-    out.print("[green]recipe is valid; nothing was trained or written[/]")
+    if complete:
+        out.print("[green]recipe is valid; nothing was trained or written[/]")
+    else:
+        out.print("[yellow]recipe fields are valid; data and shapes were not checked (offline); nothing was "
+                  "trained or written[/]")  # fmt: skip
 
 
 def print_before_after(before: Scores, after: Scores, out: Console) -> None:
@@ -177,7 +182,8 @@ def print_before_after(before: Scores, after: Scores, out: Console) -> None:
     table.add_column("metric")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
-    table.add_row("eval loss", _num(before.eval_loss), _num(after.eval_loss))
+    if before.eval_loss is not None or after.eval_loss is not None:  # no validation set: no row of dashes
+        table.add_row("eval loss", _num(before.eval_loss), _num(after.eval_loss))
     if after.heldout is not None:
         n, earlier = after.heldout.n, before.heldout
         table.add_row(
@@ -194,7 +200,8 @@ def print_before_after(before: Scores, after: Scores, out: Console) -> None:
                                  ("reward margin", "reward_margin", _num)):  # fmt: skip
             table.add_row(f"held-out {label} (n={n})", show(getattr(earlier, key) if earlier else None),
                           show(getattr(after.pairs, key)))  # fmt: skip
-    out.print(table)
+    if table.row_count:
+        out.print(table)
 
 
 def print_summary(summary: RunSummary, out: Console) -> None:
@@ -227,6 +234,18 @@ def print_summary(summary: RunSummary, out: Console) -> None:
     for stage, info in summary.stages.items():
         table.add_row(f"{stage} time", f"{info.seconds:.1f} s")
     out.print(table)
+
+
+def list_runs(root: Path, as_json: bool = False) -> None:
+    """`velora runs`: every run under `root` with a summary, side by side (a table, or JSON: one object per run).
+    It reads JSON files only, so nothing here (or imported above) loads torch: it answers in about a second."""
+    from velora_cli.rundir.summary import summaries
+
+    found = summaries(root)
+    if as_json:
+        print(json.dumps([{"run": str(path), **s.as_dict()} for path, s in found], indent=2))
+    else:
+        print_runs(root, found)
 
 
 def print_runs(root: Path, runs: list[tuple[Path, RunSummary]]) -> None:

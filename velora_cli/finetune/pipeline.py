@@ -5,7 +5,7 @@ completes, so a rerun of the same command skips finished stages (a run whose tra
 crashed resumes at the eval; a finished run is a no-op that says so), and `--stages` selects a subset;
 `--dry-run` validates everything and trains nothing. Every stage's inputs are checked (finetune.preflight)
 before anything is written, and the run directory is locked (rundir.lock.run_lock) while the stages run. `velora runs`
-puts the summaries of several runs side by side. The tables are finetune.display's.
+puts the summaries of several runs side by side (finetune.display, which owns the tables).
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ from velora_cli.rundir.summary import (
     Scores,
     StageRecord,
     TrainSummary,
-    summaries,
 )
 from velora_cli.rundir.verify import sound_checkpoints
 
@@ -218,7 +217,7 @@ def run_pipeline(
     flags = {"output.dir": str(output_dir) if output_dir is not None else None, "train.max_steps": max_steps}
     recipe = load_recipe(recipe_path, overrides, {k: v for k, v in flags.items() if v is not None})
     chosen = select_stages(recipe, stages)
-    check_trainable(recipe)
+    check_trainable(recipe, planning=dry_run)
     run_dir = recipe.run_dir()
     out = console()
     if dry_run:
@@ -226,11 +225,12 @@ def run_pipeline(
 
     summary = (RunSummary.load(run_dir) if resume else None) or RunSummary()
     has_adapter = runs.has_weights(run_dir)  # an adapter, or a whole model (method full/pretrain)
-    # A plain rerun skips what is done; --stages reruns what it names.
-    todo = [s for s in chosen if not (stages is None and resume and summary.done(s) and has_adapter)]
+    # A rerun, with or without --stages, skips a stage that is done and whose output is still there: a finished
+    # run's summary.json keeps the figures of the run that trained it.
+    todo = [s for s in chosen if not (resume and has_adapter and stage_done(summary, s))]
     if not todo:
-        out.print(f"nothing to do: {run_dir} has finished {', '.join(chosen)} (--no-resume trains again, "
-                  "--stages reruns a stage)")  # fmt: skip
+        out.print(f"nothing to do: {run_dir} has finished {', '.join(chosen)}; summary.json is unchanged "
+                  "(--no-resume trains again; `velora eval` scores again)")  # fmt: skip
         return summary.as_dict()
     for stage in chosen:
         if stage not in todo:
@@ -243,11 +243,24 @@ def run_pipeline(
         if ownership.owned(run_dir, ownership.RUN_MARKER):  # an existing run: a second process stops here
             stack.enter_context(run_lock(run_dir))
         checks = preflight(recipe, todo, run_dir, has_adapter=has_adapter, resume=resume)
+        if stages is not None and "eval" not in chosen:
+            checks.heldout = []  # the held-out exact match is an evaluation: `--stages train` trains only
         ownership.claim(run_dir, ownership.RUN_MARKER)  # creates the run dir once everything checked out
         stack.enter_context(run_lock(run_dir))
         stack.enter_context(logs.also_to(run_dir / "velora.log"))
         # From here on every stage runs with the one recipe the pre-flight settled (finetune.prepare).
         return _run_stages(checks.recipe, run_dir, todo, resume, summary, out, checks, force)
+
+
+def stage_done(summary: RunSummary, stage: str) -> bool:
+    """`stage` is recorded done and what it wrote is still there (an export or MMLU file deleted since is redone)."""
+    if not summary.done(stage):
+        return False
+    if stage == "export" and summary.export is not None:
+        return Path(summary.export.path).is_dir()
+    if stage == "eval" and summary.mmlu is not None and summary.mmlu.path:
+        return Path(summary.mmlu.path).is_file()
+    return True
 
 
 def _run_stages(recipe: Recipe, run_dir: Path, todo: list[str], resume: bool, summary: RunSummary, out: Console,
@@ -277,37 +290,60 @@ def _write_summary(recipe: Recipe, run_dir: Path, summary: RunSummary) -> None:
     summary.write(run_dir)
 
 
-def list_runs(root: Path) -> None:
-    """`velora runs`: every run under `root` with a summary, side by side."""
-    report.print_runs(root, summaries(root))
-
-
 def dry_run_plan(recipe: Recipe, run_dir: Path, out: Console, stages: list[str] = ("train",)) -> dict[str, Any]:
-    """Validate the recipe, data and shapes (the pre-flight of every stage), estimate memory; write nothing."""
+    """Validate the recipe, data and shapes (the pre-flight of every stage), estimate memory; write nothing.
+
+    It plans for the machine the recipe targets: a recipe that needs CUDA (a paged optimizer, flash-attention,
+    offload) is planned for a CUDA GPU in bf16 on any machine. When the hub is off or unreachable and the model,
+    tokenizer or data are not cached, the architecture comes from the shipped recipes' known models and the plan
+    says what it could not check."""
+    from velora_cli.common.errors import HubUnavailable
     from velora_cli.common.fs import check_writable
+    from velora_cli.finetune.preflight import needs_cuda
 
     check_writable(run_dir, "output.dir", directory=True)
-    checks = preflight(recipe, [s for s in STAGES if s in {"train", *stages}], run_dir, has_adapter=False)
-    session, recipe = checks.session, checks.recipe  # checkpointing: auto -> the planner's choice
-    prepared = session.prepared
-    choice = prepared.memory_choice
-    arch = arch_of_config(prepared.config, recipe.model.name if prepared.source else str(recipe.model.config))
-    est = estimate(arch, settings_from_recipe(recipe, device=session.device.type))
-    rows = [
-        ("train rows", str(session.counts.examples)),
-        ("val rows", str(len(session.val_set) if session.val_set is not None else 0)),
-        ("steps", str(session.total_steps())),
-        ("gradient accumulation", str(session.gradient_accumulation())),
-        ("method", RunDescription.of(recipe).method),
-        ("estimated peak memory", human_bytes(est.total)),
-        ("run dir", str(run_dir)),
-    ]
-    if choice:
-        rows.insert(-1, ("planner", choice))
-    if recipe.data.packing and not recipe.text_data:
-        rows.insert(1, ("packed sequences", str(len(session.train_set))))
-    for count, what in ((session.counts.truncated, "truncated"), (session.counts.dropped, "dropped")):
-        if count:
-            rows.insert(1, (f"rows {what} by cutoff_len", str(count)))
-    report.print_dry_run(recipe.name, rows, out)
-    return {"steps": session.total_steps(), "estimated_total_bytes": est.total}
+    reason = needs_cuda(recipe)
+    device = "cuda" if reason else str(session_device())
+    planned = "this machine" if not reason else f"a CUDA GPU ({reason} needs one)"
+    plan: dict[str, Any] = {"recipe": recipe.name, "method": RunDescription.of(recipe).method, "run_dir": str(run_dir)}
+    rows: list[tuple[str, str]] = []
+    try:
+        checks = preflight(recipe, [s for s in STAGES if s in {"train", *stages}], run_dir, has_adapter=False,
+                           planning=True)  # fmt: skip
+    except HubUnavailable as exc:
+        from velora_cli.memory.arch import recipe_arch
+
+        est = estimate(recipe_arch(recipe), settings_from_recipe(recipe, device=device))
+        plan["not_checked"] = str(exc)
+        rows.append(("not checked (offline)", str(exc)))
+    else:
+        session, recipe = checks.session, checks.recipe  # checkpointing: auto -> the planner's choice
+        prepared = session.prepared
+        arch = arch_of_config(prepared.config, recipe.model.name if prepared.source else str(recipe.model.config))
+        est = estimate(arch, settings_from_recipe(recipe, device=device))
+        plan.update(train_rows=session.counts.examples, steps=session.total_steps(),
+                    val_rows=len(session.val_set) if session.val_set is not None else 0,
+                    gradient_accumulation=session.gradient_accumulation())  # fmt: skip
+        rows += [(key.replace("_", " "), str(plan[key]))
+                 for key in ("train_rows", "val_rows", "steps", "gradient_accumulation")]  # fmt: skip
+        if recipe.data.packing and not recipe.text_data:
+            rows.insert(1, ("packed sequences", str(len(session.train_set))))
+        for count, what in ((session.counts.truncated, "truncated"), (session.counts.dropped, "dropped")):
+            if count:
+                rows.insert(1, (f"rows {what} by cutoff_len", str(count)))
+        if prepared.memory_choice:
+            plan["planner"] = prepared.memory_choice
+            rows.append(("planner", prepared.memory_choice))
+    compute = settings_from_recipe(recipe, device=device).compute
+    plan.update(planned_for={"device": device, "compute_dtype": compute, "why": planned},
+                estimated_total_bytes=est.total)  # fmt: skip
+    rows += [("method", plan["method"]), ("planned for", f"{planned}: {device}, {compute}"),
+             ("estimated peak memory", human_bytes(est.total)), ("run dir", str(run_dir))]  # fmt: skip
+    report.print_dry_run(recipe.name, rows, out, complete="not_checked" not in plan)
+    return plan
+
+
+def session_device() -> str:
+    from velora_cli.common.device import default_device
+
+    return default_device().type

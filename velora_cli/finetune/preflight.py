@@ -29,18 +29,31 @@ class Preflight:
     mmlu: dict[str, Any] | None = None  # local MMLU data (eval stage)
 
 
-def check_trainable(recipe) -> None:
-    """Combinations that cannot train, caught before any weights are loaded."""
+def needs_cuda(recipe) -> str | None:
+    """The recipe field that only runs on a CUDA GPU, if any: such a recipe targets one wherever it is planned."""
+    if recipe.train.optimizer in ("paged_adamw_8bit", "paged_adamw_32bit"):
+        return f"train.optimizer={recipe.train.optimizer}"
+    if recipe.model.attn_implementation == "flash_attention_2":
+        return "model.attn_implementation=flash_attention_2"
+    if recipe.memory.offload:
+        return "memory.offload=true"
+    return None
+
+
+def check_trainable(recipe, planning: bool = False) -> None:
+    """Combinations that cannot train, caught before any weights are loaded. `planning` (a dry run) plans for the
+    recipe's target GPU: what needs CUDA is not refused on a machine without one."""
     import importlib.util
 
     import torch
 
     if recipe.model.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
         raise RecipeError(f"model.quantization={recipe.model.quantization!r} needs bitsandbytes (not installed)")
-    if recipe.train.optimizer in ("paged_adamw_8bit", "paged_adamw_32bit") and not torch.cuda.is_available():
+    cuda = torch.cuda.is_available() or planning
+    if recipe.train.optimizer in ("paged_adamw_8bit", "paged_adamw_32bit") and not cuda:
         raise UsageError(f"train.optimizer={recipe.train.optimizer!r} needs CUDA; use adamw_torch on CPU")
     if recipe.model.attn_implementation == "flash_attention_2":
-        if not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None:
+        if not planning and (not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None):
             raise RecipeError("model.attn_implementation=flash_attention_2 needs a CUDA device and the flash-attn "
                               "package (pip install flash-attn); use sdpa otherwise")  # fmt: skip
         if recipe.model.compute_dtype == "fp32":
@@ -66,14 +79,15 @@ def check_resumable_optimizer(recipe, run_dir: Path, velora: bool) -> None:
         )
 
 
-def check_memory(recipe, config) -> None:
+def check_memory(recipe, config, planning: bool = False) -> None:
     """The memory section against the model's config and this machine: every:K needs K <= the number of decoder
-    layers (a larger K checkpoints layer 0 only, which every:L already says); offload needs CUDA."""
+    layers (a larger K checkpoints layer 0 only, which every:L already says); offload needs CUDA (unless
+    `planning` for the recipe's GPU)."""
     import torch
 
     from velora_cli.common.errors import RecipeError
 
-    if recipe.memory.offload and not torch.cuda.is_available():
+    if recipe.memory.offload and not torch.cuda.is_available() and not planning:
         raise RecipeError(
             "memory.offload=true copies saved activations from the GPU to CPU memory; there is no CUDA device "
             "here (on CPU they are in CPU memory already): set memory.offload: false"
@@ -97,9 +111,10 @@ def check_reporting(recipe) -> None:
             raise RecipeError(f"train.report_to: {backend} is not installed (pip install {backend})")
 
 
-def preflight(recipe, stages: list[str], run_dir: Path, *, has_adapter: bool, resume: bool = False) -> Preflight:
+def preflight(recipe, stages: list[str], run_dir: Path, *, has_adapter: bool, resume: bool = False,
+              planning: bool = False) -> Preflight:  # fmt: skip
     """Check every input and output of the chosen `stages` (see the module docstring); raise before writing.
-    `resume`: the train stage will continue from the run's newest checkpoint."""
+    `resume`: the train stage will continue from the run's newest checkpoint; `planning`: a dry run."""
     from velora_cli.data.load import load_records
 
     checks = Preflight(recipe)
@@ -110,12 +125,17 @@ def preflight(recipe, stages: list[str], run_dir: Path, *, has_adapter: bool, re
         from velora_cli.finetune.session import FinetuneSession
 
         check_reporting(recipe)
-        session = FinetuneSession(recipe, run_dir)
+        import torch
+
+        from velora_cli.common.device import default_device
+
+        target = torch.device("cuda") if planning and needs_cuda(recipe) else default_device()
+        session = FinetuneSession(recipe, run_dir, target)
         prepared = session.prepare()  # model config, shapes on a meta model, the data: read once, here
         checks.recipe, checks.session, checks.source = prepared.recipe, session, prepared.source
         if recipe.full and resume:
             check_resumable_optimizer(recipe, run_dir, bool(prepared.compressed))
-        check_memory(recipe, prepared.config)
+        check_memory(recipe, prepared.config, planning)
         session.total_steps()  # a stream has no length: it needs train.max_steps
         h = recipe.eval.heldout
         if h.enabled:
@@ -152,6 +172,6 @@ def preflight(recipe, stages: list[str], run_dir: Path, *, has_adapter: bool, re
                 )
             except UsageError as exc:  # DataError included: keep the type (and exit code), name the field
                 raise type(exc)(f"eval.mmlu.data_dir: {exc}") from None
-        elif not offline():
+        elif m.enabled and not offline():  # eval.perplexity alone reads local text: no hub
             require_hub("eval.mmlu: cais/mmlu")
     return checks

@@ -56,7 +56,7 @@ def _meta_model(recipe: Recipe, config: Any):
 
 def _memory_budget(recipe: Recipe, device: torch.device) -> int | None:
     budget = recipe.memory.budget_bytes
-    if budget is None and device.type == "cuda":
+    if budget is None and device.type == "cuda" and torch.cuda.is_available():  # a dry run plans for a GPU anywhere
         budget = torch.cuda.get_device_properties(device).total_memory
     return budget
 

@@ -52,10 +52,10 @@ class FinetuneSession:
     """setup() builds data, model and trainer (validating everything before writing anything);
     train() runs or resumes; save() writes the adapter and its companions atomically into the run dir."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path):
+    def __init__(self, recipe: Recipe, run_dir: Path, device: torch.device | None = None):
         self._requested = recipe  # the recipe as loaded; prepare() settles the one it trains with
         self.run_dir = run_dir
-        self.device = default_device()
+        self.device = device or default_device()  # a dry run passes the recipe's target device
         self.prepared: Prepared | None = None
         self.model = self.trainer = None
         self.plan: Plan | None = None

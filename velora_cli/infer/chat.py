@@ -15,7 +15,7 @@ from rich.console import Console
 
 from velora_cli.common.errors import UsageError
 from velora_cli.data.templates import render
-from velora_cli.infer.generate import Loaded, Sampling, generate, load_for_command, prompt_ids
+from velora_cli.infer.generate import Loaded, Sampling, answer, cut_notice, load_for_command, prompt_ids
 
 MAX_LINE = 1 << 20  # characters in one message read from stdin
 COMMANDS = "/reset forgets the conversation, /exit quits"
@@ -90,8 +90,10 @@ def run_chat(
                 notices.print("that message alone fills the model's context; say it in fewer words")
                 history = history[:-1]
                 continue
-            answer = generate(loaded, ids, sampling, on_text=write)
+            reply = answer(loaded, ids, sampling, on_text=write)
             write("\n")
-            history.append({"role": "assistant", "content": answer})
+            if reply.cut:
+                notices.print(cut_notice(sampling))
+            history.append({"role": "assistant", "content": reply.text})
     except KeyboardInterrupt:  # Ctrl-C ends a chat like /exit does, not as a failure
         write("\n")

@@ -194,11 +194,22 @@ def prompt_ids(loaded: Loaded, text: str) -> torch.Tensor:
     return loaded.tokenizer(text, return_tensors="pt", add_special_tokens=True)["input_ids"]
 
 
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    cut: bool  # stopped by --max-new-tokens before the model ended its answer
+
+
+def cut_notice(sampling: Sampling) -> str:
+    return f"(answer cut at --max-new-tokens {sampling.max_new_tokens}; raise it for the rest)"
+
+
 @torch.no_grad()
-def generate(
+def answer(
     loaded: Loaded, input_ids: torch.Tensor, sampling: Sampling, on_text: Callable[[str], None] | None = None
-) -> str:
-    """The answer to a tokenised prompt (streamed to `on_text` as it is decoded), without special tokens."""
+) -> Answer:
+    """The answer to a tokenised prompt (streamed to `on_text` as it is decoded), without special tokens, and
+    whether --max-new-tokens cut it short."""
     from transformers import set_seed
 
     device = next(loaded.model.parameters()).device
@@ -218,7 +229,9 @@ def generate(
         streamer=_streamer(loaded.tokenizer, on_text) if on_text is not None else None,
         **kwargs,
     )
-    return loaded.tokenizer.decode(output[0, input_ids.shape[1] :], skip_special_tokens=True)
+    new = output[0, input_ids.shape[1] :]
+    cut = len(new) >= sampling.max_new_tokens and int(new[-1]) not in stop_ids(loaded)
+    return Answer(loaded.tokenizer.decode(new, skip_special_tokens=True), cut)
 
 
 def load_for_command(reference: str, *, system: str | None, load_in_4bit: bool, trust_remote_code: bool) -> Loaded:
@@ -256,5 +269,7 @@ def run_generate(
         out.write(piece)
         out.flush()
 
-    generate(loaded, prompt_ids(loaded, text), sampling, on_text=write)
+    reply = answer(loaded, prompt_ids(loaded, text), sampling, on_text=write)
     write("\n")
+    if reply.cut:
+        print(cut_notice(sampling), file=sys.stderr)

@@ -104,6 +104,9 @@ def resolve_model(reference: str) -> ModelSource:
         raise UsageError(f"model {reference!r} is a file; give a checkpoint directory, a .gguf file or a hub id")
     if reference.startswith((".", "/", "~")) and not path.is_dir():
         raise UsageError(f"model directory not found: {reference}")
+    if not path.exists() and (path.parts[0] == "runs" or (str(path.parent) != "." and path.parent.is_dir())):
+        # `runs/x` is shaped like a hub id (owner/name), but a user who types it means a folder that is not there
+        raise UsageError(f"{reference}: run or model directory not found (`velora runs` lists the runs)")
     return ModelSource(reference, str(path) if path.is_dir() else reference)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from velora_cli.common.errors import UsageError
 from velora_cli.config.load import load_recipe
 from velora_cli.config.recipe import Recipe
-from velora_cli.engine.state import VECTORS_FILE
+from velora_cli.engine.config import VECTORS_FILE
 
 
 def read_run_recipe(run_dir: Path) -> Recipe:

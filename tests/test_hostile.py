@@ -169,6 +169,7 @@ CASES = [
     ("output-dir-user-folder", 2, rf"output.dir {R}/project: {NOT_OURS}", lambda ws: _finetune(ws, "--output-dir", str(ws.root / "project"))),
     ("output-dir-symlink-to-user-folder", 2, rf"output.dir {R}/link \(-> {R}/project\): {NOT_OURS}", lambda ws: _finetune(ws, "--output-dir", str(ws.root / "link"))),
     ("output-dir-in-recipe", 2, rf"output.dir {R}/project: {NOT_OURS}", lambda ws: _finetune(ws, output__dir=str(ws.root / "project"))),
+    ("output-dir-user-folder-with-a-recipe", 2, rf"output.dir {R}: {NOT_OURS}", lambda ws: _finetune(ws, output__dir=str(ws.root))),
     ("output-dir-hidden-files-only", 2, rf"output.dir {R}/hidden-only: {NOT_OURS}", lambda ws: _finetune(ws, output__dir=str(ws.root / "hidden-only"))),
     ("output-dir-user-folder-stages-train", 2, NOT_OURS, lambda ws: _finetune(ws, "--stages", "train", output__dir=str(ws.root / "project"))),
     ("export-dir-user-folder", 2, rf"export.dir {R}/project: {NOT_OURS}", lambda ws: _finetune(ws, export__enabled=True, export__dir=str(ws.root / "project"))),
@@ -306,13 +307,22 @@ def test_force_writes_into_a_foreign_folder_and_marks_it(tmp_path: Path, tiny_ll
 def test_older_velora_run_dirs_count_as_owned(tmp_path: Path) -> None:
     from velora_cli.rundir import ownership
 
-    for name in (".velora.lock", "recipe.yaml", "summary.json"):
-        run = tmp_path / name.strip(".")
+    user = tmp_path / "project"
+    user.mkdir()
+    (user / "recipe.yaml").write_text("name: mine\n")  # a user's own recipe beside their files
+    (user / "notes.md").write_text("mine\n")
+    assert ownership.foreign(user, RUN_MARKER) == user.resolve()
+    for names in ((".velora.lock",), ("recipe.yaml", "summary.json"), ("recipe.yaml", "metrics.jsonl")):
+        run = tmp_path / "-".join(n.strip(".") for n in names)
         run.mkdir()
-        (run / name).write_text("")
+        for name in names:
+            (run / name).write_text("")
         (run / "checkpoint-2").mkdir()
         assert ownership.owned(run, RUN_MARKER) and ownership.foreign(run, RUN_MARKER) is None
-        assert ownership.foreign(run, EXPORT_MARKER) == run.resolve()  # an export marker is its own
+        assert ownership.foreign(run, EXPORT_MARKER) == run.resolve()  # a run directory is no export
+        (run / "merged").mkdir()
+        (run / "merged" / "config.json").write_text("{}")
+        assert ownership.owned(run / "merged", EXPORT_MARKER)  # an older velora's export inside its run
 
 
 @pytest.mark.slow

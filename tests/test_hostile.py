@@ -215,6 +215,8 @@ CASES = [
     ("recipe-link-to-dev-zero", 2, r"zero.yaml: not a file", lambda ws: ["finetune", str(ws.link("zero.yaml", "/dev/zero"))]),
     ("recipe-binary", 2, r"recipe.yaml: not UTF-8 text", lambda ws: ["finetune", str(ws.bytes_file("recipe.yaml", b"name: \xff\xfe\x00"))]),
     ("data-preview-fifo", 2, r"data.path: .*is a FIFO", lambda ws: ["data", "preview", ws.recipe(data__path=str(ws.fifo("p.json")))]),
+    ("eval-perplexity-data-fifo", 2, rf"--data {R}/ppl.txt: is a FIFO", lambda ws: ["eval", "--perplexity", "--data", str(ws.fifo("ppl.txt")), "--model", str(ws.trained)]),
+    ("eval-perplexity-data-dev-zero", 2, r"--data /dev/zero: is a character device", lambda ws: ["eval", "--perplexity", "--data", "/dev/zero", "--model", str(ws.trained)]),
     ("memory-estimate-recipe-laughs", 2, r"YAML aliases", lambda ws: ["memory-estimate", ws.recipe(_laughs(4))]),
     # -- 4. damaged or hostile files of a run: one line naming the file
     ("generate-truncated-adapter", 1, rf"{R}/trained/adapter_model.safetensors: is truncated", lambda ws: (ws.damage("adapter_model.safetensors", "truncate"), ["generate", str(ws.trained), "--prompt", "hi"])[-1]),

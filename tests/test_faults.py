@@ -77,8 +77,11 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 def leftovers(run_dir: Path) -> list[str]:
-    """Hidden staging files and directories, and checkpoints that are not complete."""
-    hidden = [p.name for p in run_dir.rglob(".*") if p.name not in (".velora.lock",)]
+    """Hidden staging files and directories, and checkpoints that are not complete (the lock file and the ownership
+    markers, rundir.ownership, are velora's on purpose)."""
+    from velora_cli.rundir.ownership import EXPORT_MARKER, RUN_MARKER
+
+    hidden = [p.name for p in run_dir.rglob(".*") if p.name not in (".velora.lock", RUN_MARKER, EXPORT_MARKER)]
     partial = [p.name for p in run_dir.glob("checkpoint-*") if not (p / "trainer_state.json").is_file()
                or not (p / "velora_projections.safetensors").is_file()]  # fmt: skip
     return hidden + partial

@@ -169,6 +169,7 @@ CASES = [
     ("output-dir-user-folder", 2, rf"output.dir {R}/project: {NOT_OURS}", lambda ws: _finetune(ws, "--output-dir", str(ws.root / "project"))),
     ("output-dir-symlink-to-user-folder", 2, rf"output.dir {R}/link \(-> {R}/project\): {NOT_OURS}", lambda ws: _finetune(ws, "--output-dir", str(ws.root / "link"))),
     ("output-dir-in-recipe", 2, rf"output.dir {R}/project: {NOT_OURS}", lambda ws: _finetune(ws, output__dir=str(ws.root / "project"))),
+    ("output-dir-user-folder-with-a-recipe", 2, rf"output.dir {R}: {NOT_OURS}", lambda ws: _finetune(ws, output__dir=str(ws.root))),
     ("output-dir-hidden-files-only", 2, rf"output.dir {R}/hidden-only: {NOT_OURS}", lambda ws: _finetune(ws, output__dir=str(ws.root / "hidden-only"))),
     ("output-dir-user-folder-stages-train", 2, NOT_OURS, lambda ws: _finetune(ws, "--stages", "train", output__dir=str(ws.root / "project"))),
     ("export-dir-user-folder", 2, rf"export.dir {R}/project: {NOT_OURS}", lambda ws: _finetune(ws, export__enabled=True, export__dir=str(ws.root / "project"))),
@@ -214,6 +215,8 @@ CASES = [
     ("recipe-link-to-dev-zero", 2, r"zero.yaml: not a file", lambda ws: ["finetune", str(ws.link("zero.yaml", "/dev/zero"))]),
     ("recipe-binary", 2, r"recipe.yaml: not UTF-8 text", lambda ws: ["finetune", str(ws.bytes_file("recipe.yaml", b"name: \xff\xfe\x00"))]),
     ("data-preview-fifo", 2, r"data.path: .*is a FIFO", lambda ws: ["data", "preview", ws.recipe(data__path=str(ws.fifo("p.json")))]),
+    ("eval-perplexity-data-fifo", 2, rf"--data {R}/ppl.txt: is a FIFO", lambda ws: ["eval", "--perplexity", "--data", str(ws.fifo("ppl.txt")), "--model", str(ws.trained)]),
+    ("eval-perplexity-data-dev-zero", 2, r"--data /dev/zero: is a character device", lambda ws: ["eval", "--perplexity", "--data", "/dev/zero", "--model", str(ws.trained)]),
     ("memory-estimate-recipe-laughs", 2, r"YAML aliases", lambda ws: ["memory-estimate", ws.recipe(_laughs(4))]),
     # -- 4. damaged or hostile files of a run: one line naming the file
     ("generate-truncated-adapter", 1, rf"{R}/trained/adapter_model.safetensors: is truncated", lambda ws: (ws.damage("adapter_model.safetensors", "truncate"), ["generate", str(ws.trained), "--prompt", "hi"])[-1]),
@@ -224,7 +227,7 @@ CASES = [
     ("export-truncated-adapter", 1, rf"{R}/trained/adapter_model.safetensors: is truncated", lambda ws: (ws.damage("adapter_model.safetensors", "truncate"), ["export", str(ws.trained), "--out", str(ws.root / "out")])[-1]),
     ("export-adapter-only-garbage", 1, r"adapter_model.safetensors: is truncated or not safetensors", lambda ws: (ws.damage("adapter_model.safetensors", "garbage"), ["export", str(ws.trained), "--adapter-only", "--out", str(ws.root / "out")])[-1]),
     ("generate-pickled-adapter", 1, r"checkpoint-1/adapter_model.bin: holds objects other than tensors", lambda ws: ["generate", str(ws.hostile_checkpoint()), "--prompt", "hi"]),
-    ("export-pickled-adapter", 1, r"checkpoint-1/adapter_model.bin: holds objects other than tensors", lambda ws: (ws.hostile_checkpoint(), ["export", str(ws.trained), "--checkpoint", "1", "--adapter-only", "--out", str(ws.root / "out")])[-1]),
+    ("export-pickled-adapter", 2, r"checkpoint-1: adapter_model.safetensors missing beside adapter_config.json", lambda ws: (ws.hostile_checkpoint(), ["export", str(ws.trained), "--checkpoint", "1", "--adapter-only", "--out", str(ws.root / "out")])[-1]),
     ("run-recipe-laughs", 2, r"YAML aliases", lambda ws: (ws.bytes_file("trained/recipe.yaml", _laughs(5).encode()), ["generate", str(ws.trained), "--prompt", "hi"])[-1]),
     # -- 4. Modelfile values Ollama cannot read back: refused before the merge
     ("modelfile-triple-quote-system", 2, r"Modelfile SYSTEM .*has three double quotes at the end of line 1", lambda ws: _gguf_with_system(ws, 'Say """\nhi')),
@@ -306,13 +309,22 @@ def test_force_writes_into_a_foreign_folder_and_marks_it(tmp_path: Path, tiny_ll
 def test_older_velora_run_dirs_count_as_owned(tmp_path: Path) -> None:
     from velora_cli.rundir import ownership
 
-    for name in (".velora.lock", "recipe.yaml", "summary.json"):
-        run = tmp_path / name.strip(".")
+    user = tmp_path / "project"
+    user.mkdir()
+    (user / "recipe.yaml").write_text("name: mine\n")  # a user's own recipe beside their files
+    (user / "notes.md").write_text("mine\n")
+    assert ownership.foreign(user, RUN_MARKER) == user.resolve()
+    for names in ((".velora.lock",), ("recipe.yaml", "summary.json"), ("recipe.yaml", "metrics.jsonl")):
+        run = tmp_path / "-".join(n.strip(".") for n in names)
         run.mkdir()
-        (run / name).write_text("")
+        for name in names:
+            (run / name).write_text("")
         (run / "checkpoint-2").mkdir()
         assert ownership.owned(run, RUN_MARKER) and ownership.foreign(run, RUN_MARKER) is None
-        assert ownership.foreign(run, EXPORT_MARKER) == run.resolve()  # an export marker is its own
+        assert ownership.foreign(run, EXPORT_MARKER) == run.resolve()  # a run directory is no export
+        (run / "merged").mkdir()
+        (run / "merged" / "config.json").write_text("{}")
+        assert ownership.owned(run / "merged", EXPORT_MARKER)  # an older velora's export inside its run
 
 
 @pytest.mark.slow

@@ -54,6 +54,7 @@ def run_perplexity_command(model: str | None, data: Path | None, block: int, lim
     """`velora eval --perplexity --data FILE [--model RUN_OR_MODEL]`: load, score, print one line, write JSON."""
     from rich.console import Console
 
+    from velora_cli.common.bounds import check_regular
     from velora_cli.common.errors import UsageError
     from velora_cli.common.fs import write_json_atomic
     from velora_cli.eval.command import load_eval_model
@@ -61,6 +62,7 @@ def run_perplexity_command(model: str | None, data: Path | None, block: int, lim
 
     if data is None:
         raise UsageError("velora eval --perplexity needs --data FILE (text, .jsonl with a text field, parquet)")
+    check_regular(data, "--data")  # a FIFO or a device: refused now, not after the model loaded
     reference = model if model is not None else str(latest_run())
     loaded, tokenizer, description = load_eval_model(reference, trust_remote_code=trust_remote_code)
     result = perplexity(loaded, file_blocks(str(data), tokenizer, block), batch_size=batch_size, limit=limit)

@@ -4,7 +4,8 @@ A run directory gets RUN_DIR/.velora-run and an export directory .velora-export 
 it (before any other file). Any other existing, non-empty folder (symlinks resolved: a link to a project folder is
 that project folder) is refused with one line unless the user passes --force, so `--output-dir` or `export.dir`
 pointing at someone's files never overwrites or deletes them. Run directories written by a velora without markers
-(they hold .velora.lock, recipe.yaml or summary.json) count as velora's.
+(they hold .velora.lock, or recipe.yaml beside summary.json or metrics.jsonl) count as velora's, and so does any
+folder inside a run directory (its exports).
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ from velora_cli.common.errors import UsageError
 
 RUN_MARKER = ".velora-run"
 EXPORT_MARKER = ".velora-export"
-_LEGACY_RUN_FILES = (".velora.lock", "recipe.yaml", "summary.json")  # what every older velora run dir holds
+# An older velora's run directory: its lock file (every velora that wrote into a run left it), or the recipe beside
+# what training wrote. A recipe.yaml alone is not enough: users keep their recipes in their own project folders.
+_LEGACY_LOCK = ".velora.lock"
+_LEGACY_RUN_OUTPUTS = ("summary.json", "metrics.jsonl", "trainer_state.json", "adapter_config.json")
 
 
 def owned(path: Path, marker: str) -> bool:
@@ -23,7 +27,11 @@ def owned(path: Path, marker: str) -> bool:
     folder = Path(path).resolve()
     if (folder / marker).is_file():
         return True
-    return marker == RUN_MARKER and any((folder / name).is_file() for name in _LEGACY_RUN_FILES)
+    if marker == EXPORT_MARKER:  # an export inside a run directory (RUN_DIR/merged, the default) is the run's
+        return owned(folder.parent, RUN_MARKER)
+    if (folder / _LEGACY_LOCK).is_file():
+        return True
+    return (folder / "recipe.yaml").is_file() and any((folder / name).is_file() for name in _LEGACY_RUN_OUTPUTS)
 
 
 def foreign(path: Path, marker: str) -> Path | None:

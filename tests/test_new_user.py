@@ -251,3 +251,22 @@ def test_written_files_follow_the_umask(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "summary.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "export").stat().st_mode) == 0o755
     assert saved is not None and stat.S_IMODE(saved.stat().st_mode) == 0o644
+
+
+def test_memory_estimate_of_a_full_run_reads_right(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Item 9: no `LoRA r=8 on ,` header for a full run; `(no)` figures with the digits that tell them from the
+    budget; GiB only; a CPU-only machine is told the plan is for a CUDA GPU."""
+    import re
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("COLUMNS", "200")
+    main(["memory-estimate", "--method", "full", "--model", "embedded:smollm2-135m", "--gpu-mem", "2GiB"])
+    out = capsys.readouterr().out
+    assert "LoRA r=" not in out and "every weight trained (no LoRA)" in out
+    assert "planned for a CUDA GPU (this machine has none" in out
+    assert not re.search(r"\b2\.00 \(no\)", out) and re.search(r"\b2\.00\d+ \(no\)", out), out
+    assert not re.search(r"\d GB\b", out)

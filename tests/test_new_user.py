@@ -270,3 +270,19 @@ def test_memory_estimate_of_a_full_run_reads_right(
     assert "planned for a CUDA GPU (this machine has none" in out
     assert not re.search(r"\b2\.00 \(no\)", out) and re.search(r"\b2\.00\d+ \(no\)", out), out
     assert not re.search(r"\d GB\b", out)
+
+
+def test_eval_quantization_has_one_rule_stated_in_help(
+    tiny_lora_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Item 4: a run is evaluated on its recipe's base quantization (nf4 here); --help says so, and an explicit
+    other value is refused instead of silently ignored."""
+    from conftest import run_cli
+
+    code, out, _ = run_cli(["eval", "--help"], capsys)
+    assert code == 0
+    flat = " ".join(out.replace("│", " ").split())
+    assert "A run dir is evaluated as it was trained, on its recipe's quantization (nf4 for QLoRA)" in flat, flat
+    code, _, err = run_cli(["eval", "--mmlu", "--model", str(tiny_lora_run), "--quantization", "none", "--data-dir",
+                            str(RECIPES / "data" / "mmlu_mini"), "--limit", "1"], capsys)  # fmt: skip
+    assert code == 2 and "--quantization none: " in err and "trained on a nf4 base" in err, err

@@ -39,7 +39,7 @@ def load_eval_model(
 ) -> tuple[Any, Any, str]:
     """(model, tokenizer, description) for a hub id, checkpoint / merged dir, GGUF, or finetune run dir.
 
-    The one rule (`velora eval --help` says it): a run dir (or one of its checkpoint-N dirs) loads as trained, the recipe's
+    The one rule (`velora eval --help` says it): a run dir (or its checkpoint-N) loads as trained, the recipe's
     base model and quantization plus the LoRA adapter, and a --quantization other than that is refused; any other
     model loads as `quantization` says, unquantised by default. `recipe` / `source`: the run's recipe and resolved
     base when the caller holds them (the pipeline's eval stage), else read from recipe.yaml and resolved here.

@@ -16,10 +16,10 @@ RECIPES = REPO / "recipes"
 DEMO_DATA = RECIPES / "data" / "demo_tasks_train.json"
 
 
-def tiny_recipe(model_dir: Path, run_dir: Path) -> Path:
+def tiny_recipe(model: str, run_dir: Path) -> Path:
     recipe = {
         "name": "tiny",
-        "model": {"name": str(model_dir), "quantization": "none"},
+        "model": {"name": model, "quantization": "none"},
         "lora": {"r": 4, "alpha": 8},
         "velora": {"enabled": False},
         "data": {"path": str(DEMO_DATA), "template": "chat", "cutoff_len": 48, "val_set_size": 4},
@@ -48,9 +48,10 @@ def test_perplexity_only_eval_never_asks_the_hub_for_mmlu(monkeypatch: pytest.Mo
 
 @pytest.mark.slow
 def test_stages_train_trains_only_and_a_finished_rerun_is_a_no_op(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Items 2 and 3: `--stages train` runs no held-out evaluation; rerun, it changes nothing and says so."""
+    """Items 2 and 3: `--stages train` runs no held-out evaluation; rerun, it changes nothing and says so.
+    Item 11: the adapter names its base as the recipe does (not a cache path) and its README is a model card."""
     from velora_cli.finetune import pipeline
 
     def no_eval(*args, **kwargs):
@@ -58,10 +59,15 @@ def test_stages_train_trains_only_and_a_finished_rerun_is_a_no_op(
 
     monkeypatch.setattr(pipeline, "exact_match", no_eval)
     run_dir = tmp_path / "run"
-    recipe = tiny_recipe(tiny_llama_dir, run_dir)
+    recipe = tiny_recipe("embedded:smollm2-135m", run_dir)
     main(["finetune", str(recipe), "--stages", "train"])
     summary = (run_dir / "summary.json").read_text()
     assert json.loads(summary)["train"]["steps"] == 1
+    adapter = json.loads((run_dir / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "embedded:smollm2-135m"
+    card = (run_dir / "README.md").read_text()
+    assert "# tiny" in card and "PeftModel.from_pretrained" in card and "## Recipe" in card
+    assert "[More Information Needed]" not in card  # PEFT's blank template
     capsys.readouterr()
     main(["finetune", str(recipe), "--stages", "train"])
     err = capsys.readouterr().err

@@ -332,7 +332,12 @@ class FinetuneSession:
             model = self.trainer.accelerator.unwrap_model(self.model) if self.trainer else self.model
             model.save_pretrained(staging)
             self.tokenizer.save_pretrained(staging)
-            (staging / runs.RECIPE_FILE).write_text(dump_recipe(self.recipe), encoding="utf-8")
+            recipe_text = dump_recipe(self.recipe)
+            (staging / runs.RECIPE_FILE).write_text(recipe_text, encoding="utf-8")
+            if not self.recipe.full:
+                from velora_cli.export.card import make_adapter_portable
+
+                make_adapter_portable(staging, self.recipe, recipe_text, self.run_dir)
             save_velora_vectors(model, staging)
             for item in staging.iterdir():
                 target = self.run_dir / item.name

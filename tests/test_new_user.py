@@ -63,6 +63,8 @@ def test_stages_train_trains_only_and_a_finished_rerun_is_a_no_op(
     main(["finetune", str(recipe), "--stages", "train"])
     summary = (run_dir / "summary.json").read_text()
     assert json.loads(summary)["train"]["steps"] == 1
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["step"] == 1 and 0 < logged[-1]["trained_tokens_per_second"] < logged[-1]["tokens_per_second"]
     adapter = json.loads((run_dir / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == "embedded:smollm2-135m"
     card = (run_dir / "README.md").read_text()
@@ -292,3 +294,41 @@ def test_eval_quantization_has_one_rule_stated_in_help(
     code, _, err = run_cli(["eval", "--mmlu", "--model", str(tiny_lora_run), "--quantization", "none", "--data-dir",
                             str(RECIPES / "data" / "mmlu_mini"), "--limit", "1"], capsys)  # fmt: skip
     assert code == 2 and "--quantization none: " in err and "trained on a nf4 base" in err, err
+
+
+def test_live_panel_at_the_first_step_mid_step_and_the_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 8: the rendered panel (rich's recorded text) says what is going on before the first logging step, its
+    clock runs during a long step, and the final panel keeps lr, grad norm, speed and the last step's loss."""
+    from rich.console import Console
+
+    from velora_cli.finetune import display as shown
+
+    clock = [1000.0]
+    monkeypatch.setattr(shown.time, "monotonic", lambda: clock[0])
+    panel = shown.TrainingDisplay("demo", 10, {"model": "tiny"}, console=Console(record=True, width=100))
+
+    def text() -> str:
+        console = Console(record=True, width=100)
+        console.print(panel._render())
+        return console.export_text()
+
+    panel.start()  # not a terminal: no Live, the panel is still what a terminal would show
+    first = text()
+    assert "0/10" in first and "step 1 running" in first and "0:00 elapsed" in first
+    clock[0] += 95.0  # a long first step: the clock moves without a tick
+    assert "1:35 elapsed" in text()
+    panel.tick(1)
+    panel.update({"step": 1, "epoch": 0.1, "loss": 2.3456, "learning_rate": 2e-4, "grad_norm": 0.75,
+                  "tokens_per_second": 812.0, "trained_tokens_per_second": 301.0, "samples_per_second": 1.5})  # fmt: skip
+    mid = text()
+    assert "loss" in mid and "2.3456" in mid and "2.00e-04" in mid and "grad norm 0.750" in mid
+    assert "812 tok/s (301 trained)" in mid
+    clock[0] += 30.0
+    panel.tick(5)  # between logging steps: the step, and the clock, move on
+    assert "5/10" in text() and "2:05 elapsed" in text()
+    panel.update({"step": 10, "epoch": 1.0, "loss": 1.2345, "learning_rate": 1e-5, "grad_norm": 0.5,
+                  "tokens_per_second": 820.0, "trained_tokens_per_second": 305.0, "samples_per_second": 1.6})  # fmt: skip
+    panel.update({"step": 10, "epoch": 1.0})  # the Trainer's closing record: runtime figures, no loss
+    end = text()
+    assert "10/10 (100%)" in end and "1.2345" in end and "1.00e-05" in end and "820 tok/s (305 trained)" in end
+    assert shown.human_duration(1811.5) == "30 min 12 s" and shown.human_duration(42.25) == "42.2 s"

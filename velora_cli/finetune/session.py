@@ -185,6 +185,7 @@ class FinetuneSession:
             seed=t.seed,
             data_seed=t.seed,
             logging_steps=t.logging_steps,
+            logging_first_step=True,  # loss, lr and speed on the panel from step 1, not from the first logging step
             eval_strategy="steps" if has_eval else "no",
             eval_steps=t.eval_steps if has_eval else None,
             save_strategy="steps",
@@ -264,6 +265,9 @@ class FinetuneSession:
         finally:
             interrupt.restore()
             if viewer:
+                if saving:  # the figure summary.json records, measured now that VeLoRA has initialised
+                    measured = velora_saving_per_token(self.model)
+                    viewer.notes["VeLoRA saves"] = f"{human_bytes(measured)}/token of activations"
                 viewer.stop()
         seconds = time.monotonic() - started
         eval_loss = None if interrupt.requested else self.evaluate_loss()

@@ -319,7 +319,7 @@ def test_live_panel_at_the_first_step_mid_step_and_the_end(monkeypatch: pytest.M
     assert "1:35 elapsed" in text()
     panel.tick(1)
     panel.update({"step": 1, "epoch": 0.1, "loss": 2.3456, "learning_rate": 2e-4, "grad_norm": 0.75,
-                  "tokens_per_second": 812.0, "trained_tokens_per_second": 301.0, "samples_per_second": 1.5})  # fmt: skip
+                  "tokens_per_second": 812.0, "trained_tokens_per_second": 301.0, "samples_per_second": 1.5})
     mid = text()
     assert "loss" in mid and "2.3456" in mid and "2.00e-04" in mid and "grad norm 0.750" in mid
     assert "812 tok/s (301 trained)" in mid
@@ -327,7 +327,7 @@ def test_live_panel_at_the_first_step_mid_step_and_the_end(monkeypatch: pytest.M
     panel.tick(5)  # between logging steps: the step, and the clock, move on
     assert "5/10" in text() and "2:05 elapsed" in text()
     panel.update({"step": 10, "epoch": 1.0, "loss": 1.2345, "learning_rate": 1e-5, "grad_norm": 0.5,
-                  "tokens_per_second": 820.0, "trained_tokens_per_second": 305.0, "samples_per_second": 1.6})  # fmt: skip
+                  "tokens_per_second": 820.0, "trained_tokens_per_second": 305.0, "samples_per_second": 1.6})
     panel.update({"step": 10, "epoch": 1.0})  # the Trainer's closing record: runtime figures, no loss
     end = text()
     assert "10/10 (100%)" in end and "1.2345" in end and "1.00e-05" in end and "820 tok/s (305 trained)" in end

@@ -332,3 +332,25 @@ def test_live_panel_at_the_first_step_mid_step_and_the_end(monkeypatch: pytest.M
     end = text()
     assert "10/10 (100%)" in end and "1.2345" in end and "1.00e-05" in end and "820 tok/s (305 trained)" in end
     assert shown.human_duration(1811.5) == "30 min 12 s" and shown.human_duration(42.25) == "42.2 s"
+
+
+@pytest.mark.slow
+def test_gguf_conversion_is_one_line_of_ours(
+    tiny_lora_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Item 7: converting a GGUF model (the first command's embedded model) prints velora's one line, not
+    transformers' raw `Converting and de-quantizing GGUF tensors` bar (that goes to the log file)."""
+    from velora_cli.common import logs
+    from velora_cli.export.merge import export_run
+    from velora_cli.models.load import resolve_model
+
+    folder = export_run(tiny_lora_run, tmp_path / "gguf", fmt="gguf", quant="f32")
+    monkeypatch.setenv("VELORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("VELORA_VERBOSE", raising=False)
+    logs.configure(False)
+    capsys.readouterr()
+    source = resolve_model(str(folder / "model.gguf"))
+    err = capsys.readouterr().err
+    assert (Path(source.path) / "model.safetensors").is_file()
+    assert err.startswith("converting model.gguf once into a checkpoint under") and len(err.splitlines()) == 1, err
+    assert "de-quantizing" not in err

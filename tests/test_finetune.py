@@ -96,7 +96,7 @@ def test_evaluating_before_training_does_not_change_training(tmp_path: Path, tin
     forward unless told not to)."""
     data = tiny_recipe(tiny_llama_dir, tmp_path / "evaluated", max_steps=2, save_steps=10)
     data["eval"] = {"heldout": {"enabled": True, "path": str(DEMO_DATA), "limit": 2}}
-    run_pipeline(write_recipe(tmp_path, data), overrides=[], stages="train")
+    run_pipeline(write_recipe(tmp_path, data), overrides=[])  # not --stages train, which skips the held-out scoring
 
     plain = validate_recipe(tiny_recipe(tiny_llama_dir, tmp_path / "plain", max_steps=2, save_steps=10))
     session = FinetuneSession(plain, tmp_path / "plain")

@@ -169,6 +169,9 @@ def test_cli_default_place_and_modelfile(exports) -> None:
     assert 'PARAMETER stop "### Instruction:"\nPARAMETER stop "<|im_end|>"\n' in text
     assert text.endswith("PARAMETER num_ctx 1024\n")
     assert sorted(p.name for p in exports["q8_0"].iterdir()) == ["Modelfile", "model.gguf"]
+    # issue 27: the exact commands that serve it
+    assert f"  ollama create tiny-alpaca -f {exports['q8_0']}/Modelfile && ollama run tiny-alpaca\n" in printed
+    assert f"  llama-cli -m {exports['q8_0']}/model.gguf -cnv\n" in printed
 
 
 def test_chat_template_runs_get_a_chatml_modelfile(tiny_lora_run: Path, tmp_path: Path, capsys) -> None:
@@ -185,6 +188,17 @@ def test_chat_template_runs_get_a_chatml_modelfile(tiny_lora_run: Path, tmp_path
     assert text.endswith("PARAMETER num_ctx 4096\n")
     own = modelfile("model.gguf", PromptStyle("chat", "Be terse."), tokenizer, 512)
     assert 'SYSTEM """Be terse."""' in own
+
+    # issue 27: the exported chat template (the GGUF's tokenizer.chat_template too) opens with the system prompt
+    # the run trained with, not SmolLM2's own default, unless a conversation brings its own.
+    from velora_cli.data.templates import served_chat_template
+
+    tokenizer.chat_template = served_chat_template(PromptStyle("chat", "Be terse."), tokenizer)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert prompt.startswith("<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nhi") and "SmolLM" not in prompt
+    own = tokenizer.apply_chat_template([{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}],
+                                        tokenize=False)  # fmt: skip
+    assert own.startswith("<|im_start|>system\nS<|im_end|>") and "Be terse." not in own
 
 
 def _run_on_base(tiny_lora_run: Path, tmp_path: Path, config) -> Path:

@@ -121,7 +121,11 @@ def test_hub_rows_load_like_the_csv_layout(monkeypatch) -> None:
         raise ConnectionError("Couldn't reach the Hugging Face Hub")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # online, the hub's own reason is the news
     with pytest.raises(UsageError, match=r"cannot load cais/mmlu from the Hugging Face hub \(Couldn't reach"):
+        load_mmlu(None, subjects=["nutrition"])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline, ours (issue 27: no raw library line)
+    with pytest.raises(UsageError, match=r"hub \(not in the local cache, and HF_HUB_OFFLINE is set\); pass --data-dir"):
         load_mmlu(None, subjects=["nutrition"])
 
 

@@ -16,10 +16,10 @@ RECIPES = REPO / "recipes"
 DEMO_DATA = RECIPES / "data" / "demo_tasks_train.json"
 
 
-def tiny_recipe(model_dir: Path, run_dir: Path) -> Path:
+def tiny_recipe(model: str, run_dir: Path) -> Path:
     recipe = {
         "name": "tiny",
-        "model": {"name": str(model_dir), "quantization": "none"},
+        "model": {"name": model, "quantization": "none"},
         "lora": {"r": 4, "alpha": 8},
         "velora": {"enabled": False},
         "data": {"path": str(DEMO_DATA), "template": "chat", "cutoff_len": 48, "val_set_size": 4},
@@ -48,9 +48,10 @@ def test_perplexity_only_eval_never_asks_the_hub_for_mmlu(monkeypatch: pytest.Mo
 
 @pytest.mark.slow
 def test_stages_train_trains_only_and_a_finished_rerun_is_a_no_op(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Items 2 and 3: `--stages train` runs no held-out evaluation; rerun, it changes nothing and says so."""
+    """Items 2 and 3: `--stages train` runs no held-out evaluation; rerun, it changes nothing and says so.
+    Item 11: the adapter names its base as the recipe does (not a cache path) and its README is a model card."""
     from velora_cli.finetune import pipeline
 
     def no_eval(*args, **kwargs):
@@ -58,10 +59,17 @@ def test_stages_train_trains_only_and_a_finished_rerun_is_a_no_op(
 
     monkeypatch.setattr(pipeline, "exact_match", no_eval)
     run_dir = tmp_path / "run"
-    recipe = tiny_recipe(tiny_llama_dir, run_dir)
+    recipe = tiny_recipe("embedded:smollm2-135m", run_dir)
     main(["finetune", str(recipe), "--stages", "train"])
     summary = (run_dir / "summary.json").read_text()
     assert json.loads(summary)["train"]["steps"] == 1
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["step"] == 1 and 0 < logged[-1]["trained_tokens_per_second"] < logged[-1]["tokens_per_second"]
+    adapter = json.loads((run_dir / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "embedded:smollm2-135m"
+    card = (run_dir / "README.md").read_text()
+    assert "# tiny" in card and "PeftModel.from_pretrained" in card and "## Recipe" in card
+    assert "[More Information Needed]" not in card  # PEFT's blank template
     capsys.readouterr()
     main(["finetune", str(recipe), "--stages", "train"])
     err = capsys.readouterr().err
@@ -251,3 +259,98 @@ def test_written_files_follow_the_umask(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "summary.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "export").stat().st_mode) == 0o755
     assert saved is not None and stat.S_IMODE(saved.stat().st_mode) == 0o644
+
+
+def test_memory_estimate_of_a_full_run_reads_right(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Item 9: no `LoRA r=8 on ,` header for a full run; `(no)` figures with the digits that tell them from the
+    budget; GiB only; a CPU-only machine is told the plan is for a CUDA GPU."""
+    import re
+
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("COLUMNS", "200")
+    main(["memory-estimate", "--method", "full", "--model", "embedded:smollm2-135m", "--gpu-mem", "2GiB"])
+    out = capsys.readouterr().out
+    assert "LoRA r=" not in out and "every weight trained (no LoRA)" in out
+    assert "planned for a CUDA GPU (this machine has none" in out
+    assert not re.search(r"\b2\.00 \(no\)", out) and re.search(r"\b2\.00\d+ \(no\)", out), out
+    assert not re.search(r"\d GB\b", out)
+
+
+def test_eval_quantization_has_one_rule_stated_in_help(
+    tiny_lora_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Item 4: a run is evaluated on its recipe's base quantization (nf4 here); --help says so, and an explicit
+    other value is refused instead of silently ignored."""
+    from conftest import run_cli
+
+    code, out, _ = run_cli(["eval", "--help"], capsys)
+    assert code == 0
+    flat = " ".join(out.replace("│", " ").split())
+    assert "A run dir is evaluated as it was trained, on its recipe's quantization (nf4 for QLoRA)" in flat, flat
+    code, _, err = run_cli(["eval", "--mmlu", "--model", str(tiny_lora_run), "--quantization", "none", "--data-dir",
+                            str(RECIPES / "data" / "mmlu_mini"), "--limit", "1"], capsys)  # fmt: skip
+    assert code == 2 and "--quantization none: " in err and "trained on a nf4 base" in err, err
+
+
+def test_live_panel_at_the_first_step_mid_step_and_the_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Item 8: the rendered panel (rich's recorded text) says what is going on before the first logging step, its
+    clock runs during a long step, and the final panel keeps lr, grad norm, speed and the last step's loss."""
+    from rich.console import Console
+
+    from velora_cli.finetune import display as shown
+
+    clock = [1000.0]
+    monkeypatch.setattr(shown.time, "monotonic", lambda: clock[0])
+    panel = shown.TrainingDisplay("demo", 10, {"model": "tiny"}, console=Console(record=True, width=100))
+
+    def text() -> str:
+        console = Console(record=True, width=100)
+        console.print(panel._render())
+        return console.export_text()
+
+    panel.start()  # not a terminal: no Live, the panel is still what a terminal would show
+    first = text()
+    assert "0/10" in first and "step 1 running" in first and "0:00 elapsed" in first
+    clock[0] += 95.0  # a long first step: the clock moves without a tick
+    assert "1:35 elapsed" in text()
+    panel.tick(1)
+    panel.update({"step": 1, "epoch": 0.1, "loss": 2.3456, "learning_rate": 2e-4, "grad_norm": 0.75,
+                  "tokens_per_second": 812.0, "trained_tokens_per_second": 301.0, "samples_per_second": 1.5})
+    mid = text()
+    assert "loss" in mid and "2.3456" in mid and "2.00e-04" in mid and "grad norm 0.750" in mid
+    assert "812 tok/s (301 trained)" in mid
+    clock[0] += 30.0
+    panel.tick(5)  # between logging steps: the step, and the clock, move on
+    assert "5/10" in text() and "2:05 elapsed" in text()
+    panel.update({"step": 10, "epoch": 1.0, "loss": 1.2345, "learning_rate": 1e-5, "grad_norm": 0.5,
+                  "tokens_per_second": 820.0, "trained_tokens_per_second": 305.0, "samples_per_second": 1.6})
+    panel.update({"step": 10, "epoch": 1.0})  # the Trainer's closing record: runtime figures, no loss
+    end = text()
+    assert "10/10 (100%)" in end and "1.2345" in end and "1.00e-05" in end and "820 tok/s (305 trained)" in end
+    assert shown.human_duration(1811.5) == "30 min 12 s" and shown.human_duration(42.25) == "42.2 s"
+
+
+@pytest.mark.slow
+def test_gguf_conversion_is_one_line_of_ours(
+    tiny_lora_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Item 7: converting a GGUF model (the first command's embedded model) prints velora's one line, not
+    transformers' raw `Converting and de-quantizing GGUF tensors` bar (that goes to the log file)."""
+    from velora_cli.common import logs
+    from velora_cli.export.merge import export_run
+    from velora_cli.models.load import resolve_model
+
+    folder = export_run(tiny_lora_run, tmp_path / "gguf", fmt="gguf", quant="f32")
+    monkeypatch.setenv("VELORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("VELORA_VERBOSE", raising=False)
+    logs.configure(False)
+    capsys.readouterr()
+    source = resolve_model(str(folder / "model.gguf"))
+    err = capsys.readouterr().err
+    assert (Path(source.path) / "model.safetensors").is_file()
+    assert err.startswith("converting model.gguf once into a checkpoint under") and len(err.splitlines()) == 1, err
+    assert "de-quantizing" not in err

@@ -107,7 +107,10 @@ def evaluate(
     shots: int = typer.Option(5, "--shots", min=0, help="Few-shot examples from the dev split."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Questions per forward pass."),
     split: str = typer.Option("test", "--split", help="test | validation | dev."),
-    quantization: str = typer.Option("none", "--quantization", help="Load the base as nf4 | fp4 | int8 | none."),
+    quantization: str | None = typer.Option(
+        None, "--quantization", help="A hub id or model dir's base: nf4 | fp4 | int8 | none (default: none). A run "
+        "dir is evaluated as it was trained, on its recipe's quantization (nf4 for QLoRA); another value is refused.",
+    ),  # fmt: skip
     json_path: Path | None = typer.Option(None, "--json", help="Write the results as JSON here."),
     save_predictions: Path | None = typer.Option(
         None, "--save-predictions", help="Write per-question predictions (JSONL) here."

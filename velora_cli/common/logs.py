@@ -9,6 +9,7 @@ included. velora's own output (tables, progress, the one error line) is unaffect
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import os
@@ -82,6 +83,27 @@ def configure(verbose: bool = False) -> None:
         import datasets
 
         (datasets.enable_progress_bars if verbose else datasets.disable_progress_bars)()
+
+
+def shows_library_output() -> bool:
+    """--verbose (or VELORA_VERBOSE) is on: library progress bars and notices go to stderr too."""
+    return verbose_from_env() or any(type(h) is logging.StreamHandler for h in _handlers)
+
+
+@contextmanager
+def library_bars_to_log(what: str) -> Iterator[None]:
+    """A library's own progress bar (plain tqdm, which no switch of that library turns off, e.g. transformers'
+    GGUF dequantisation) goes to the log file instead of the terminal, with one line of ours in its place."""
+    import io
+
+    sys.stderr.write(f"{what}...\n")
+    if shows_library_output():
+        yield
+        return
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured):
+        yield
+    logging.getLogger("velora").info("%s: %s", what, captured.getvalue().strip().splitlines()[-1:] or "")
 
 
 def import_datasets() -> Any:

@@ -88,5 +88,16 @@ def render(style: PromptStyle, tokenizer: Any, messages: list[dict[str, str]], s
 
 def served_chat_template(style: PromptStyle, tokenizer: Any) -> str | None:
     """The chat template an export of the model should carry, so servers prompt it as it was trained (a model
-    trained on plain text keeps its tokenizer's, for lack of a better one)."""
-    return ALPACA_CHAT_TEMPLATE if style.kind == "alpaca" else tokenizer.chat_template
+    trained on plain text keeps its tokenizer's, for lack of a better one). A chat run trained with
+    data.system_prompt gets it as the default system turn: left alone, a template such as SmolLM2's would put its
+    own default system message first, one the run never trained with."""
+    if style.kind == "alpaca":
+        return ALPACA_CHAT_TEMPLATE
+    template = tokenizer.chat_template
+    if style.kind != "chat" or not style.system or not isinstance(template, str):
+        return template
+    return (
+        "{%- if not messages or messages[0]['role'] != 'system' %}"
+        f"{{%- set messages = [{{'role': 'system', 'content': {_literal(style.system)}}}] + messages %}}"
+        "{%- endif %}" + template
+    )

@@ -33,17 +33,19 @@ from velora_cli.rundir.verify import check_weights
 QUANTIZATIONS = ("nf4", "fp4", "int8", "none")
 
 
+
 def load_eval_model(
-    reference: str | Path, quantization: str = "none", trust_remote_code: bool = False, *, recipe: Any = None,
+    reference: str | Path, quantization: str | None = None, trust_remote_code: bool = False, *, recipe: Any = None,
     source: ModelSource | None = None,
 ) -> tuple[Any, Any, str]:
     """(model, tokenizer, description) for a hub id, checkpoint / merged dir, GGUF, or finetune run dir.
 
-    A run dir (or one of its checkpoint-N dirs) loads as trained: the recipe's base model and quantization,
-    plus the LoRA adapter. `recipe` / `source`: the run's recipe and resolved base when the caller holds them (the
-    pipeline's eval stage), else read from recipe.yaml and resolved here.
+    The one rule (`velora eval --help` says it): a run dir (or its checkpoint-N) loads as trained, the recipe's
+    base model and quantization plus the LoRA adapter, and a --quantization other than that is refused; any other
+    model loads as `quantization` says, unquantised by default. `recipe` / `source`: the run's recipe and resolved
+    base when the caller holds them (the pipeline's eval stage), else read from recipe.yaml and resolved here.
     """
-    if quantization not in QUANTIZATIONS:
+    if quantization is not None and quantization not in QUANTIZATIONS:
         raise UsageError(f"--quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
     device = default_device()
     path = Path(reference).expanduser()
@@ -53,6 +55,7 @@ def load_eval_model(
         if run_dir is None:
             raise UsageError(f"{path}: a LoRA adapter without recipe.yaml beside it; is this a velora run directory?")
     if run_dir is None:
+        quantization = quantization or "none"
         source = resolve_model(str(reference))
         model = load_base_model(source, quantization=quantization, compute=compute_dtype("auto", device), device=device,
                                 trust_remote_code=trust_remote_code)  # fmt: skip
@@ -61,10 +64,10 @@ def load_eval_model(
 
     # The run's recipe.yaml may come from anyone: its trust_remote_code is not ours to follow.
     recipe = (recipe or read_run_recipe(run_dir)).model.model_copy(update={"trust_remote_code": trust_remote_code})
-    if quantization not in ("none", recipe.quantization):
+    if quantization not in (None, recipe.quantization):
         raise UsageError(
-            f"{run_dir} was trained on a {recipe.quantization} base; --quantization applies to hub ids and "
-            "checkpoint directories"
+            f"--quantization {quantization}: {run_dir} was trained on a {recipe.quantization} base and is evaluated "
+            "on it; --quantization applies to hub ids and model directories"
         )
     check_weights(Path(path))  # a damaged adapter is one line naming the file, before the base loads
     from peft import PeftModel  # peft pulls in half of transformers; only a run's adapter needs it
@@ -87,7 +90,7 @@ def run_eval_command(
     shots: int,
     batch_size: int,
     split: str,
-    quantization: str,
+    quantization: str | None,
     json_path: Path | None,
     save_predictions: Path | None,
     trust_remote_code: bool = False,
@@ -95,7 +98,7 @@ def run_eval_command(
     """`velora eval --mmlu`: load the data (fail fast), then the model, score, print, write files."""
     if not mmlu:
         raise UsageError("velora eval: choose a benchmark; --mmlu (5-shot MMLU) is the one eval supports")
-    if quantization not in QUANTIZATIONS:
+    if quantization is not None and quantization not in QUANTIZATIONS:
         raise UsageError(f"--quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
     wanted = [s.strip() for s in subjects.split(",") if s.strip()] if subjects else None
     data = load_mmlu(data_dir, split=split, subjects=wanted, limit=limit, shots=shots)

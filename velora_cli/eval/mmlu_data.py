@@ -227,7 +227,11 @@ def load_hub(*, split: str, subjects: list[str] | None, limit: int | None) -> di
 
         dataset = datasets.load_dataset(*HUB_DATASET)
     except Exception as exc:  # offline, missing package, hub error: all mean "use local files"
+        from velora_cli.common.hub import offline
+
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if offline():  # the library's own wording of it is noise: say it in ours
+            text = "not in the local cache, and HF_HUB_OFFLINE is set"
         raise UsageError(
             f"cannot load {HUB_DATASET[0]} from the Hugging Face hub ({text}); pass --data-dir (or set "
             "VELORA_MMLU_DIR) to MMLU in the original CSV layout"

@@ -85,11 +85,14 @@ def model_card(
             "from peft import PeftModel",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
             "",
-            'base = AutoModelForCausalLM.from_pretrained("BASE_MODEL")',
+            f'base = AutoModelForCausalLM.from_pretrained("{base if hub_base else "BASE_MODEL"}")',
             'model = PeftModel.from_pretrained(base, "THIS_DIR")',
             'tokenizer = AutoTokenizer.from_pretrained("THIS_DIR")',
             "```",
         ]
+        if not hub_base:
+            lines += ["", f"BASE_MODEL: `{base}` as velora resolves it (`velora generate THIS_DIR --prompt ...` "
+                      "loads both for you)."]  # fmt: skip
     else:
         lines += [
             f"This directory holds the base model with {where} of run `{run_dir.name}` merged in, saved in {dtype}. "
@@ -132,3 +135,16 @@ def full_model_card(recipe, recipe_text: str, run_dir: Path, dtype_name: str) ->
         'model = AutoModelForCausalLM.from_pretrained("THIS_DIR")', "```", "",
         "## Recipe", "", "```yaml", recipe_text.rstrip(), "```", "",
     ])  # fmt: skip
+
+
+def make_adapter_portable(directory: Path, recipe, recipe_text: str, run_dir: Path) -> None:
+    """What PEFT's save_pretrained leaves, made to travel: adapter_config.json names the base as the user wrote it
+    (PEFT writes the path it was loaded from, a cache folder on this machine for a converted or local model), and
+    README.md is this run's model card instead of PEFT's blank template."""
+    config_path = directory / "adapter_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["base_model_name_or_path"] = recipe.model.name
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    card = model_card(recipe=recipe, recipe_text=recipe_text, run_dir=run_dir, adapter_path=run_dir, dtype=None,
+                      adapter_only=True)  # fmt: skip
+    (directory / "README.md").write_text(card, encoding="utf-8")

@@ -254,3 +254,11 @@ def run_export(run_dir: Path, options: ExportOptions) -> None:
     for path in sorted(target.iterdir()):
         if path.is_file() and not path.name.startswith("."):
             typer.echo(f"  {path.name:<40} {human_bytes(path.stat().st_size):>12}")
+    if fmt == "gguf" and not options.adapter_only:
+        from velora_cli.export.gguf import GGUF_FILE
+        from velora_cli.export.modelfile import serve_commands
+
+        recipe = read_run_recipe(run_dir)
+        typer.echo("serve it with:")
+        for command in serve_commands(target, recipe.name or run_dir.name, GGUF_FILE):
+            typer.echo(f"  {command}")

@@ -98,3 +98,15 @@ def modelfile(gguf_name: str, style: PromptStyle, tokenizer: Any, context_length
     lines += [f"PARAMETER stop {_stop(stop)}" for stop in stops]
     lines.append(f"PARAMETER num_ctx {min(context_length, NUM_CTX_CAP)}")
     return "\n".join(lines) + "\n"
+
+
+def serve_commands(folder: Any, name: str, gguf_name: str) -> list[str]:
+    """The exact commands that serve a GGUF export: Ollama through its Modelfile, llama.cpp's chat on the file (its
+    chat template, the one the run trained with, is in the GGUF metadata)."""
+    import shlex
+
+    tag = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._") or "velora"  # Ollama's model-name alphabet
+    return [
+        f"ollama create {tag} -f {shlex.quote(f'{folder}/{MODELFILE}')} && ollama run {tag}",
+        f"llama-cli -m {shlex.quote(f'{folder}/{gguf_name}')} -cnv",
+    ]

@@ -48,6 +48,7 @@ class StepGuard(TrainerCallback):
         self._tokens = 0
         self._step = 0
         self._handles: list[Any] = []
+        self.trained_tokens = 0  # loss-bearing tokens of the training forwards so far (labels not -100)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._handles = [
@@ -67,6 +68,9 @@ class StepGuard(TrainerCallback):
         self._handles = []
 
     def _before(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        labels = kwargs.get("labels")
+        if labels is not None and module.training and torch.is_grad_enabled():
+            self.trained_tokens += int((labels[..., 1:] != -100).sum())  # the shifted targets the loss is taken on
         if self.activation_bytes_per_token is None and module.training and torch.is_grad_enabled():
             mask = kwargs.get("attention_mask")
             self._tokens = int(mask.sum()) if mask is not None else int(kwargs["input_ids"].numel())
@@ -167,6 +171,7 @@ class RunMonitor(TrainerCallback):
         self.guard = guard
         self.last_time = time.monotonic()
         self.last_tokens = 0
+        self.last_trained = 0
         self.last_step = 0
         self.history: list[dict[str, Any]] = []
 
@@ -181,6 +186,8 @@ class RunMonitor(TrainerCallback):
             self.display.start()
 
     def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True  # the last step is logged: the final panel and train_loss are its figures
         if self.display and state.is_world_process_zero:
             self.display.tick(state.global_step)
 
@@ -207,7 +214,12 @@ class RunMonitor(TrainerCallback):
             record["samples_per_second"] = (
                 steps * args.train_batch_size * args.gradient_accumulation_steps * world_size() / elapsed
             )
+            # Loss-bearing tokens (no prompt, no padding) of this process's micro-batches; under DDP each rank
+            # trains as many batches, so the world's rate is this one's times the ranks.
+            trained = self.guard.trained_tokens - self.last_trained
+            record["trained_tokens_per_second"] = trained * world_size() / elapsed
             self.last_time, self.last_tokens, self.last_step = now, state.num_input_tokens_seen, state.global_step
+            self.last_trained = self.guard.trained_tokens
         stats = memory_stats(self.device)
         record["memory_bytes"] = stats.as_dict()
         record["memory"] = stats.short()

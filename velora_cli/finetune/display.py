@@ -45,6 +45,15 @@ def format_duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
+def human_duration(seconds: float) -> str:
+    """1811.5 -> '30 min 12 s'; 42.3 -> '42.3 s'."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min" if hours else f"{minutes} min {secs} s"
+
+
 class TrainingDisplay:
     """Renders training records; `update` is called on every logging step, `tick` on every optimizer step."""
 
@@ -66,7 +75,8 @@ class TrainingDisplay:
     def start(self) -> None:
         self.started = time.monotonic()
         if self.interactive:
-            self.live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
+            # get_renderable: the panel is drawn afresh on every refresh, so the clock runs during a long step
+            self.live = Live(console=self.console, refresh_per_second=4, transient=False, get_renderable=self._render)
             self.live.start()
         else:
             facts = ", ".join(f"{k}={v}" for k, v in self.notes.items())
@@ -86,15 +96,16 @@ class TrainingDisplay:
     def tick(self, step: int) -> None:
         self.step = step
         if self.live is not None:
-            self.live.update(self._render())
+            self.live.refresh()
 
     def update(self, record: dict[str, Any]) -> None:
-        self.last = record
+        # Merged, not replaced: the Trainer's closing record (runtime, no loss) must not blank lr, grad norm, speed.
+        self.last = {**self.last, **{k: v for k, v in record.items() if v is not None}}
         self.step = record.get("step", self.step)
         if "loss" in record:
             self.losses.append(record["loss"])
         if self.live is not None:
-            self.live.update(self._render())
+            self.live.refresh()
         else:
             self.console.print(plain_line(record, self.total_steps), highlight=False, markup=False, soft_wrap=True)
 
@@ -110,7 +121,8 @@ class TrainingDisplay:
         table.add_column(style="bold cyan", justify="right")
         table.add_column()
         pct = 100 * self.step / max(1, self.total_steps)
-        table.add_row("step", f"{self.step}/{self.total_steps} ({pct:.0f}%)   epoch {r.get('epoch', 0):.2f}")
+        table.add_row("step", f"{self.step}/{self.total_steps} ({pct:.0f}%)   epoch {r.get('epoch', 0):.2f}"
+                      + ("   (step 1 running)" if self.step == 0 else ""))  # fmt: skip
         if self.losses:
             table.add_row("loss", f"{self.losses[-1]:.4f}  {sparkline(self.losses)}")
         if "eval_loss" in r:
@@ -119,10 +131,15 @@ class TrainingDisplay:
             table.add_row("rewards", f"accuracy {r['reward_accuracy']:.0%}   margin {r.get('reward_margin') or 0:.3f}")
         if "learning_rate" in r:
             table.add_row("lr", f"{r['learning_rate']:.2e}   grad norm {r.get('grad_norm', float('nan')):.3f}")
+        elapsed = time.monotonic() - self.started
         if "tokens_per_second" in r:
-            speed = f"{r['tokens_per_second']:.0f} tok/s   {r.get('samples_per_second', 0):.2f} samples/s"
-            table.add_row("speed", speed)
-        table.add_row("time", f"{format_duration(time.monotonic() - self.started)} elapsed, ETA {self._eta()}")
+            speed = f"{r['tokens_per_second']:.0f} tok/s"
+            if "trained_tokens_per_second" in r:  # the loss-bearing ones: no prompt, no padding
+                speed += f" ({r['trained_tokens_per_second']:.0f} trained)"
+            table.add_row("speed", f"{speed}   {r.get('samples_per_second', 0):.2f} samples/s")
+        elif self.step > 0:  # before the first logging step: what the clock says
+            table.add_row("speed", f"{elapsed / self.step:.1f} s/step")
+        table.add_row("time", f"{format_duration(elapsed)} elapsed, ETA {self._eta()}")
         if "memory" in r:
             table.add_row("memory", r["memory"])
         for key, value in self.notes.items():
@@ -141,6 +158,7 @@ def plain_line(record: dict[str, Any], total_steps: int) -> str:
         ("learning_rate", "lr {:.2e}"),
         ("grad_norm", "grad_norm {:.3f}"),
         ("tokens_per_second", "{:.0f} tok/s"),
+        ("trained_tokens_per_second", "{:.0f} trained tok/s"),
         ("samples_per_second", "{:.2f} samples/s"),
     ):
         if key in record and record[key] is not None:
@@ -232,7 +250,7 @@ def print_summary(summary: RunSummary, out: Console) -> None:
     if summary.export is not None:
         table.add_row("merged export", summary.export.path)
     for stage, info in summary.stages.items():
-        table.add_row(f"{stage} time", f"{info.seconds:.1f} s")
+        table.add_row(f"{stage} time", human_duration(info.seconds))
     out.print(table)
 
 

@@ -76,7 +76,8 @@ def stage_train(recipe: Recipe, run_dir: Path, resume: bool, summary: RunSummary
     from velora_cli.finetune.plan import rng_preserved
 
     session = checks.session  # prepared by the pre-flight: model reference, tokenizer, data, the recipe as trained
-    plan = session.setup()
+    with out.status("loading the model and building the trainer"):  # a minute or more on a CPU: say so
+        plan = session.setup()
     summary.description = RunDescription.of(recipe)
     if is_main_process():
         report.print_plan(plan.lines(), out)

@@ -195,6 +195,7 @@ class FinetuneSession:
             seed=t.seed,
             data_seed=t.seed,
             logging_steps=t.logging_steps,
+            logging_first_step=True,  # loss, lr and speed on the panel from step 1, not from the first logging step
             eval_strategy="steps" if has_eval else "no",
             eval_steps=t.eval_steps if has_eval else None,
             save_strategy="steps",
@@ -278,6 +279,9 @@ class FinetuneSession:
         finally:
             interrupt.restore()
             if viewer:
+                if saving:  # the figure summary.json records, measured now that VeLoRA has initialised
+                    measured = velora_saving_per_token(self.model)
+                    viewer.notes["VeLoRA saves"] = f"{human_bytes(measured)}/token of activations"
                 viewer.stop()
         seconds = time.monotonic() - started
         eval_loss = None if interrupt.requested else self.evaluate_loss()
@@ -348,7 +352,12 @@ class FinetuneSession:
             only = {"selected_adapters": ["default"]} if "ref" in getattr(model, "peft_config", {}) else {}
             model.save_pretrained(staging, **only)
             self.tokenizer.save_pretrained(staging)
-            (staging / runs.RECIPE_FILE).write_text(dump_recipe(self.recipe), encoding="utf-8")
+            recipe_text = dump_recipe(self.recipe)
+            (staging / runs.RECIPE_FILE).write_text(recipe_text, encoding="utf-8")
+            if not self.recipe.full:
+                from velora_cli.export.card import make_adapter_portable
+
+                make_adapter_portable(staging, self.recipe, recipe_text, self.run_dir)
             save_velora_vectors(model, staging)
             for item in staging.iterdir():
                 target = self.run_dir / item.name

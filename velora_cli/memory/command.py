@@ -129,7 +129,10 @@ def run_memory_estimate(
     largest = None
     if budget is not None:
         largest = (largest_fitting(arch, s, budget, "batch"), largest_fitting(arch, s, budget, "seq", limit=1 << 18))
-    report.print_estimate(est, variants(arch, s, velora_layers), budget, largest, paper_totals(arch, s, velora_layers))
+    import torch
+
+    report.print_estimate(est, variants(arch, s, velora_layers), budget, largest, paper_totals(arch, s, velora_layers),
+                          torch.cuda.is_available())  # fmt: skip
     if memory_plan is not None:
         report.print_memory_plan(memory_plan, s.seq, memory_plan.options[0].settings.batch)
     if measure:

@@ -211,7 +211,7 @@ def plan(
     why += f"{choice.total / 2**30:.2f} of {budget / 2**30:.2f} GiB)"
     if faster:
         near = min(faster, key=lambda o: o.total)
-        why += f"; faster needs more: {near.name} {near.speed:.2f}x at {near.total / 2**30:.2f} GiB"
+        why += f"; faster needs more: {near.name} {near.speed:.2f}x at {near.total / 2**30:.3f} GiB"
     if set(choice.settings.velora) - set(PAPER_VELORA_LAYERS):
         # The speed model has no accuracy term; this is the one lever that trades it (BENCHMARKS.md, convergence).
         why += "; VeLoRA beyond v,d approximates more weight gradients than the paper's setting and can cost accuracy"

@@ -16,12 +16,29 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.2f}"
 
 
+def _gib_against(n: float, budget: float) -> str:
+    """`n` in GiB with the digits it takes to tell it from `budget` (2.004 against 2.00 GiB, not 2.00 (no))."""
+    digits = 2
+    while digits < 5 and (f"{n / 2**30:.{digits}f}" == f"{budget / 2**30:.{digits}f}") and n != budget:
+        digits += 1
+    return f"{n / 2**30:.{digits}f}"
+
+
+def target_line(device: str, cuda_here: bool) -> str:
+    """Which machine the estimate is for: a CUDA GPU always (what the recipe is planned to run on); said plainly
+    when this machine has none, so a CPU's figures are not mistaken for it."""
+    if device == "cuda" and not cuda_here:
+        return "planned for a CUDA GPU (this machine has none; its own run would differ: fp32, no CUDA context)"
+    return f"planned for {device}"
+
+
 def print_estimate(
     est: Estimate,
     variants: list[tuple[str, Estimate]],
     budget: int | None,
     largest: tuple[int, int] | None,
     paper: dict[str, dict[str, float]] | None,
+    cuda_here: bool = True,
 ) -> None:
     """The memory-estimate table: components per variant, the budget verdict and the paper's accounting."""
     arch, s = est.arch, est.settings
@@ -30,9 +47,10 @@ def print_estimate(
         f"{arch.name}: {arch.total_params / 1e9:.2f}B params, {s.quantization}"
         f"{' + double quant' if s.quantization in ('nf4', 'fp4') and s.double_quant else ''}, {s.compute} compute, "
         f"micro-batch {s.batch}{' pairs (2 rows each)' if s.pairs else ''} x seq {s.seq}, "
-        f"LoRA r={s.lora_r} on {','.join(t[0] for t in s.targets)}, "
-        f"dropout {s.lora_dropout}, {s.attn}, {s.optimizer}, {s.device}"
-    )
+        + (f"LoRA r={s.lora_r} on {','.join(t[0] for t in s.targets)}, dropout {s.lora_dropout}, " if s.targets
+           else "every weight trained (no LoRA), ")
+        + f"{s.attn}, {s.optimizer}, {s.device}"
+    )  # fmt: skip
     table = Table(title=title, title_justify="left")
     table.add_column("GiB")
     for label, v in variants:
@@ -44,6 +62,7 @@ def print_estimate(
     if budget is not None:
         table.add_row("fits", *("yes" if v.total <= budget else "[red]no[/red]" for _, v in variants))
     console.print(table)
+    console.print(target_line(s.device, cuda_here))
     console.print(
         f"* = this recipe. overhead = {OVERHEAD_CONTEXT // 2**20} MiB CUDA context + "
         f"{OVERHEAD_FRACTION:.0%} allocator slack (an assumption, not measured here). "
@@ -61,7 +80,7 @@ def print_estimate(
     if paper is not None:
         console.print(
             "paper accounting (4-bit weights + fp16 adapters + fp16 inputs of trainable layers): "
-            + ", ".join(f"{k} {v['total'] / 1e9:.2f} GB" for k, v in paper.items())
+            + ", ".join(f"{k} {human_bytes(v['total'])}" for k, v in paper.items())
         )
 
 
@@ -94,7 +113,7 @@ def print_memory_plan(result: PlanResult, seq: int, batch: int) -> None:
         fits = "" if option.total <= result.budget else " [red](no)[/red]"
         table.add_row(
             option.name + mark,
-            _gib(option.total) + fits,
+            _gib_against(option.total, result.budget) + fits,
             f"{option.speed:.2f}x",
             f"{option.max_seq:,}" if option.max_seq else "none",
             _gib(option.host) if option.host else "-",

@@ -71,7 +71,10 @@ def convert_gguf(gguf_path: Path) -> Path:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    with staged_dir(target) as staging:
+    from velora_cli.common.logs import library_bars_to_log
+
+    what = f"converting {gguf_path.name} once into a checkpoint under {cache_dir()} (a minute or so on a CPU)"
+    with staged_dir(target) as staging, library_bars_to_log(what):
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
         # The dequantised weights are ordinary fp32 tensors; drop the GGUF quantizer so they save as such.

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from velora_cli.common.errors import UsageError
 from velora_cli.common.memstats import parse_bytes
+from velora_cli.config.distributed import DistributedSection
 from velora_cli.config.presets import DEFAULT_MODEL
 from velora_cli.engine.config import DEFAULT_NUM_GROUPS, INIT_TYPES, VeloraConfig, VeloraConfigError, expand_layer_names
 
@@ -254,6 +255,7 @@ class Recipe(Section):
     export: ExportSection = Field(default_factory=ExportSection)
     eval: EvalSection = Field(default_factory=EvalSection)
     memory: MemorySection = Field(default_factory=MemorySection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
 
     @model_validator(mode="after")
     def _checkpointing_alias(self) -> Recipe:

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from velora_cli.common.errors import UsageError
 from velora_cli.common.memstats import parse_bytes
+from velora_cli.config.distributed import DistributedSection
 from velora_cli.config.preference import PREFERENCE_METHODS, PreferenceSection
 from velora_cli.config.presets import DEFAULT_MODEL
 from velora_cli.engine.config import DEFAULT_NUM_GROUPS, INIT_TYPES, VeloraConfig, VeloraConfigError, expand_layer_names
@@ -258,6 +259,7 @@ class Recipe(Section):
     eval: EvalSection = Field(default_factory=EvalSection)
     memory: MemorySection = Field(default_factory=MemorySection)
     preference: PreferenceSection = Field(default_factory=PreferenceSection)  # method: dpo (config/preference.py)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
 
     @field_validator("name")
     @classmethod

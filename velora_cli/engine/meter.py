@@ -23,7 +23,14 @@ UNATTRIBUTED = "(unattributed)"
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
-    return (str(t.device), t.untyped_storage().data_ptr())
+    local = getattr(t, "_local_tensor", t)  # an FSDP2 parameter is a DTensor: its storage is the local shard's
+    return (str(local.device), local.untyped_storage().data_ptr())
+
+
+def _has_storage(t: torch.Tensor) -> bool:
+    """False for meta tensors and for FSDP2's gathered parameters once freed (storage resized to 0)."""
+    local = getattr(t, "_local_tensor", t)
+    return local.device.type != "meta" and local.untyped_storage().nbytes() > 0
 
 
 def _tensors_in(obj: Any) -> Iterator[torch.Tensor]:
@@ -98,7 +105,7 @@ class ActivationMeter:
         if self.model is not None:
             # Taken at exit, not entry: a buffer reassigned during the forward (VeLoRA's v) is still a buffer.
             held = list(self.model.parameters()) + list(self.model.buffers())
-            self._excluded = {_storage_key(t) for t in held if t.device.type != "meta"}
+            self._excluded = {_storage_key(t) for t in held if _has_storage(t)}
         # Attribute now, while the graph still holds its saved tensors (a backward pass frees them), and let
         # go of the outputs so the meter does not keep the graph alive.
         self._by_op = self._attribute() if self._roots and self.attribute else None

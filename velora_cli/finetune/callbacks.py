@@ -30,6 +30,7 @@ from velora_cli.common.errors import TrainingAborted
 from velora_cli.common.memstats import memory_stats
 from velora_cli.engine import ActivationMeter
 from velora_cli.finetune.display import TrainingDisplay
+from velora_cli.finetune.sharding import all_finite
 from velora_cli.rundir.layout import ADAPTER_WEIGHTS, checkpoint_dirs, resumable_checkpoints
 
 # ------------------------------------------------------------------------------------------------ guards
@@ -97,7 +98,7 @@ class StepGuard(TrainerCallback):
         if args.fp16 or model is None:
             return
         grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
-        if grads and not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all():
+        if grads and not all_finite(grads):
             raise TrainingAborted(
                 f"a gradient became non-finite (NaN/inf) at step {self._step}; training stopped before the optimizer "
                 f"step ({last_good(self.run_dir, self.velora)}). Lower train.learning_rate or check the data."
@@ -131,16 +132,18 @@ class CheckpointKeeper(TrainerCallback):
         self.run_dir, self.keep, self.velora = Path(run_dir), keep, velora
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if not state.is_world_process_zero:
-            return
-        current = self.run_dir / f"checkpoint-{state.global_step}"
         trainable = [p for p in model.parameters() if p.requires_grad] if model is not None else []
-        if trainable and not torch.isfinite(torch.stack(torch._foreach_norm(trainable))).all():
-            shutil.rmtree(current, ignore_errors=True)
+        finite = all_finite(trainable)  # every rank: under FSDP each holds a shard of the weights
+        current = self.run_dir / f"checkpoint-{state.global_step}"
+        if not finite:
+            if state.is_world_process_zero:
+                shutil.rmtree(current, ignore_errors=True)
             raise TrainingAborted(
                 f"the adapter weights are not finite (NaN/inf) at step {state.global_step}; its checkpoint was "
                 f"discarded and training stopped ({last_good(self.run_dir, self.velora)})"
             )
+        if not state.is_world_process_zero:
+            return
         complete = resumable_checkpoints(self.run_dir, self.velora)
         if current not in complete:
             return  # not written (another rank's turn, or save failed): rotate nothing

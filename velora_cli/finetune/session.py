@@ -149,7 +149,7 @@ class FinetuneSession:
 
             self.trainer = make_dpo_trainer(self, callbacks)
         else:
-            self.trainer = Trainer(
+            self.trainer = self.make_trainer(
                 model=self.model,
                 args=self.training_arguments(),
                 train_dataset=data.train_set,
@@ -167,6 +167,18 @@ class FinetuneSession:
             self.trainer.optimizer = layerwise_for_trainer(self.trainer, fused=fused)
         return self.plan
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP2: several processes, and the recipe (as prepared: auto resolved) asks for fsdp."""
+        return world_size() > 1 and self.recipe.distributed.strategy == "fsdp"
+
+    def make_trainer(self, **kwargs) -> Trainer:
+        if not self.sharded:
+            return Trainer(**kwargs)
+        from velora_cli.finetune.sharding import ShardingTrainer
+
+        return ShardingTrainer(**kwargs)
+
     def evaluate_loss(self) -> float | None:
         """Mean loss on the validation rows (None without a validation split)."""
         if self.val_set is None:
@@ -178,7 +190,13 @@ class FinetuneSession:
         t = self.recipe.train
         compute = self._compute()
         has_eval = self.val_set is not None and t.eval_steps is not None
+        sharding = {}
+        if self.sharded:
+            from velora_cli.finetune.sharding import fsdp_arguments
+
+            sharding = fsdp_arguments(self.recipe, self.model)
         return kind(
+            **sharding,
             output_dir=str(self.run_dir),
             per_device_train_batch_size=t.micro_batch_size,
             per_device_eval_batch_size=t.micro_batch_size,
@@ -341,16 +359,22 @@ class FinetuneSession:
     def save(self) -> None:
         """Adapter, tokenizer, resolved recipe, VeLoRA vectors: staged, then renamed into the run dir."""
         # Not one staged rename: the files join an existing directory (checkpoints, metrics), so each is renamed in.
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model) if self.trainer else self.model
+        # DPO from an adapter: TRL's frozen reference copy ("ref") is not part of the result
+        extra: dict = {"selected_adapters": ["default"]} if "ref" in getattr(model, "peft_config", {}) else {}
+        if self.sharded:  # every rank sends its shards; rank 0 writes the same files a single process would
+            from velora_cli.finetune.sharding import full_state_dict
+
+            extra["state_dict"] = full_state_dict(model)
+            if not self.recipe.full:
+                extra["selected_adapters"] = ["default"]
         if not is_main_process():
             return
         staging = self.run_dir / STAGING / "final"
         try:
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
-            model = self.trainer.accelerator.unwrap_model(self.model) if self.trainer else self.model
-            # DPO from an adapter: TRL's frozen reference copy ("ref") is not part of the result
-            only = {"selected_adapters": ["default"]} if "ref" in getattr(model, "peft_config", {}) else {}
-            model.save_pretrained(staging, **only)
+            model.save_pretrained(staging, **extra)
             self.tokenizer.save_pretrained(staging)
             recipe_text = dump_recipe(self.recipe)
             (staging / runs.RECIPE_FILE).write_text(recipe_text, encoding="utf-8")

@@ -56,9 +56,19 @@ MODEL_CONFIG = "config.json"  # a full/pretrain run (or its checkpoint) holds a 
 TRAINER_STATE = "trainer_state.json"  # transformers' Trainer writes it last into each checkpoint
 
 
+# An FSDP checkpoint with distributed.fsdp.state_dict: sharded holds every rank's shards here (accelerate's name,
+# torch.distributed.checkpoint's layout) instead of an adapter or model.
+SHARDED_WEIGHTS = "pytorch_model_fsdp_0"
+
+
 def has_weights(path: Path) -> bool:
     """An adapter (qlora/lora) or a whole model (full/pretrain) was saved here."""
     return (path / ADAPTER_CONFIG).is_file() or (path / MODEL_CONFIG).is_file()
+
+
+def checkpoint_has_weights(path: Path) -> bool:
+    """A checkpoint holds its weights whole (as has_weights) or as FSDP shards."""
+    return has_weights(path) or (path / SHARDED_WEIGHTS).is_dir()
 
 
 def is_run_dir(path: Path) -> bool:
@@ -73,7 +83,7 @@ def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
 
 def checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (staging dirs never match the name pattern)."""
-    return [p for _, p in checkpoint_dirs(run_dir) if has_weights(p)]
+    return [p for _, p in checkpoint_dirs(run_dir) if checkpoint_has_weights(p)]
 
 
 def checkpoint_step(path: Path) -> int | None:

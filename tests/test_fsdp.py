@@ -1,0 +1,185 @@
+"""FSDP2 on CPU (gloo), launched by `velora finetune --nproc-per-node`: what users of sharded training depend on.
+
+A 2-process FSDP run of LoRA and of full fine-tuning equals a 1-process run on the same global batch (per-step loss
+and final weights); two launcher processes with --nnodes 2 and a rendezvous on 127.0.0.1 train one run into one run
+directory; a rank killed mid-run is one error line, and the same command then resumes from the sharded checkpoint
+and ends equal to an uninterrupted run. The saved adapter is a normal PEFT adapter loaded in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_TASKS = REPO / "recipes" / "data" / "demo_tasks_train.json"
+TIMEOUT = 240
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
+        reason="torch.distributed with gloo is not available",
+    ),
+]
+
+# Loaded by every worker (sitecustomize on PYTHONPATH): SIGKILL rank KILL_RANK once step KILL_STEP's optimizer step
+# is done and before the next checkpoint, so only the earlier checkpoint survives.
+KILLER = """
+import os
+if os.environ.get("KILL_STEP") and os.environ.get("RANK") == os.environ.get("KILL_RANK"):
+    import signal
+    from transformers import TrainerCallback
+    import velora_cli.finetune.session as session
+
+    class _Kill(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == int(os.environ["KILL_STEP"]):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    _setup = session.FinetuneSession.setup
+
+    def setup(self):
+        plan = _setup(self)
+        self.trainer.add_callback(_Kill())
+        return plan
+
+    session.FinetuneSession.setup = setup
+"""
+
+
+def recipe(model_dir: Path, run_dir: Path, method: str = "lora", **train: object) -> dict:
+    r = {
+        "name": "fsdp",
+        "method": method,
+        "model": {"name": str(model_dir), "quantization": "none"},
+        "velora": {"enabled": method != "full", "layers": ["v", "d"], "num_groups": 4},
+        "data": {"path": str(DEMO_TASKS), "cutoff_len": 96, "template": "alpaca"},
+        # group_by_length off: its mega-batches depend on the number of processes, so rows would differ per step.
+        "train": {"micro_batch_size": 1, "batch_size": 4, "max_steps": 3, "learning_rate": 1e-2, "logging_steps": 1,
+                  "save_steps": 2, "group_by_length": False, **train},  # fmt: skip
+        "distributed": {"strategy": "fsdp"},
+        "output": {"dir": str(run_dir)},
+    }
+    if method != "full":
+        r["lora"] = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["qkvogud"]}
+    return r
+
+
+def env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    hooks = tmp_path / "hooks"
+    hooks.mkdir(exist_ok=True)
+    (hooks / "sitecustomize.py").write_text(KILLER, encoding="utf-8")
+    e.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", COLUMNS="200",
+             PYTHONPATH=os.pathsep.join([str(hooks), str(REPO), e.get("PYTHONPATH", "")]), **extra)  # fmt: skip
+    return e
+
+
+def velora(args: list[str], tmp_path: Path, **extra: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "velora_cli", "finetune", *args]
+    return subprocess.run(command, cwd=tmp_path, env=env(tmp_path, **extra), capture_output=True, text=True,
+                          timeout=TIMEOUT)  # fmt: skip
+
+
+def write(tmp_path: Path, name: str, data: dict) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in records if "loss" in r]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    name = "adapter_model.safetensors" if (run_dir / "adapter_model.safetensors").is_file() else "model.safetensors"
+    return load_file(str(run_dir / name))
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    la, lb = losses(a), losses(b)
+    assert [s for s, _ in la] == [s for s, _ in lb] and la
+    for (_, x), (_, y) in zip(la, lb, strict=True):
+        assert x == pytest.approx(y, rel=1e-5)
+    wa, wb = weights(a), weights(b)
+    assert sorted(wa) == sorted(wb)
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_two_process_fsdp_equals_one_process(method: str, tmp_path: Path, tiny_llama_dir: Path) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert velora([str(write(tmp_path, "one", recipe(tiny_llama_dir, one, method)))], tmp_path).returncode == 0
+    proc = velora([str(write(tmp_path, "two", recipe(tiny_llama_dir, two, method))), "--nproc-per-node", "2"],
+                  tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_same_run(one, two)
+    # Checkpoints hold the shards (torch.distributed.checkpoint), the final files are whole, written once.
+    assert (two / "checkpoint-3" / "pytorch_model_fsdp_0").is_dir()
+    assert not list(two.glob("*fsdp*"))
+    if method == "lora":  # a normal PEFT adapter, loaded by one process onto the unsharded base
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, two)
+        saved = weights(two)
+        name = next(k for k in saved if "lora_B" in k)
+        loaded = dict(model.named_parameters())[name.replace("lora_B.weight", "lora_B.default.weight")]
+        assert torch.equal(loaded.detach(), saved[name]) and saved[name].abs().max() > 0
+        assert (two / "velora_projections.safetensors").is_file()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_localhost_train_one_run(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert velora([str(write(tmp_path, "one", recipe(tiny_llama_dir, one)))], tmp_path).returncode == 0
+    path = write(tmp_path, "two", recipe(tiny_llama_dir, two))
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [
+        subprocess.Popen(
+            [sys.executable, "-m", "velora_cli", "finetune", str(path), "--nproc-per-node", "1", "--nnodes", "2",
+             "--node-rank", str(rank), "--rdzv-endpoint", endpoint],  # fmt: skip
+            cwd=tmp_path, env=env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    results = [node.communicate(timeout=TIMEOUT) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-3000:] for _, err in results]
+    assert_same_run(one, two)  # 2 nodes x 1 process: the same global batch as one process
+
+
+def test_killed_rank_is_one_line_and_the_rerun_resumes_exactly(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    args = ["--nproc-per-node", "2"]
+    proc = velora([str(write(tmp_path, "whole", recipe(tiny_llama_dir, whole, max_steps=4))), *args], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    path = write(tmp_path, "killed", recipe(tiny_llama_dir, killed, max_steps=4))
+    proc = velora([str(path), *args], tmp_path, KILL_RANK="1", KILL_STEP="3")
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: rank 1 was killed by signal 9 on {socket.gethostname()}; the other ranks were "
+                      f"stopped and the complete checkpoints in {killed} are kept: run the same command to resume"]
+    assert proc.stderr.splitlines()[-1] == errors[0]  # the launcher's word is the last (no torchrun report after it)
+    assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-2"]
+    proc = velora([str(path), *args], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_same_run(whole, killed)

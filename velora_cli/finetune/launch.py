@@ -1,0 +1,105 @@
+"""`velora finetune RECIPE --nproc-per-node N [--nnodes M --node-rank R --rdzv-endpoint HOST:PORT]`: this process
+becomes torchrun's agent (torch.distributed.run, as torchtune's `tune run` does) and starts N workers running
+`python -m velora_cli finetune RECIPE ...` with the same options minus the launcher's.
+
+What the launcher adds to torchrun: the recipe is checked before any worker starts; more processes than devices,
+a node that never joins and a crashed rank are one `error:` line and a non-zero exit instead of torchrun's report
+(checkpoints are written whole or not at all, so the same command resumes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from velora_cli.common.errors import UsageError, VeloraError
+from velora_cli.config.load import load_recipe
+
+
+@dataclass(frozen=True)
+class Launch:
+    nproc_per_node: int
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str | None = None
+
+
+def child_arguments(recipe: Path, overrides: list[str], output_dir: Path | None, max_steps: int | None,
+                    resume: bool, stages: str | None, verbose: bool, force: bool = False) -> list[str]:  # fmt: skip
+    """The worker's `velora finetune` arguments: the user's, without the launcher flags."""
+    args = [str(recipe)]
+    for text in overrides:
+        args += ["--set", text]
+    if output_dir is not None:
+        args += ["--output-dir", str(output_dir)]
+    if max_steps is not None:
+        args += ["--max-steps", str(max_steps)]
+    if not resume:
+        args.append("--no-resume")
+    if stages is not None:
+        args += ["--stages", stages]
+    if verbose:
+        args.append("--verbose")
+    if force:  # every rank makes the same ownership check (rundir.ownership)
+        args.append("--force")
+    return args
+
+
+def _check_devices(nproc: int) -> None:
+    if torch.cuda.is_available() and os.environ.get("VELORA_DEVICE", "") != "cpu":
+        have, what = torch.cuda.device_count(), "GPUs"
+    else:
+        have, what = os.cpu_count() or 1, "CPU cores"
+    if nproc > have:
+        raise UsageError(f"--nproc-per-node {nproc} is more processes than this machine's {have} {what}")
+
+
+def torchrun_arguments(launch: Launch, rdzv_timeout: int, child: list[str]) -> list[str]:
+    """The command line torch.distributed.run parses (after `torchrun`)."""
+    args = ["--nproc-per-node", str(launch.nproc_per_node), "--max-restarts", "0"]
+    if launch.nnodes == 1 and launch.rdzv_endpoint is None:
+        args.append("--standalone")  # a free port on this machine: two single-node runs never clash
+    else:
+        args += ["--nnodes", str(launch.nnodes), "--node-rank", str(launch.node_rank), "--rdzv-backend", "c10d",
+                 "--rdzv-endpoint", launch.rdzv_endpoint or "", "--rdzv-id", "velora",
+                 "--rdzv-conf", f"join_timeout={rdzv_timeout}"]  # fmt: skip
+    return [*args, "-m", "velora_cli", "finetune", *child]
+
+
+def launch_finetune(launch: Launch, recipe: Path, overrides: list[str], output_dir: Path | None, child: list[str],
+                    verbose: bool) -> None:  # fmt: skip
+    """Run the workers under torchrun's agent in this process; raise one-line errors for what can go wrong."""
+    if launch.nnodes > 1 and not launch.rdzv_endpoint:
+        raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+    if not 0 <= launch.node_rank < launch.nnodes:
+        raise UsageError(f"--node-rank {launch.node_rank} is outside 0..{launch.nnodes - 1} (--nnodes {launch.nnodes})")
+    _check_devices(launch.nproc_per_node)
+    # A bad recipe fails here, once, before any worker starts.
+    settled = load_recipe(recipe, overrides, {"output.dir": str(output_dir)} if output_dir is not None else None)
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousError
+    from torch.distributed.run import get_args_parser, run
+
+    if not verbose:  # the agent's own warnings and failure report; the error line below says what matters
+        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    args = get_args_parser().parse_args(torchrun_arguments(launch, settled.distributed.rdzv_timeout, child))
+    run_dir = settled.run_dir()
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        code = failure.exitcode
+        if code == 2:  # a usage/recipe error: rank 0 printed it already
+            raise SystemExit(2) from None
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        raise VeloraError(f"rank {rank} {how} on {socket.gethostname()}; the other ranks were stopped and the "
+                          f"complete checkpoints in {run_dir} are kept: run the same command to resume") from None
+    except RendezvousError as exc:
+        raise VeloraError(f"the nodes did not all join at {launch.rdzv_endpoint} within "
+                          f"{settled.distributed.rdzv_timeout} s (distributed.rdzv_timeout): "
+                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None

@@ -1,0 +1,103 @@
+"""FSDP2 under transformers' Trainer: the arguments that turn it on, the CPU/gloo switch accelerate lacks, and the
+full state dict gathered from the shards so the run dir holds a normal adapter or model any one process loads.
+
+The sharding itself is accelerate's (`fully_shard` per decoder layer, fsdp_version=2); nothing here shards by hand.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+
+from velora_cli.config.recipe import Recipe
+
+
+def decoder_layer_class(model: nn.Module) -> str:
+    """The class FSDP wraps one unit each: the model's own `_no_split_modules` (LlamaDecoderLayer, ...)."""
+    from peft import PeftModel
+
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    names = list(getattr(base, "_no_split_modules", None) or [])
+    present = {type(m).__name__ for m in base.modules()}
+    found = [n for n in names if n in present]
+    if not found:
+        raise ValueError(f"{type(base).__name__} names no decoder-layer class (_no_split_modules) to shard by")
+    return found[0]
+
+
+def fsdp_arguments(recipe: Recipe, model: nn.Module) -> dict[str, Any]:
+    """TrainingArguments fields for FSDP2 as the recipe's `distributed.fsdp` asks."""
+    fsdp = recipe.distributed.fsdp
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "transformer_layer_cls_to_wrap": [decoder_layer_class(model)],
+            "reshard_after_forward": fsdp.reshard_after_forward,
+            "cpu_offload": fsdp.cpu_offload,
+            "state_dict_type": "SHARDED_STATE_DICT" if fsdp.state_dict == "sharded" else "FULL_STATE_DICT",
+            # The memory planner's checkpointing (memory.checkpointing) stays in charge, not FSDP's own.
+            "activation_checkpointing": False,
+        },
+    }
+
+
+class ShardingTrainer(Trainer):
+    """Trainer whose accelerator runs FSDP2 on CPU processes too.
+
+    accelerate enables FSDP only for GPU-type distributed states (state.py puts MULTI_CPU aside), although
+    `fully_shard` itself runs on gloo: the CPU tests and the CPU benchmark need it. So the plugin the Trainer built
+    is installed on the state afterwards, which is exactly what accelerate does on GPUs.
+    """
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if self.is_fsdp_enabled or self.args.fsdp_plugin_args is None:
+            return
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        state = self.accelerator.state
+        state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+        state.distributed_type = DistributedType.FSDP
+        self.is_fsdp_enabled = True
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict, gathered from every rank's shards onto rank 0's CPU (a collective: every rank calls it;
+    the other ranks get an empty dict)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    # Tied weights (lm_head = embed_tokens) come back as two entries; a single process saves the first name only.
+    seen: set[int] = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            state.pop(name, None)
+        seen.add(id(param))
+    return state
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Every element finite, on every rank. FSDP2 tensors are DTensors: each rank checks its own shard and the ranks
+    agree by an all-reduce, so all of them stop together (a collective: every rank calls it when any is sharded)."""
+    from torch.distributed.tensor import DTensor
+
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    local = [t for t in local if t.numel()]
+    finite = bool(torch.isfinite(torch.stack(torch._foreach_norm(local))).all()) if local else True
+    if any(isinstance(t, DTensor) for t in tensors):
+        import torch.distributed as dist
+
+        flag = torch.tensor([int(finite)], device=local[0].device if local else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = bool(flag.item())
+    return finite

@@ -20,12 +20,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from velora_cli.common.device import compute_dtype, default_device
-from velora_cli.common.errors import UsageError
+from velora_cli.common.errors import UsageError, VeloraError
 from velora_cli.common.fs import check_writable, write_json_atomic, write_text_atomic
 from velora_cli.eval.mmlu_data import load_mmlu
 from velora_cli.eval.report import print_mmlu_results
 from velora_cli.eval.summary import accuracy, evaluate_loaded
-from velora_cli.models.load import ModelSource, load_base_model, load_recipe_base, load_tokenizer, resolve_model
+from velora_cli.models.load import (
+    ModelSource,
+    first_line,
+    load_base_model,
+    load_recipe_base,
+    load_tokenizer,
+    resolve_model,
+)
 from velora_cli.rundir.layout import ADAPTER_CONFIG, MMLU_FILE, is_run_dir, latest_run, read_run_recipe
 from velora_cli.rundir.lock import run_lock
 from velora_cli.rundir.verify import check_weights
@@ -73,7 +80,11 @@ def load_eval_model(
     from peft import PeftModel  # peft pulls in half of transformers; only a run's adapter needs it
 
     source = source or resolve_model(recipe.name)
-    model = PeftModel.from_pretrained(load_recipe_base(recipe, device, source), str(path))
+    base = load_recipe_base(recipe, device, source)
+    try:
+        model = PeftModel.from_pretrained(base, str(path))
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # weights of another shape or base
+        raise VeloraError(f"{path}: adapter does not fit the base model: {first_line(exc)}") from None
     has_tokenizer = (path / "tokenizer_config.json").is_file()
     tokenizer = load_tokenizer(ModelSource(str(path), str(path)) if has_tokenizer else source, trust_remote_code)
     description = f"{path} (LoRA adapter on {recipe.name}, {recipe.quantization})"

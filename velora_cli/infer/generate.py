@@ -29,10 +29,10 @@ from typing import Any
 import torch
 
 from velora_cli.common.device import compute_dtype, default_device, dtype_name
-from velora_cli.common.errors import UsageError
+from velora_cli.common.errors import UsageError, VeloraError
 from velora_cli.config.presets import EMBEDDED_PREFIX, GGUF_PREFIX
 from velora_cli.data.templates import PromptStyle, render, style_of_recipe, style_of_tokenizer
-from velora_cli.models.load import ModelSource, load_base_model, load_tokenizer, resolve_model
+from velora_cli.models.load import ModelSource, first_line, load_base_model, load_tokenizer, resolve_model
 from velora_cli.rundir.layout import (
     ADAPTER_CONFIG,
     CHECKPOINT_RE,
@@ -164,7 +164,10 @@ def load_for_inference(
     if target.adapter is not None:
         from peft import PeftModel  # only an adapter run needs peft
 
-        model = PeftModel.from_pretrained(model, str(target.adapter))
+        try:
+            model = PeftModel.from_pretrained(model, str(target.adapter))
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # weights of another shape or base
+            raise VeloraError(f"{target.adapter}: adapter does not fit the base model: {first_line(exc)}") from None
         description = f"{reference} (LoRA adapter on {target.model.reference}, {weights})"
     return Loaded(model.eval(), tokenizer, style, description)
 

@@ -119,6 +119,12 @@ def resume_line(resume_from: Path | None, damaged: list[tuple[Path, str]], moved
     return f"{skipped}; {where}"
 
 
+# The JSON files PEFT and transformers read from a run or checkpoint folder (not velora's own summaries).
+_JSON_FILES = (ADAPTER_CONFIG, "config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "generation_config.json", "added_tokens.json")  # fmt: skip
+_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
 class DamagedFile(VeloraError):
     """A file velora was about to load is truncated, corrupt or an unsafe pickle: exit 1, one line with its path."""
 
@@ -127,12 +133,19 @@ def check_weights(folder: Path) -> None:
     """DamagedFile naming the first damaged file among `folder`'s adapter/model config, safetensors and pickles,
     so that loading it (PEFT, transformers, torch) never ends in a traceback."""
     folder = Path(folder)
-    for name in (ADAPTER_CONFIG, "config.json"):
+    for name in _JSON_FILES:
         if (folder / name).is_file():
             try:
-                json.loads((folder / name).read_text(encoding="utf-8"))
+                content = json.loads((folder / name).read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 raise DamagedFile(f"{folder / name}: not valid JSON (a damaged or half-copied file)") from None
+            if not isinstance(content, dict):
+                raise DamagedFile(f"{folder / name}: a JSON object was expected, not {type(content).__name__}")
+            if name == ADAPTER_CONFIG and not isinstance(content.get("peft_type"), str):
+                raise DamagedFile(f"{folder / name}: no peft_type; not a PEFT adapter configuration")
+    if (folder / ADAPTER_CONFIG).is_file() and not any((folder / f).is_file() for f in _ADAPTER_WEIGHTS):
+        raise DamagedFile(f"{folder}: {ADAPTER_CONFIG} without adapter weights ({' or '.join(_ADAPTER_WEIGHTS)}); "
+                          "a half-copied run?")  # fmt: skip
     for path in sorted(folder.glob("*.safetensors")):
         if problem := safetensors_problem(path):
             raise DamagedFile(f"{path}: {problem.removeprefix(path.name + ' ')}")

@@ -200,7 +200,7 @@ def test_non_finite_metrics_are_strict_json_null_with_a_flag(tmp_path: Path) -> 
         is_world_process_zero, global_step, epoch, num_input_tokens_seen = True, 3, 0.5, 0
 
     class Guard:
-        activation_bytes_per_token = None
+        activation_bytes_per_token, trained_tokens = None, 0
 
     monitor = RunMonitor(tmp_path / "metrics.jsonl", None, torch.device("cpu"), Guard())
     args = SimpleNamespace(train_batch_size=2, gradient_accumulation_steps=1)

@@ -60,7 +60,8 @@ def recipe(model_dir: Path, run_dir: Path, method: str = "lora", **train: object
     r = {
         "name": "fsdp",
         "method": method,
-        "model": {"name": str(model_dir), "quantization": "none"},
+        # qlora: nf4 codes stored in fp32 (the compute dtype) so FSDP shards them too (models/load.py)
+        "model": {"name": str(model_dir), "quantization": "nf4" if method == "qlora" else "none"},
         "velora": {"enabled": method != "full", "layers": ["v", "d"], "num_groups": 4},
         "data": {"path": str(DEMO_TASKS), "cutoff_len": 96, "template": "alpaca"},
         # group_by_length off: its mega-batches depend on the number of processes, so rows would differ per step.
@@ -119,7 +120,7 @@ def assert_same_run(a: Path, b: Path) -> None:
         torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-5, msg=key)
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
 def test_two_process_fsdp_equals_one_process(method: str, tmp_path: Path, tiny_llama_dir: Path) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     assert velora([str(write(tmp_path, "one", recipe(tiny_llama_dir, one, method)))], tmp_path).returncode == 0
@@ -130,7 +131,7 @@ def test_two_process_fsdp_equals_one_process(method: str, tmp_path: Path, tiny_l
     # Checkpoints hold the shards (torch.distributed.checkpoint), the final files are whole, written once.
     assert (two / "checkpoint-3" / "pytorch_model_fsdp_0").is_dir()
     assert not list(two.glob("*fsdp*"))
-    if method == "lora":  # a normal PEFT adapter, loaded by one process onto the unsharded base
+    if method != "full":  # a normal PEFT adapter, loaded by one process onto the unsharded base
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 

@@ -184,3 +184,16 @@ def test_killed_rank_is_one_line_and_the_rerun_resumes_exactly(tmp_path: Path, t
     proc = velora([str(path), *args], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_same_run(whole, killed)
+
+
+def test_a_node_that_never_joins_is_one_line(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    path = write(tmp_path, "r", recipe(tiny_llama_dir, tmp_path / "run"))
+    endpoint = f"127.0.0.1:{free_port()}"
+    proc = velora([str(path), "--nproc-per-node", "1", "--nnodes", "2", "--rdzv-endpoint", endpoint,
+                   "--set", "distributed.rdzv_timeout=5"], tmp_path)  # fmt: skip
+    assert proc.returncode == 1
+    assert [x for x in proc.stderr.splitlines() if x.strip()] == [
+        f"error: the nodes did not all join at {endpoint} within 5 s (distributed.rdzv_timeout): "
+        "RendezvousTimeoutError"
+    ]
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()

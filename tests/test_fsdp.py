@@ -60,7 +60,8 @@ def recipe(model_dir: Path, run_dir: Path, method: str = "lora", **train: object
     r = {
         "name": "fsdp",
         "method": method,
-        "model": {"name": str(model_dir), "quantization": "none"},
+        # qlora: nf4 codes stored in fp32 (the compute dtype) so FSDP shards them too (models/load.py)
+        "model": {"name": str(model_dir), "quantization": "nf4" if method == "qlora" else "none"},
         "velora": {"enabled": method != "full", "layers": ["v", "d"], "num_groups": 4},
         "data": {"path": str(DEMO_TASKS), "cutoff_len": 96, "template": "alpaca"},
         # group_by_length off: its mega-batches depend on the number of processes, so rows would differ per step.
@@ -119,7 +120,7 @@ def assert_same_run(a: Path, b: Path) -> None:
         torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-5, msg=key)
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
 def test_two_process_fsdp_equals_one_process(method: str, tmp_path: Path, tiny_llama_dir: Path) -> None:
     one, two = tmp_path / "one", tmp_path / "two"
     assert velora([str(write(tmp_path, "one", recipe(tiny_llama_dir, one, method)))], tmp_path).returncode == 0
@@ -130,7 +131,7 @@ def test_two_process_fsdp_equals_one_process(method: str, tmp_path: Path, tiny_l
     # Checkpoints hold the shards (torch.distributed.checkpoint), the final files are whole, written once.
     assert (two / "checkpoint-3" / "pytorch_model_fsdp_0").is_dir()
     assert not list(two.glob("*fsdp*"))
-    if method == "lora":  # a normal PEFT adapter, loaded by one process onto the unsharded base
+    if method != "full":  # a normal PEFT adapter, loaded by one process onto the unsharded base
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
@@ -183,3 +184,16 @@ def test_killed_rank_is_one_line_and_the_rerun_resumes_exactly(tmp_path: Path, t
     proc = velora([str(path), *args], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_same_run(whole, killed)
+
+
+def test_a_node_that_never_joins_is_one_line(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    path = write(tmp_path, "r", recipe(tiny_llama_dir, tmp_path / "run"))
+    endpoint = f"127.0.0.1:{free_port()}"
+    proc = velora([str(path), "--nproc-per-node", "1", "--nnodes", "2", "--rdzv-endpoint", endpoint,
+                   "--set", "distributed.rdzv_timeout=5"], tmp_path)  # fmt: skip
+    assert proc.returncode == 1
+    assert [x for x in proc.stderr.splitlines() if x.strip()] == [
+        f"error: the nodes did not all join at {endpoint} within 5 s (distributed.rdzv_timeout): "
+        "RendezvousTimeoutError"
+    ]
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()

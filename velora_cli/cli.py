@@ -253,6 +253,8 @@ def memory_estimate(
     gpu_mem: str | None = typer.Option(None, "--gpu-mem", help="GPU memory to fit in, e.g. 24GiB."),
     measure: bool = typer.Option(False, "--measure", help="Also run real steps and compare."),
     json_path: Path | None = typer.Option(None, "--json", help="Write the breakdown as JSON here."),
+    gpus: int | None = typer.Option(None, "--gpus", min=1, help="Per-GPU figures over this many GPUs per node."),
+    nodes: int = typer.Option(1, "--nodes", min=1, help="With --gpus: number of nodes."),
     verbose: bool = VerboseOption,
 ) -> None:
     """Say how much memory a training run needs, where it goes, and what fits."""
@@ -270,6 +272,8 @@ def memory_estimate(
         measure=measure,
         json_path=json_path,
         method=method,
+        gpus=gpus,
+        nodes=nodes,
     )
 
 

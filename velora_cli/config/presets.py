@@ -55,6 +55,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
         intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=131072,
     ),
+    # Llama 2 70B and Llama 3.1 70B (grouped-query attention, 8 KV heads): FSDP-QLoRA's 2 x 24 GiB case.
+    "llama-2-70b": dict(
+        hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+        intermediate_size=28672, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=4096,
+    ),
+    "llama-3.1-70b": dict(
+        hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+        intermediate_size=28672, vocab_size=128256, tie_word_embeddings=False, max_position_embeddings=131072,
+    ),
     "smollm2-135m": dict(
         hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
         intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
@@ -73,6 +82,9 @@ KNOWN_MODELS: dict[str, str] = {
     "embedded:smollm2-135m": "smollm2-135m",
     "meta-llama/llama-3.1-8b": "llama-3.1-8b",
     "meta-llama/llama-3.1-8b-instruct": "llama-3.1-8b",
+    "meta-llama/llama-2-70b-hf": "llama-2-70b",
+    "meta-llama/llama-3.1-70b": "llama-3.1-70b",
+    "meta-llama/llama-3.1-70b-instruct": "llama-3.1-70b",
 }
 
 # The paper's pre-training sizes (GaLore's configs; velora_cli/models/full.py builds them for method: pretrain).

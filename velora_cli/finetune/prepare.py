@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from velora_cli.common.device import world_size
 from velora_cli.config.preference import PREFERENCE_METHODS
 from velora_cli.config.recipe import Recipe
 from velora_cli.data.training import TrainingData, load_training_data
@@ -94,6 +95,15 @@ def prepare(recipe: Recipe, device: torch.device) -> Prepared:
         settings = settings_from_recipe(recipe, device=device.type)
         recipe, result = resolve_auto(recipe, arch, settings, _memory_budget(recipe, device))
         choice = result.reason
+    if world_size() > 1 and recipe.distributed.strategy == "auto":  # DDP when a replica fits one GPU, else FSDP
+        from velora_cli.memory.arch import arch_of_config
+        from velora_cli.memory.estimate import estimate, settings_from_recipe
+        from velora_cli.memory.sharding import choose
+
+        arch = arch_of_config(config, m.name if source is not None else str(m.config))
+        est = estimate(arch, settings_from_recipe(recipe, device=device.type))
+        sharding = choose(est, "auto", world_size(), 1, _memory_budget(recipe, device))
+        recipe = _with(recipe, "distributed", strategy=sharding.strategy)
     if not lean:  # the stock path: what summaries, recipe.yaml and the panel then describe
         recipe = _with(recipe, "memory", loss="full", lean_ops=False, offload=False)
     return Prepared(recipe, source, config, tokenizer, data, compressed, lean, choice)

@@ -107,6 +107,8 @@ def run_memory_estimate(
     measure: bool,
     json_path: Path | None,
     method: str | None = None,
+    gpus: int | None = None,
+    nodes: int = 1,
 ) -> Estimate:
     budget = parse_memory(gpu_mem) if gpu_mem is not None else None
     if json_path is not None:
@@ -135,6 +137,14 @@ def run_memory_estimate(
                           torch.cuda.is_available())  # fmt: skip
     if memory_plan is not None:
         report.print_memory_plan(memory_plan, s.seq, memory_plan.options[0].settings.batch)
+    sharding = None
+    if gpus is not None:  # per-GPU figures of the run spread over gpus x nodes (memory.sharding)
+        from rich.console import Console
+
+        from velora_cli.memory.sharding import choose, print_sharding
+
+        sharding = choose(est, rec.distributed.strategy, gpus, nodes, budget)
+        print_sharding(sharding, Console())
     if measure:
         if preset is not None:
             raise UsageError("--measure needs real weights: use a recipe or --model, not --preset")
@@ -150,5 +160,7 @@ def run_memory_estimate(
         data = to_json(est)
         if memory_plan is not None:
             data["plan"] = memory_plan.as_dict()
+        if sharding is not None:
+            data["sharding"] = sharding.as_dict()
         write_json_atomic(json_path, data)
     return est

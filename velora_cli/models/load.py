@@ -161,8 +161,10 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
     return tokenizer
 
 
-def quantization_config(quantization: str, compute: torch.dtype, double_quant: bool = True):
-    """The BitsAndBytesConfig for a recipe's `model.quantization` (None for "none")."""
+def quantization_config(quantization: str, compute: torch.dtype, double_quant: bool = True,
+                        storage: torch.dtype = torch.uint8):  # fmt: skip
+    """The BitsAndBytesConfig for a recipe's `model.quantization` (None for "none"). `storage`: the dtype 4-bit codes
+    are packed in; FSDP shards only floating tensors, so a sharded run stores them in the compute dtype."""
     if quantization == "none":
         return None
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -176,7 +178,7 @@ def quantization_config(quantization: str, compute: torch.dtype, double_quant: b
         bnb_4bit_quant_type=quantization,
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=compute,
-        bnb_4bit_quant_storage=torch.uint8,
+        bnb_4bit_quant_storage=storage,
     )
 
 
@@ -189,6 +191,7 @@ def load_base_model(
     device: torch.device | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    quant_storage: torch.dtype = torch.uint8,
 ):
     """Load the causal LM, quantised with bitsandbytes when asked, placed on `device`."""
     from transformers import AutoModelForCausalLM
@@ -197,7 +200,7 @@ def load_base_model(
     kwargs = {
         "dtype": compute,
         "trust_remote_code": trust_remote_code,
-        "quantization_config": quantization_config(quantization, compute, double_quant),
+        "quantization_config": quantization_config(quantization, compute, double_quant, quant_storage),
     }
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
@@ -244,16 +247,19 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def load_recipe_base(model_section, device: torch.device, source: ModelSource | None = None):
-    """The base model exactly as a recipe's `model` section trains it (quantisation, compute dtype, attention)."""
+def load_recipe_base(model_section, device: torch.device, source: ModelSource | None = None, sharded: bool = False):
+    """The base model exactly as a recipe's `model` section trains it (quantisation, compute dtype, attention);
+    `sharded` (FSDP): 4-bit codes stored in the compute dtype (quantization_config)."""
+    compute = compute_dtype(model_section.compute_dtype, device)
     return load_base_model(
         source or resolve_model(model_section.name),
         quantization=model_section.quantization,
-        compute=compute_dtype(model_section.compute_dtype, device),
+        compute=compute,
         double_quant=model_section.double_quant,
         device=device,
         trust_remote_code=model_section.trust_remote_code,
         attn_implementation=model_section.attn_implementation,
+        quant_storage=compute if sharded else torch.uint8,
     )
 
 

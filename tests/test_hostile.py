@@ -691,3 +691,18 @@ def test_bounds_helpers(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="is a FIFO"):
         bounds.check_regular(tmp_path / "p")
     bounds.check_regular(tmp_path / "missing")  # the reader names a missing file itself
+
+
+def test_export_force_through_a_symlink_replaces_the_link_not_the_folder(tiny_lora_run: Path, tmp_path: Path,
+                                                                         capsys) -> None:  # fmt: skip
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "README.md").write_text("# mine\n")
+    (tmp_path / "link").symlink_to(project, target_is_directory=True)
+    before = snapshot(project)
+    code, _, err = run_cli(["export", str(tiny_lora_run), "--adapter-only", "--force", "--out", str(tmp_path / "link")],
+                           capsys)  # fmt: skip
+    assert code == 0, err
+    assert snapshot(project) == before  # the folder the link pointed at is untouched
+    assert not (tmp_path / "link").is_symlink() and (tmp_path / "link" / EXPORT_MARKER).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "project"]  # no `.link.old-*` left behind

@@ -168,7 +168,8 @@ def test_cli_default_place_and_modelfile(exports) -> None:
     assert "### Instruction:\n{{ .Content }}\n\n### Response:\n" in text
     assert 'PARAMETER stop "### Instruction:"\nPARAMETER stop "<|im_end|>"\n' in text
     assert text.endswith("PARAMETER num_ctx 1024\n")
-    assert sorted(p.name for p in exports["q8_0"].iterdir()) == ["Modelfile", "model.gguf"]
+    # and the marker that makes the folder velora's to replace (rundir.ownership)
+    assert sorted(p.name for p in exports["q8_0"].iterdir()) == [".velora-export", "Modelfile", "model.gguf"]
 
 
 def test_chat_template_runs_get_a_chatml_modelfile(tiny_lora_run: Path, tmp_path: Path, capsys) -> None:

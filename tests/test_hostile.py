@@ -659,6 +659,13 @@ def test_modelfile_system_reads_back_unchanged_or_is_refused(system: str, tiny_l
     assert "<|im_end|>" in parsed["stop"]
 
 
+@pytest.mark.parametrize("stop", ["### Instruction:", "<|im_end|>", 'say "stop"', '""x', "tab\there", "two\nlines", "a\"", '"'])
+def test_modelfile_stop_strings_read_back(stop: str) -> None:
+    from velora_cli.export.modelfile import _stop
+
+    assert parse_modelfile(f"FROM x\nPARAMETER stop {_stop(stop)}\nPARAMETER num_ctx 8\n")["stop"] == [stop]
+
+
 def test_the_ported_parser_reads_what_ollama_documents() -> None:
     text = 'FROM ./m.gguf\n# comment\nSYSTEM """multi\nline"""\nTEMPLATE "{{ .Prompt }}"\nPARAMETER stop "<|im_end|>"\n'
     assert parse_modelfile(text) == {"model": "./m.gguf", "system": "multi\nline", "template": "{{ .Prompt }}",

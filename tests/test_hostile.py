@@ -713,3 +713,23 @@ def test_export_force_through_a_symlink_replaces_the_link_not_the_folder(tiny_lo
     assert snapshot(project) == before  # the folder the link pointed at is untouched
     assert not (tmp_path / "link").is_symlink() and (tmp_path / "link" / EXPORT_MARKER).is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "project"]  # no `.link.old-*` left behind
+
+
+@pytest.mark.parametrize(
+    ("raised", "line"),
+    [
+        (pickle.UnpicklingError("Weights only load failed: Unsupported global: posix.system"),
+         "error: damaged or unsafe file (UnpicklingError): Weights only load failed"),
+        (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "error: input is not UTF-8 text (byte 0"),
+    ],
+)
+def test_the_net_below_the_checks_is_one_line(raised, line, monkeypatch, capsys) -> None:
+    """A damaged file that no check caught first (the checks name the file) still ends in one line, not a traceback."""
+    import velora_cli.infer.generate as generate
+
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(generate, "run_generate", fail)
+    code, _, err = run_cli(["generate", "x", "--prompt", "hi"], capsys)
+    assert code == 1 and err.startswith(line) and len(err.strip().splitlines()) == 1, err

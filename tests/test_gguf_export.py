@@ -168,7 +168,8 @@ def test_cli_default_place_and_modelfile(exports) -> None:
     assert "### Instruction:\n{{ .Content }}\n\n### Response:\n" in text
     assert 'PARAMETER stop "### Instruction:"\nPARAMETER stop "<|im_end|>"\n' in text
     assert text.endswith("PARAMETER num_ctx 1024\n")
-    assert sorted(p.name for p in exports["q8_0"].iterdir()) == ["Modelfile", "model.gguf"]
+    # and the marker that makes the folder velora's to replace (rundir.ownership)
+    assert sorted(p.name for p in exports["q8_0"].iterdir()) == [".velora-export", "Modelfile", "model.gguf"]
     # issue 27: the exact commands that serve it
     assert f"  ollama create tiny-alpaca -f {exports['q8_0']}/Modelfile && ollama run tiny-alpaca\n" in printed
     assert f"  llama-cli -m {exports['q8_0']}/model.gguf -cnv\n" in printed

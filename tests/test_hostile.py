@@ -659,6 +659,13 @@ def test_modelfile_system_reads_back_unchanged_or_is_refused(system: str, tiny_l
     assert "<|im_end|>" in parsed["stop"]
 
 
+@pytest.mark.parametrize("stop", ["### Instruction:", "<|im_end|>", 'say "stop"', '""x', "tab\there", "two\nlines", "a\"", '"'])
+def test_modelfile_stop_strings_read_back(stop: str) -> None:
+    from velora_cli.export.modelfile import _stop
+
+    assert parse_modelfile(f"FROM x\nPARAMETER stop {_stop(stop)}\nPARAMETER num_ctx 8\n")["stop"] == [stop]
+
+
 def test_the_ported_parser_reads_what_ollama_documents() -> None:
     text = 'FROM ./m.gguf\n# comment\nSYSTEM """multi\nline"""\nTEMPLATE "{{ .Prompt }}"\nPARAMETER stop "<|im_end|>"\n'
     assert parse_modelfile(text) == {"model": "./m.gguf", "system": "multi\nline", "template": "{{ .Prompt }}",
@@ -691,3 +698,38 @@ def test_bounds_helpers(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="is a FIFO"):
         bounds.check_regular(tmp_path / "p")
     bounds.check_regular(tmp_path / "missing")  # the reader names a missing file itself
+
+
+def test_export_force_through_a_symlink_replaces_the_link_not_the_folder(tiny_lora_run: Path, tmp_path: Path,
+                                                                         capsys) -> None:  # fmt: skip
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "README.md").write_text("# mine\n")
+    (tmp_path / "link").symlink_to(project, target_is_directory=True)
+    before = snapshot(project)
+    code, _, err = run_cli(["export", str(tiny_lora_run), "--adapter-only", "--force", "--out", str(tmp_path / "link")],
+                           capsys)  # fmt: skip
+    assert code == 0, err
+    assert snapshot(project) == before  # the folder the link pointed at is untouched
+    assert not (tmp_path / "link").is_symlink() and (tmp_path / "link" / EXPORT_MARKER).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "project"]  # no `.link.old-*` left behind
+
+
+@pytest.mark.parametrize(
+    ("raised", "line"),
+    [
+        (pickle.UnpicklingError("Weights only load failed: Unsupported global: posix.system"),
+         "error: damaged or unsafe file (UnpicklingError): Weights only load failed"),
+        (UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), "error: input is not UTF-8 text (byte 0"),
+    ],
+)
+def test_the_net_below_the_checks_is_one_line(raised, line, monkeypatch, capsys) -> None:
+    """A damaged file that no check caught first (the checks name the file) still ends in one line, not a traceback."""
+    import velora_cli.infer.generate as generate
+
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(generate, "run_generate", fail)
+    code, _, err = run_cli(["generate", "x", "--prompt", "hi"], capsys)
+    assert code == 1 and err.startswith(line) and len(err.strip().splitlines()) == 1, err

@@ -118,7 +118,7 @@ def staged(target: Path, *, directory: bool = False) -> Iterator[Path]:
                 os.replace(old, target)
             raise
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            remove(old)  # a symlink (--out pointing elsewhere) is unlinked; what it pointed to is left alone
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

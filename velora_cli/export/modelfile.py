@@ -62,7 +62,9 @@ def _quoted(text: str, what: str) -> str:
 
 
 def _stop(text: str) -> str:
-    plain = text and not any(c in text for c in ' \t\r\n"') and text.isprintable()
+    """A stop string in one pair of quotes when the parser reads that back (spaces are kept: only a line break ends a
+    value), else in three."""
+    plain = text and not f'"{text}"'.startswith('"""') and all(c.isprintable() or c == "\t" for c in text)
     return f'"{text}"' if plain else _quoted(text, "stop string")
 
 

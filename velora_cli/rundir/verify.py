@@ -5,7 +5,7 @@ one. A complete one may still be damaged afterwards: truncated by a half-finishe
 pickle swapped by someone else. Resuming from it would fail with a traceback on every rerun, so the newest sound
 checkpoint is chosen instead, the damaged one is moved aside (renamed, never deleted: it may be all a user has) and
 one line says which was skipped and why. The checks read headers only (safetensors headers against the file size,
-pickles memory-mapped and loaded with weights_only), so they cost milliseconds even for large checkpoints.
+pickles memory-mapped and loaded with weights_only), not the tensor data.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ through velora's own FinetuneSession (DDP: the Trainer's; FSDP: finetune/shardin
 decoder layer). Each rank reports, after training:
   state bytes  the parameters and AdamW state this rank holds (its local shard under FSDP: DTensor.to_local())
   peak RSS     the process's peak resident memory (ru_maxrss), everything included (torch, tokenizer, data, gathers)
+  RSS after    resident memory once training is done (/proc/self/statm): the steady state, without load-time peaks
 and rank 0 the run's tokens/s (metrics.jsonl, every rank's tokens). FSDP's state bytes should be about half of
 DDP's; RSS falls by less (the python/torch baseline and the gathered layers are per process); tokens/s pays the
 all-gathers and reduce-scatters.
@@ -48,12 +49,13 @@ def worker(recipe_json: str, run_dir: str) -> None:
     params = sum(local(p).numel() * p.element_size() for p in model.parameters())
     optim = sum(local(v).numel() * v.element_size() for state in session.trainer.optimizer.state.values()
                 for v in state.values() if torch.is_tensor(v) and v.dim() > 0)  # fmt: skip
-    report = torch.tensor([params + optim, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024],
-                          dtype=torch.float64)  # fmt: skip
+    rss_now = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    report = torch.tensor([params + optim, peak, rss_now], dtype=torch.float64)
     parts = [torch.empty_like(report) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, report)
     if dist.get_rank() == 0:
-        per_rank = [{"state_bytes": int(p[0]), "peak_rss": int(p[1])} for p in parts]
+        per_rank = [{"state_bytes": int(p[0]), "peak_rss": int(p[1]), "rss_after": int(p[2])} for p in parts]
         print("REPORT " + json.dumps({"ranks": per_rank, "tokens_per_second": result.tokens_per_second}))
 
 
@@ -102,13 +104,15 @@ def main() -> None:
         results = {s: run(s, args.steps, model, Path(tmp)) for s in ("ddp", "fsdp")}
     gib = 2**30
     print(f"SmolLM2-135M full fine-tuning, 2 processes (gloo), {args.steps} steps, fp32")
-    print(f"{'':28}{'DDP':>10}{'FSDP':>10}{'FSDP/DDP':>10}")
-    for key, label in (("state_bytes", "params+optimizer / rank GiB"), ("peak_rss", "peak RSS / rank GiB")):
+    print(f"{'':31}{'DDP':>10}{'FSDP':>10}{'FSDP/DDP':>10}")
+    rows = (("state_bytes", "params+optimizer / rank GiB"), ("peak_rss", "peak RSS / rank GiB"),
+            ("rss_after", "RSS after training / rank GiB"))  # fmt: skip
+    for key, label in rows:
         d = max(r[key] for r in results["ddp"]["ranks"])
         f = max(r[key] for r in results["fsdp"]["ranks"])
-        print(f"{label:28}{d / gib:10.3f}{f / gib:10.3f}{f / d:10.2f}x")
+        print(f"{label:31}{d / gib:10.3f}{f / gib:10.3f}{f / d:10.2f}x")
     d, f = results["ddp"]["tokens_per_second"], results["fsdp"]["tokens_per_second"]
-    print(f"{'tokens/s (ratio only)':28}{'':10}{'':10}{f / d:10.2f}x")
+    print(f"{'tokens/s (ratio only)':31}{'':10}{'':10}{f / d:10.2f}x")
     if args.json:
         args.json.write_text(json.dumps({"steps": args.steps, **results}, indent=1), encoding="utf-8")
 

@@ -127,6 +127,7 @@ def test_two_process_fsdp_equals_one_process(method: str, tmp_path: Path, tiny_l
     proc = velora([str(write(tmp_path, "two", recipe(tiny_llama_dir, two, method))), "--nproc-per-node", "2"],
                   tmp_path)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "4 = 1 micro x 2 accumulation x 2 processes (FSDP)" in proc.stdout + proc.stderr
     assert_same_run(one, two)
     # Checkpoints hold the shards (torch.distributed.checkpoint), the final files are whole, written once.
     assert (two / "checkpoint-3" / "pytorch_model_fsdp_0").is_dir()

@@ -111,7 +111,7 @@ class Plan:
             (
                 "batch",
                 f"{r.train.batch_size} = {r.train.micro_batch_size} micro x {self.gradient_accumulation} accumulation"
-                + (f" x {world_size()} processes" if world_size() > 1 else ""),
+                + (f" x {world_size()} processes ({r.distributed.strategy.upper()})" if world_size() > 1 else ""),
             ),
             (
                 "steps",

@@ -38,7 +38,7 @@ def fsdp_arguments(recipe: Recipe, model: nn.Module) -> dict[str, Any]:
             "transformer_layer_cls_to_wrap": [decoder_layer_class(model)],
             "reshard_after_forward": fsdp.reshard_after_forward,
             "cpu_offload": fsdp.cpu_offload,
-            "state_dict_type": "SHARDED_STATE_DICT" if fsdp.state_dict == "sharded" else "FULL_STATE_DICT",
+            "state_dict_type": "SHARDED_STATE_DICT",  # `full` is refused by the recipe (config/distributed.py)
             # The memory planner's checkpointing (memory.checkpointing) stays in charge, not FSDP's own.
             "activation_checkpointing": False,
         },

@@ -273,3 +273,8 @@ def test_memory_estimate_matches_the_meter_on_dpo(tmp_path: Path, tiny_llama_dir
         settings = type(settings)(**{**settings.__dict__, "batch": 4, "seq": batch["input_ids"].shape[1]})
         predicted = estimate(recipe_arch(session.recipe), settings).act.meter_view
         assert predicted == pytest.approx(meter.total_bytes, rel=0.05), memory
+
+
+def test_dpo_under_fsdp_is_refused_in_one_line() -> None:
+    with pytest.raises(RecipeError, match="method 'dpo' runs on one GPU or under DDP, not FSDP yet"):
+        validate_recipe({"method": "dpo", "data": {"path": "x.json"}, "distributed": {"strategy": "fsdp"}})

@@ -301,6 +301,8 @@ class Recipe(Section):
             self.model.__dict__["quantization"] = "none"
         if "preference" in self.model_fields_set and m not in PREFERENCE_METHODS:
             raise ValueError(f"the preference section is for method: dpo, not {m!r}")
+        if m in PREFERENCE_METHODS and self.distributed.strategy == "fsdp":  # not built or tested: DDP is
+            raise ValueError(f"method {m!r} runs on one GPU or under DDP, not FSDP yet; use distributed.strategy: ddp")
         if self.model.adapter and m in FULL_METHODS:
             raise ValueError(f"model.adapter is a LoRA adapter to continue; method {m!r} has none")
         if m in FULL_METHODS and "lora" in self.model_fields_set:

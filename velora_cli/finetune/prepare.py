@@ -95,7 +95,9 @@ def prepare(recipe: Recipe, device: torch.device) -> Prepared:
         settings = settings_from_recipe(recipe, device=device.type)
         recipe, result = resolve_auto(recipe, arch, settings, _memory_budget(recipe, device))
         choice = result.reason
-    if world_size() > 1 and recipe.distributed.strategy == "auto":  # DDP when a replica fits one GPU, else FSDP
+    if world_size() > 1 and recipe.distributed.strategy == "auto" and recipe.method in PREFERENCE_METHODS:
+        recipe = _with(recipe, "distributed", strategy="ddp")  # DPO has no FSDP path yet (config.recipe)
+    elif world_size() > 1 and recipe.distributed.strategy == "auto":  # DDP when a replica fits one GPU, else FSDP
         from velora_cli.memory.arch import arch_of_config
         from velora_cli.memory.estimate import estimate, settings_from_recipe
         from velora_cli.memory.sharding import choose

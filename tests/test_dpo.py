@@ -154,7 +154,8 @@ def test_a_few_dpo_steps_raise_held_out_reward_accuracy_and_margin(tmp_path: Pat
     assert after["pair_accuracy"] >= before["pair_accuracy"]
     metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     logged = [m for m in metrics if "reward_accuracy" in m]
-    assert len(logged) == 4 and logged[-1]["reward_margin"] > logged[0]["reward_margin"]
+    # logging_steps 2, plus the first step (issue 27: the panel and metrics.jsonl have figures from step 1)
+    assert [m["step"] for m in logged] == [1, 2, 4, 6, 8] and logged[-1]["reward_margin"] > logged[0]["reward_margin"]
     assert "held-out reward accuracy (n=16)" in err
 
 

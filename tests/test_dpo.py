@@ -279,3 +279,32 @@ def test_memory_estimate_matches_the_meter_on_dpo(tmp_path: Path, tiny_llama_dir
 def test_dpo_under_fsdp_is_refused_in_one_line() -> None:
     with pytest.raises(RecipeError, match="method 'dpo' runs on one GPU or under DDP, not FSDP yet"):
         validate_recipe({"method": "dpo", "data": {"path": "x.json"}, "distributed": {"strategy": "fsdp"}})
+
+
+@pytest.mark.slow
+def test_dpo_killed_mid_step_reruns_to_the_uninterrupted_adapter(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """kill -9 in step 3 (no cleanup of ours runs), rerun the same command: bit-for-bit the uninterrupted adapter."""
+    import subprocess
+    import sys
+
+    from test_faults import ENV, TESTS, killed_at
+
+    def command(name: str) -> list[str]:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe(tiny_llama_dir, tmp_path / name, DEMO_PAIRS)))
+        return ["finetune", str(path), "--stages", "train"]
+
+    def finetune(args: list[str]) -> None:
+        done = subprocess.run([sys.executable, "-m", "velora_cli", *args], capture_output=True, text=True, env=ENV,
+                              cwd=TESTS.parent, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+
+    finetune(command("straight"))
+    killed = killed_at("step", 3, *command("killed"))
+    assert killed.returncode == -9 and not (tmp_path / "killed" / "adapter_model.safetensors").exists()
+    finetune(command("killed"))
+    straight = load_file(str(tmp_path / "straight" / "adapter_model.safetensors"))
+    resumed = load_file(str(tmp_path / "killed" / "adapter_model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key

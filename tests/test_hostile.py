@@ -26,6 +26,7 @@ import pytest
 import torch
 import yaml
 from conftest import run_cli, write_run_recipe
+from test_bad_inputs import ROWS, base_recipe
 
 from velora_cli.common import bounds
 from velora_cli.config.load import MAX_RECIPE_BYTES
@@ -33,7 +34,6 @@ from velora_cli.rundir import verify
 from velora_cli.rundir.ownership import EXPORT_MARKER, RUN_MARKER
 
 MMLU_MINI = Path(__file__).resolve().parents[1] / "recipes" / "data" / "mmlu_mini"
-ROWS = [{"instruction": f"Add {i} and {i}.", "input": "", "output": str(2 * i)} for i in range(12)]
 
 
 VELORAS = ("run", "trained")  # velora's own run directories in the workspace: their lock file may stay
@@ -80,15 +80,7 @@ class Workspace:
         (root / "run" / RUN_MARKER).write_text("")
         self.trained = root / "trained"
         shutil.copytree(lora_run, self.trained)
-        self.recipe_data = {
-            "name": "hostile",
-            "model": {"name": str(model), "quantization": "nf4"},
-            "lora": {"r": 4, "alpha": 8},
-            "velora": {"layers": ["v", "d"], "num_groups": 8},
-            "data": {"path": str(root / "data.json"), "template": "alpaca", "cutoff_len": 64},
-            "train": {"micro_batch_size": 2, "batch_size": 2, "max_steps": 1},
-            "output": {"dir": str(root / "run")},
-        }
+        self.recipe_data = {**base_recipe(root, model), "name": "hostile"}
 
     def recipe(self, text: str | None = None, **sections) -> str:
         """recipe.yaml (the workspace's, with `a__b=value` changes) or `text` as given; its path."""

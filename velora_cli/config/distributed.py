@@ -38,3 +38,9 @@ class DistributedSection(_Section):
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     fsdp: FsdpSection = Field(default_factory=FsdpSection)
     rdzv_timeout: int = Field(900, gt=0)  # seconds the launcher waits for every node to join
+
+    def shards(self) -> bool:
+        """FSDP in this process: the strategy is fsdp and several processes run (a single one trains unsharded)."""
+        from velora_cli.common.device import world_size  # torch: not for readers of recipes such as `velora runs`
+
+        return self.strategy == "fsdp" and world_size() > 1

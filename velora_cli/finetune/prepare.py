@@ -86,26 +86,27 @@ def prepare(recipe: Recipe, device: torch.device) -> Prepared:
     if data.format != "text":  # recipe.yaml records what was detected: generate/chat prompt the run with it
         recipe = _with(recipe, "data", format=data.format)
     choice = None
-    if recipe.memory.checkpointing == "auto":
-        from velora_cli.memory.arch import arch_of_config
-        from velora_cli.memory.estimate import settings_from_recipe
-        from velora_cli.memory.plan import resolve_auto
-
-        arch = arch_of_config(config, m.name if source is not None else str(m.config))
-        settings = settings_from_recipe(recipe, device=device.type)
-        recipe, result = resolve_auto(recipe, arch, settings, _memory_budget(recipe, device))
-        choice = result.reason
-    if world_size() > 1 and recipe.distributed.strategy == "auto" and recipe.method in PREFERENCE_METHODS:
+    auto_strategy = world_size() > 1 and recipe.distributed.strategy == "auto"
+    if auto_strategy and recipe.method in PREFERENCE_METHODS:
         recipe = _with(recipe, "distributed", strategy="ddp")  # DPO has no FSDP path yet (config.recipe)
-    elif world_size() > 1 and recipe.distributed.strategy == "auto":  # DDP when a replica fits one GPU, else FSDP
+        auto_strategy = False
+    if recipe.memory.checkpointing == "auto" or auto_strategy:  # the planner's choices: one meta-model layout
         from velora_cli.memory.arch import arch_of_config
         from velora_cli.memory.estimate import estimate, settings_from_recipe
-        from velora_cli.memory.sharding import choose
 
         arch = arch_of_config(config, m.name if source is not None else str(m.config))
-        est = estimate(arch, settings_from_recipe(recipe, device=device.type))
-        sharding = choose(est, "auto", world_size(), 1, _memory_budget(recipe, device))
-        recipe = _with(recipe, "distributed", strategy=sharding.strategy)
+        if recipe.memory.checkpointing == "auto":
+            from velora_cli.memory.plan import resolve_auto
+
+            settings = settings_from_recipe(recipe, device=device.type)
+            recipe, result = resolve_auto(recipe, arch, settings, _memory_budget(recipe, device))
+            choice = result.reason
+        if auto_strategy:  # DDP when a replica fits one GPU, else FSDP
+            from velora_cli.memory.sharding import choose
+
+            est = estimate(arch, settings_from_recipe(recipe, device=device.type))
+            sharding = choose(est, "auto", world_size(), 1, _memory_budget(recipe, device))
+            recipe = _with(recipe, "distributed", strategy=sharding.strategy)
     if not lean:  # the stock path: what summaries, recipe.yaml and the panel then describe
         recipe = _with(recipe, "memory", loss="full", lean_ops=False, offload=False)
     return Prepared(recipe, source, config, tokenizer, data, compressed, lean, choice)

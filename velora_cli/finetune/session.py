@@ -170,7 +170,7 @@ class FinetuneSession:
     @property
     def sharded(self) -> bool:
         """FSDP2: several processes, and the recipe (as prepared: auto resolved) asks for fsdp."""
-        return world_size() > 1 and self.recipe.distributed.strategy == "fsdp"
+        return self.recipe.distributed.shards()
 
     def make_trainer(self, **kwargs) -> Trainer:
         if not self.sharded:

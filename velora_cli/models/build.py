@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from velora_cli.common.device import world_size
 from velora_cli.common.errors import RecipeError
 from velora_cli.engine import VeloraConfigError, apply_velora
 from velora_cli.models.load import (
@@ -26,8 +25,7 @@ def build_training_model(recipe, device: torch.device, source: ModelSource | Non
     from peft import prepare_model_for_kbit_training
 
     source = source or resolve_model(recipe.model.name)
-    sharded = world_size() > 1 and recipe.distributed.strategy == "fsdp"
-    model = load_recipe_base(recipe.model, device, source, sharded=sharded)
+    model = load_recipe_base(recipe.model, device, source, sharded=recipe.distributed.shards())
     lean = lean_supported(model, recipe)
     # apply_lean owns the per-layer checkpointing switch on the models it patches (memory.checkpointing, which
     # train.gradient_checkpointing aliases); the stock switch serves the others.

@@ -158,13 +158,18 @@ def loaded_bytes(records: Path) -> list[int]:
     return [json.loads((records / f"load-{rank}.json").read_text())["bytes"] for rank in (0, 1)]
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
-def test_two_process_fsdp_equals_one_process(method: str, tmp_path: Path, tiny_llama_dir: Path) -> None:
+@pytest.mark.parametrize(("method", "init"), [("lora", None), ("lora", "random"), ("qlora", None), ("full", None)])
+def test_two_process_fsdp_equals_one_process(method: str, init: str | None, tmp_path: Path,
+                                             tiny_llama_dir: Path) -> None:  # fmt: skip
+    """`init`: VeLoRA's v drawn at random when the model is built - rank 1, which builds on meta, must get rank 0's."""
     one, two, records = tmp_path / "one", tmp_path / "two", tmp_path / "records"
     records.mkdir()
-    assert velora([str(write(tmp_path, "one", recipe(tiny_llama_dir, one, method)))], tmp_path).returncode == 0
-    proc = velora([str(write(tmp_path, "two", recipe(tiny_llama_dir, two, method))), "--nproc-per-node", "2"],
-                  tmp_path, RECORD_DIR=str(records))  # fmt: skip
+    recipes = [recipe(tiny_llama_dir, run, method) for run in (one, two)]
+    for r in recipes:
+        r["velora"].update({"init": init} if init else {})
+    assert velora([str(write(tmp_path, "one", recipes[0]))], tmp_path).returncode == 0
+    proc = velora([str(write(tmp_path, "two", recipes[1])), "--nproc-per-node", "2"], tmp_path,
+                  RECORD_DIR=str(records))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "4 = 1 micro x 2 accumulation x 2 processes (FSDP)" in proc.stdout + proc.stderr
     assert_same_run(one, two)

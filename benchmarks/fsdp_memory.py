@@ -6,7 +6,8 @@ through velora's own FinetuneSession (DDP: the Trainer's; FSDP: finetune/shardin
 decoder layer; rank 0 alone reads the weights, the other rank builds the model on meta and gets its shards from
 rank 0's: accelerate's cpu_ram_efficient_loading). Each rank reports:
   state bytes  after training: the parameters and AdamW state it holds (its local shard under FSDP: to_local())
-  load peak    the process's peak resident memory (ru_maxrss) once the model is built, before training
+  load peak    the process's peak resident memory (ru_maxrss) when training begins: the model loaded and, under
+               FSDP, sharded (the Trainer shards it then), before the first step
   peak RSS     the process's peak resident memory over the whole run, everything included (torch, tokenizer,
                data, gathers)
   RSS after    resident memory once training is done (/proc/self/statm): the steady state, without load-time peaks
@@ -37,13 +38,20 @@ def worker(recipe_json: str, run_dir: str) -> None:
     import torch
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
+    from transformers import TrainerCallback
 
     from velora_cli.config.load import validate_recipe
     from velora_cli.finetune.session import FinetuneSession
 
     session = FinetuneSession(validate_recipe(json.loads(recipe_json)), Path(run_dir))
     session.setup()
-    load_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    load_peak = []
+
+    class LoadPeak(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            load_peak.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+    session.trainer.add_callback(LoadPeak())
     result = session.train(resume=False, display=False)
 
     def local(t: torch.Tensor) -> torch.Tensor:
@@ -55,7 +63,7 @@ def worker(recipe_json: str, run_dir: str) -> None:
                 for v in state.values() if torch.is_tensor(v) and v.dim() > 0)  # fmt: skip
     rss_now = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    report = torch.tensor([params + optim, load_peak, peak, rss_now], dtype=torch.float64)
+    report = torch.tensor([params + optim, load_peak[0], peak, rss_now], dtype=torch.float64)
     parts = [torch.empty_like(report) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, report)
     if dist.get_rank() == 0:
@@ -110,7 +118,7 @@ def main() -> None:
     gib = 2**30
     print(f"SmolLM2-135M full fine-tuning, 2 processes (gloo), {args.steps} steps, fp32")
     print(f"{'':34}{'DDP':>10}{'FSDP':>10}{'FSDP/DDP':>10}")
-    rows = (("state_bytes", "params+optimizer", False), ("load_peak", "peak RSS at load", True),
+    rows = (("state_bytes", "params+optimizer", False), ("load_peak", "peak RSS loaded+sharded", True),
             ("peak_rss", "peak RSS", True), ("rss_after", "RSS after training", True))  # fmt: skip
     for key, label, per_rank in rows:
         if not per_rank:  # the same on every rank: the largest

@@ -248,6 +248,28 @@ def test_killed_rank_is_one_line_and_the_rerun_resumes_exactly(tmp_path: Path, t
     assert_same_run(whole, killed)
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_full_state_dict_checkpoints_are_whole_and_resume_exactly(method: str, tmp_path: Path,
+                                                                  tiny_llama_dir: Path) -> None:  # fmt: skip
+    """distributed.fsdp.state_dict: full - rank 0 writes each checkpoint whole (the adapter or model as one process
+    saves it, and accelerate's gathered model and optimizer), and a rank killed mid-run resumes from it exactly."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    args = ["--nproc-per-node", "2", "--set", "distributed.fsdp.state_dict=full"]
+    proc = velora([str(write(tmp_path, "whole", recipe(tiny_llama_dir, whole, method, max_steps=4))), *args],
+                  tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    path = write(tmp_path, "killed", recipe(tiny_llama_dir, killed, method, max_steps=4))
+    proc = velora([str(path), *args], tmp_path, KILL_RANK="1", KILL_STEP="3")
+    assert proc.returncode == 1
+    assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-2"]
+    saved = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+    files = {p.name for p in (killed / "checkpoint-2").iterdir()}
+    assert {saved, "pytorch_model_fsdp.bin", "optimizer.bin"} <= files and "pytorch_model_fsdp_0" not in files
+    proc = velora([str(path), *args], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_same_run(whole, killed)
+
+
 def test_a_node_that_never_joins_is_one_line(tmp_path: Path, tiny_llama_dir: Path) -> None:
     path = write(tmp_path, "r", recipe(tiny_llama_dir, tmp_path / "run"))
     endpoint = f"127.0.0.1:{free_port()}"

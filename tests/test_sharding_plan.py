@@ -25,8 +25,8 @@ def test_distributed_section_defaults_and_errors(tmp_path: Path) -> None:
         validate_recipe({"data": {"path": "x.json"}, "distributed": {"strategy": "zero3"}})
     with pytest.raises(RecipeError, match=r"distributed\.fsdp\.state_dict"):
         validate_recipe({"data": {"path": "x.json"}, "distributed": {"fsdp": {"state_dict": "half"}}})
-    with pytest.raises(RecipeError, match=r"distributed\.fsdp\.state_dict.*not supported yet.*use sharded"):
-        validate_recipe({"data": {"path": "x.json"}, "distributed": {"fsdp": {"state_dict": "full"}}})
+    full = validate_recipe({"data": {"path": "x.json"}, "distributed": {"fsdp": {"state_dict": "full"}}})
+    assert full.distributed.fsdp.state_dict == "full"
 
 
 def estimate_json(capsys, tmp_path: Path, *args: str) -> dict:

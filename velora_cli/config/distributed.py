@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Section(BaseModel):
@@ -18,20 +18,10 @@ class _Section(BaseModel):
 class FsdpSection(_Section):
     cpu_offload: bool = False  # parameters, gradients and optimizer state live in CPU memory between uses
     reshard_after_forward: bool = True  # free the gathered layer after its forward (ZeRO-3); False: ZeRO-2-like
-    # sharded: every rank writes its own shard (torch.distributed.checkpoint), fast and low-memory;
-    # full: rank 0 gathers the whole state (one file set any single process can read)
+    # checkpoints - sharded: every rank writes its own shard (torch.distributed.checkpoint), fast and low-memory;
+    # full: rank 0 gathers the whole state and writes it (the adapter or model as one process saves it, plus the
+    # whole model and optimizer state in accelerate's files: the base weights too for LoRA, so larger and slower)
     state_dict: Literal["sharded", "full"] = "sharded"
-
-    @field_validator("state_dict")
-    @classmethod
-    def _full_not_yet(cls, value: str) -> str:
-        # transformers 5.24 hands PEFT DTensors when it saves a gathered FSDP2 checkpoint, and resuming from one
-        # hung in our tests: refuse it rather than write checkpoints that cannot be resumed. The final adapter/model
-        # is always gathered whole, whatever this says.
-        if value == "full":
-            raise ValueError("'full' is not supported yet (resuming from a gathered FSDP2 checkpoint hangs); use "
-                             "sharded - the run dir's final adapter or model is saved whole either way")  # fmt: skip
-        return value
 
 
 class DistributedSection(_Section):

@@ -40,7 +40,7 @@ def fsdp_arguments(recipe: Recipe, model: nn.Module, config: Any) -> dict[str, A
             "transformer_layer_cls_to_wrap": [decoder_layer_class(model)],
             "reshard_after_forward": fsdp.reshard_after_forward,
             "cpu_offload": fsdp.cpu_offload,
-            "state_dict_type": "SHARDED_STATE_DICT",  # `full` is refused by the recipe (config/distributed.py)
+            "state_dict_type": "FULL_STATE_DICT" if fsdp.state_dict == "full" else "SHARDED_STATE_DICT",
             # The memory planner's checkpointing (memory.checkpointing) stays in charge, not FSDP's own.
             "activation_checkpointing": False,
             # Rank 0 alone read the weights, the other ranks hold them on meta (models.load.load_recipe_base):
@@ -71,7 +71,10 @@ class ShardingTrainer(Trainer):
 
     accelerate enables FSDP only for GPU-type distributed states (state.py puts MULTI_CPU aside), although
     `fully_shard` itself runs on gloo: the CPU tests and the CPU benchmark need it. So the plugin the Trainer built
-    is installed on the state afterwards, which is exactly what accelerate does on GPUs.
+    is installed on the state afterwards, which is exactly what accelerate does on GPUs - the shared PartialState
+    included: every later AcceleratorState() copies its distributed_type back, and a state that reads MULTI_CPU
+    again is not FSDP2 to accelerate.get_state_dict, which then hands the Trainer's FULL_STATE_DICT checkpoint the
+    raw DTensors (PEFT's save fails on them: "invalid python storage").
     """
 
     def __init__(self, **kwargs) -> None:
@@ -82,11 +85,13 @@ class ShardingTrainer(Trainer):
         super().create_accelerator_and_postprocess()
         if self.is_fsdp_enabled or self.args.fsdp_plugin_args is None:
             return
+        from accelerate import PartialState
         from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
         state = self.accelerator.state
         state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
         state.distributed_type = DistributedType.FSDP
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         self.is_fsdp_enabled = True
 
 

@@ -32,7 +32,7 @@ pytestmark = [
 ]
 
 # Loaded by every worker (sitecustomize on PYTHONPATH): SIGKILL rank KILL_RANK once step KILL_STEP's optimizer step
-# is done and before the next checkpoint, so only the earlier checkpoint survives.
+# is done and before the next checkpoint, so only the earlier checkpoint survives (KILL_HOW=raise: a RuntimeError).
 KILLER = """
 import os
 if os.environ.get("KILL_STEP") and os.environ.get("RANK") == os.environ.get("KILL_RANK"):
@@ -43,6 +43,8 @@ if os.environ.get("KILL_STEP") and os.environ.get("RANK") == os.environ.get("KIL
     class _Kill(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == int(os.environ["KILL_STEP"]):
+                if os.environ.get("KILL_HOW") == "raise":
+                    raise RuntimeError("a bug in rank " + os.environ["RANK"])
                 os.kill(os.getpid(), signal.SIGKILL)
 
     _setup = session.FinetuneSession.setup
@@ -239,9 +241,14 @@ def test_killed_rank_is_one_line_and_the_rerun_resumes_exactly(tmp_path: Path, t
     proc = velora([str(path), *args], tmp_path, KILL_RANK="1", KILL_STEP="3")
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    logs = rank_logs(errors)
     assert errors == [f"error: rank 1 was killed by signal 9 on {socket.gethostname()}; the other ranks were "
-                      f"stopped and the complete checkpoints in {killed} are kept: run the same command to resume"]
+                      f"stopped and the complete checkpoints in {killed} are kept: run the same command to resume "
+                      f"(each rank's output: {logs})"]
     assert proc.stderr.splitlines()[-1] == errors[0]  # the launcher's word is the last (no torchrun report after it)
+    # Rank 0 meets the broken connection (or torchrun's SIGTERM): whatever it says goes to its log, not above the line.
+    assert "Traceback" not in proc.stderr and "[rank" not in proc.stderr
+    assert logs.parent.parent.parent == killed / "logs" and sorted(p.name for p in logs.iterdir()) == ["0", "1"]
     assert sorted(p.name for p in killed.glob("checkpoint-*")) == ["checkpoint-2"]
     proc = velora([str(path), *args], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -268,6 +275,28 @@ def test_full_state_dict_checkpoints_are_whole_and_resume_exactly(method: str, t
     proc = velora([str(path), *args], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_same_run(whole, killed)
+
+
+def rank_logs(errors: list[str]) -> Path:
+    """The directory of per-rank logs the launcher's error line names."""
+    assert len(errors) == 1 and errors[0].endswith(")"), errors
+    return Path(errors[0].rsplit("(each rank's output: ", 1)[1][:-1])
+
+
+def test_a_rank_that_raises_is_one_line_naming_its_log(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    run = tmp_path / "run"
+    path = write(tmp_path, "r", recipe(tiny_llama_dir, run))
+    proc = velora([str(path), "--nproc-per-node", "2"], tmp_path, KILL_RANK="1", KILL_STEP="1", KILL_HOW="raise")
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    logs = rank_logs(errors)
+    assert errors[0].startswith(f"error: rank 1 exited with code 1 on {socket.gethostname()}; the other ranks were "
+                                "stopped")  # fmt: skip
+    assert proc.stderr.splitlines()[-1] == errors[0] and "Traceback" not in proc.stderr
+    # The traceback is in rank 1's own log, and only there; rank 0's console output (the plan) is in the console.
+    log = (logs / "1" / "stdout.log").read_text()
+    assert "Traceback (most recent call last)" in log and "RuntimeError: a bug in rank 1" in log
+    assert "plan" in proc.stderr and "a bug in rank" not in proc.stderr
 
 
 def test_a_node_that_never_joins_is_one_line(tmp_path: Path, tiny_llama_dir: Path) -> None:

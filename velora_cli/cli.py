@@ -90,7 +90,7 @@ def finetune(
 
         child = child_arguments(recipe, overrides or [], output_dir, max_steps, resume, stages, verbose, force)
         launch = Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
-        launch_finetune(launch, recipe, overrides or [], output_dir, child, verbose)
+        launch_finetune(launch, recipe, overrides or [], output_dir, child, verbose, force)
         return
     result = run_pipeline(
         recipe,
@@ -376,6 +376,13 @@ def main(argv: list[str] | None = None) -> None:
         from velora_cli.common.errors import damaged_input_line
 
         line = damaged_input_line(exc)
+        if line is None and "VELORA_RANK_LOGS" in os.environ:  # finetune/launch.py's RANK_LOGS
+            # A worker under `finetune --nproc-per-node`: stdout is this rank's log file only, and the launcher's
+            # one line names it; on the console, a peer's crash would bury that line in the ranks' tracebacks.
+            import traceback
+
+            traceback.print_exc(file=sys.stdout)
+            sys.exit(1)
         if line is None:
             raise
         typer.echo(f"error: {line}", err=True)

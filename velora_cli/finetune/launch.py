@@ -4,7 +4,10 @@ becomes torchrun's agent (torch.distributed.run, as torchtune's `tune run` does)
 
 What the launcher adds to torchrun: the recipe is checked before any worker starts; more processes than devices,
 a node that never joins and a crashed rank are one `error:` line and a non-zero exit instead of torchrun's report
-(checkpoints are written whole or not at all, so the same command resumes).
+(checkpoints are written whole or not at all, so the same command resumes). Each rank's output goes to its own log
+under RUN_DIR/logs (torchrun's --log-dir/--redirects): the console shows local rank 0's progress and errors, a
+worker's traceback goes to its log only (cli.main, RANK_LOGS), and a crash's line names the logs, so the surviving
+ranks' tracebacks from the broken connection do not bury it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +23,10 @@ import torch
 
 from velora_cli.common.errors import UsageError, VeloraError
 from velora_cli.config.load import load_recipe
+from velora_cli.rundir import ownership
+
+# Set for the workers: where their logs are (cli.main then writes an unexpected traceback to stdout, the log only).
+RANK_LOGS = "VELORA_RANK_LOGS"
 
 
 @dataclass(frozen=True)
@@ -59,9 +67,12 @@ def _check_devices(nproc: int) -> None:
         raise UsageError(f"--nproc-per-node {nproc} is more processes than this machine's {have} {what}")
 
 
-def torchrun_arguments(launch: Launch, rdzv_timeout: int, child: list[str]) -> list[str]:
-    """The command line torch.distributed.run parses (after `torchrun`)."""
-    args = ["--nproc-per-node", str(launch.nproc_per_node), "--max-restarts", "0"]
+def torchrun_arguments(launch: Launch, rdzv_timeout: int, child: list[str], log_dir: Path) -> list[str]:
+    """The command line torch.distributed.run parses (after `torchrun`). Every stream goes to the rank's log file in
+    `log_dir` except local rank 0's stderr, which is also the console: velora's display and error lines."""
+    streams = ",".join(f"{rank}:{1 if rank == 0 else 3}" for rank in range(launch.nproc_per_node))  # 1 out, 3 both
+    args = ["--nproc-per-node", str(launch.nproc_per_node), "--max-restarts", "0", "--log-dir", str(log_dir),
+            "--redirects", streams]  # fmt: skip
     if launch.nnodes == 1 and launch.rdzv_endpoint is None:
         args.append("--standalone")  # a free port on this machine: two single-node runs never clash
     else:
@@ -71,8 +82,14 @@ def torchrun_arguments(launch: Launch, rdzv_timeout: int, child: list[str]) -> l
     return [*args, "-m", "velora_cli", "finetune", *child]
 
 
+def attempt_logs(log_dir: Path) -> Path:
+    """Where torchrun put this launch's per-rank logs (log_dir/<run id>_<random>/attempt_0/<local rank>/)."""
+    attempts = sorted(log_dir.glob("*/attempt_*"))
+    return attempts[0] if len(attempts) == 1 else log_dir
+
+
 def launch_finetune(launch: Launch, recipe: Path, overrides: list[str], output_dir: Path | None, child: list[str],
-                    verbose: bool) -> None:  # fmt: skip
+                    verbose: bool, force: bool = False) -> None:  # fmt: skip
     """Run the workers under torchrun's agent in this process; raise one-line errors for what can go wrong."""
     if launch.nnodes > 1 and not launch.rdzv_endpoint:
         raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
@@ -87,8 +104,13 @@ def launch_finetune(launch: Launch, recipe: Path, overrides: list[str], output_d
 
     if not verbose:  # the agent's own warnings and failure report; the error line below says what matters
         logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
-    args = get_args_parser().parse_args(torchrun_arguments(launch, settled.distributed.rdzv_timeout, child))
     run_dir = settled.run_dir()
+    # The logs live in the run dir, so it is claimed first, as the workers would (refused when someone else's).
+    ownership.refuse_foreign(run_dir, ownership.RUN_MARKER, "output.dir", force=force)
+    ownership.claim(run_dir, ownership.RUN_MARKER)
+    log_dir = run_dir / "logs" / f"node{launch.node_rank}-{time.strftime('%Y%m%d-%H%M%S')}"
+    args = get_args_parser().parse_args(torchrun_arguments(launch, settled.distributed.rdzv_timeout, child, log_dir))
+    os.environ[RANK_LOGS] = str(log_dir)
     try:
         run(args)
     except ChildFailedError as exc:
@@ -98,7 +120,8 @@ def launch_finetune(launch: Launch, recipe: Path, overrides: list[str], output_d
             raise SystemExit(2) from None
         how = f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
         raise VeloraError(f"rank {rank} {how} on {socket.gethostname()}; the other ranks were stopped and the "
-                          f"complete checkpoints in {run_dir} are kept: run the same command to resume") from None
+                          f"complete checkpoints in {run_dir} are kept: run the same command to resume "
+                          f"(each rank's output: {attempt_logs(log_dir)})") from None
     except RendezvousError as exc:
         raise VeloraError(f"the nodes did not all join at {launch.rdzv_endpoint} within "
                           f"{settled.distributed.rdzv_timeout} s (distributed.rdzv_timeout): "

@@ -89,7 +89,10 @@ def test_child_arguments_drop_the_launcher_flags() -> None:
     child = child_arguments(Path("r.yaml"), ["train.seed=1"], Path("out"), 5, False, "train", False)
     assert child == ["r.yaml", "--set", "train.seed=1", "--output-dir", "out", "--max-steps", "5", "--no-resume",
                      "--stages", "train"]  # fmt: skip
-    args = torchrun_arguments(Launch(8, 2, 1, "10.0.0.1:29400"), 900, child)
+    args = torchrun_arguments(Launch(8, 2, 1, "10.0.0.1:29400"), 900, child, Path("out/logs/node1"))
     assert args[-len(child) - 3 :] == ["-m", "velora_cli", "finetune", *child]
     assert "--standalone" not in args and args[args.index("--rdzv-endpoint") + 1] == "10.0.0.1:29400"
-    assert "--standalone" in torchrun_arguments(Launch(2), 900, child)
+    # Each rank's streams to its log in out/logs/node1; local rank 0's stderr (velora's display) also on the console.
+    assert args[args.index("--log-dir") + 1] == str(Path("out/logs/node1"))
+    assert args[args.index("--redirects") + 1] == "0:1,1:3,2:3,3:3,4:3,5:3,6:3,7:3"
+    assert "--standalone" in torchrun_arguments(Launch(2), 900, child, Path("logs"))

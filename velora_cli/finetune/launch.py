@@ -126,3 +126,5 @@ def launch_finetune(launch: Launch, recipe: Path, overrides: list[str], output_d
         raise VeloraError(f"the nodes did not all join at {launch.rdzv_endpoint} within "
                           f"{settled.distributed.rdzv_timeout} s (distributed.rdzv_timeout): "
                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    finally:
+        os.environ.pop(RANK_LOGS, None)  # the workers' setting, not this process's

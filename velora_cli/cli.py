@@ -54,10 +54,10 @@ TrustOption = typer.Option(
 )
 
 
-def _quiet(verbose: bool) -> None:
+def _quiet(verbose: bool, transformers_now: bool = True) -> None:
     from velora_cli.common import logs
 
-    logs.configure(verbose)
+    logs.configure(verbose, transformers_now)
 
 
 @app.command()
@@ -260,7 +260,7 @@ def memory_estimate(
     """Say how much memory a training run needs, where it goes, and what fits."""
     from velora_cli.memory.command import run_memory_estimate
 
-    _quiet(verbose)
+    _quiet(verbose, transformers_now=False)  # memory.arch quiets it if it needs it
     run_memory_estimate(
         recipe=recipe,
         model=model,

@@ -103,3 +103,25 @@ def test_memory_estimate_of_a_llama_layout_imports_neither_torch_nor_transformer
     loaded = tmp_path / "loaded.json"
     main(["memory-estimate", *args, "--json", str(loaded)])
     assert json.loads(blocked.read_text()) == json.loads(loaded.read_text())
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("hidden_size", "256"), ("hidden_size", 0), ("num_attention_heads", -8), ("vocab_size", 1000.5),
+     ("num_hidden_layers", True), ("num_key_value_heads", 0)],
+)  # fmt: skip
+def test_a_bad_config_json_field_is_one_line_naming_it(tmp_path: Path, field: str, value: object, capsys) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", **SMALL_LLAMA, field: value}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["memory-estimate", "--model", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"config.json's {field} must be a positive integer" in err, err
+
+
+def test_a_config_json_that_is_a_fifo_is_refused_not_read(tmp_path: Path, capsys) -> None:
+    os.mkfifo(tmp_path / "config.json")  # reading it would block forever
+    with pytest.raises(SystemExit) as exit_info:
+        main(["memory-estimate", "--model", str(tmp_path)])
+    assert exit_info.value.code != 0
+    assert "is a FIFO" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from velora_cli.common.bounds import check_regular, clip
 from velora_cli.common.errors import UsageError, did_you_mean
 from velora_cli.common.hub import is_hub_id
 from velora_cli.common.logs import quiet_transformers
@@ -29,6 +30,7 @@ from velora_cli.config.presets import EMBEDDED_PREFIX, GGUF_PREFIX, KNOWN_MODELS
 LLAMA_LAYOUTS = ("llama", "mistral")
 _LAYOUT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
                   "tie_word_embeddings")  # fmt: skip
+MAX_CONFIG_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,10 @@ def arch_of_layout(config: Mapping[str, Any], name: str) -> Arch | None:
     config that leaves a field to transformers' defaults), which `arch_of_config` builds instead."""
     if config.get("model_type") not in LLAMA_LAYOUTS or any(config.get(f) is None for f in _LAYOUT_FIELDS):
         return None
+    for key in (*_LAYOUT_FIELDS[:-1], "num_key_value_heads", "head_dim"):
+        value = config.get(key)
+        if value is not None and (type(value) is not int or value < 1):
+            raise UsageError(f"model {name!r}: config.json's {key} must be a positive integer, not {clip(value)}")
     hidden, heads, inter = config["hidden_size"], config["num_attention_heads"], config["intermediate_size"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or hidden // heads
@@ -196,7 +202,10 @@ def config_json(model: str) -> dict[str, Any] | None:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
+    check_regular(path, "model config")  # a FIFO named config.json would block the read forever
     try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise UsageError(f"{path}: {path.stat().st_size} bytes is not a model config (config.json is kilobytes)")
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None  # transformers' loader says what is wrong with it

@@ -37,3 +37,17 @@ def test_memory_techniques_on_sharded_modules_equal_one_process(
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "(FSDP)" in proc.stdout + proc.stderr
     assert_same_run(one, two)
+
+
+def test_fsdp_cpu_offload_on_cpu_is_one_line_before_launching(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """FSDP2's CPUOffloadPolicy copies each shard to the GPU for compute: on CPU processes it raised
+    `RuntimeError: Cannot access accelerator device when none is available` from every rank."""
+    r = recipe(tiny_llama_dir, tmp_path / "run", "full")
+    r["distributed"]["fsdp"] = {"cpu_offload": True}
+    proc = velora([str(write(tmp_path, "r", r)), "--nproc-per-node", "2"], tmp_path)
+    assert proc.returncode == 2
+    assert [x for x in proc.stderr.splitlines() if x.strip()] == [
+        "error: distributed.fsdp.cpu_offload moves the shards between GPU and host memory and needs CUDA; CPU "
+        "processes hold them in host memory already: remove it on CPU"
+    ]
+    assert not (tmp_path / "run").exists()

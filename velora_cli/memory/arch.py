@@ -3,7 +3,7 @@
 Owns the `Arch` description (per-layer linear shapes, the parameters outside the decoder layers) and reading it
 for a preset or a model. A LLaMA or Mistral config.json (every preset, the shipped recipes' models) is read as
 JSON and laid out by hand (`arch_of_layout`): no torch, no transformers, so `memory-estimate` answers in well under
-a second; tests/test_memory_model.py holds that layout equal to the built model's for every preset. Any other
+a second; tests/test_memory_arch.py holds that layout equal to the built model's for every preset. Any other
 architecture is built on the meta device (no memory, no weights) and read off the model. A hub id resolves
 without the network when it can: a config.json in the local Hugging Face cache, else the table of well-known
 models (KNOWN_MODELS: the shipped recipes' models and their siblings), and only then the hub, so planning a run

@@ -3,13 +3,17 @@
 Each strategy trains the same recipe (method full, fp32, micro-batch 1, global batch 2, --steps steps of
 128-token rows of recipes/data/demo_tasks_train.json, save at the end only) under `torchrun --nproc-per-node 2`,
 through velora's own FinetuneSession (DDP: the Trainer's; FSDP: finetune/sharding.ShardingTrainer, fully_shard per
-decoder layer). Each rank reports, after training:
-  state bytes  the parameters and AdamW state this rank holds (its local shard under FSDP: DTensor.to_local())
-  peak RSS     the process's peak resident memory (ru_maxrss), everything included (torch, tokenizer, data, gathers)
+decoder layer; rank 0 alone reads the weights, the other rank builds the model on meta and gets its shards from
+rank 0's: accelerate's cpu_ram_efficient_loading). Each rank reports:
+  state bytes  after training: the parameters and AdamW state it holds (its local shard under FSDP: to_local())
+  load peak    the process's peak resident memory (ru_maxrss) when training begins: the model loaded and, under
+               FSDP, sharded (the Trainer shards it then), before the first step
+  peak RSS     the process's peak resident memory over the whole run, everything included (torch, tokenizer,
+               data, gathers)
   RSS after    resident memory once training is done (/proc/self/statm): the steady state, without load-time peaks
 and rank 0 the run's tokens/s (metrics.jsonl, every rank's tokens). FSDP's state bytes should be about half of
-DDP's; RSS falls by less (the python/torch baseline and the gathered layers are per process); tokens/s pays the
-all-gathers and reduce-scatters.
+DDP's; rank 1's load peak falls by the whole model; RSS falls by less than the state (the python/torch baseline and
+the gathered layers are per process); tokens/s pays the all-gathers and reduce-scatters.
 
     python benchmarks/fsdp_memory.py [--steps 6] [--json out.json]
 
@@ -34,12 +38,20 @@ def worker(recipe_json: str, run_dir: str) -> None:
     import torch
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
+    from transformers import TrainerCallback
 
     from velora_cli.config.load import validate_recipe
     from velora_cli.finetune.session import FinetuneSession
 
     session = FinetuneSession(validate_recipe(json.loads(recipe_json)), Path(run_dir))
     session.setup()
+    load_peak = []
+
+    class LoadPeak(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            load_peak.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+    session.trainer.add_callback(LoadPeak())
     result = session.train(resume=False, display=False)
 
     def local(t: torch.Tensor) -> torch.Tensor:
@@ -51,11 +63,12 @@ def worker(recipe_json: str, run_dir: str) -> None:
                 for v in state.values() if torch.is_tensor(v) and v.dim() > 0)  # fmt: skip
     rss_now = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    report = torch.tensor([params + optim, peak, rss_now], dtype=torch.float64)
+    report = torch.tensor([params + optim, load_peak[0], peak, rss_now], dtype=torch.float64)
     parts = [torch.empty_like(report) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, report)
     if dist.get_rank() == 0:
-        per_rank = [{"state_bytes": int(p[0]), "peak_rss": int(p[1]), "rss_after": int(p[2])} for p in parts]
+        keys = ("state_bytes", "load_peak", "peak_rss", "rss_after")
+        per_rank = [{key: int(value) for key, value in zip(keys, p, strict=True)} for p in parts]
         print("REPORT " + json.dumps({"ranks": per_rank, "tokens_per_second": result.tokens_per_second}))
 
 
@@ -104,15 +117,19 @@ def main() -> None:
         results = {s: run(s, args.steps, model, Path(tmp)) for s in ("ddp", "fsdp")}
     gib = 2**30
     print(f"SmolLM2-135M full fine-tuning, 2 processes (gloo), {args.steps} steps, fp32")
-    print(f"{'':31}{'DDP':>10}{'FSDP':>10}{'FSDP/DDP':>10}")
-    rows = (("state_bytes", "params+optimizer / rank GiB"), ("peak_rss", "peak RSS / rank GiB"),
-            ("rss_after", "RSS after training / rank GiB"))  # fmt: skip
-    for key, label in rows:
-        d = max(r[key] for r in results["ddp"]["ranks"])
-        f = max(r[key] for r in results["fsdp"]["ranks"])
-        print(f"{label:31}{d / gib:10.3f}{f / gib:10.3f}{f / d:10.2f}x")
+    print(f"{'':34}{'DDP':>10}{'FSDP':>10}{'FSDP/DDP':>10}")
+    rows = (("state_bytes", "params+optimizer", False), ("load_peak", "peak RSS loaded+sharded", True),
+            ("peak_rss", "peak RSS", True), ("rss_after", "RSS after training", True))  # fmt: skip
+    for key, label, per_rank in rows:
+        if not per_rank:  # the same on every rank: the largest
+            lines = [(f"{label} / rank GiB", *(max(r[key] for r in results[s]["ranks"]) for s in ("ddp", "fsdp")))]
+        else:
+            lines = [(f"{label} rank {i} GiB", *(results[s]["ranks"][i][key] for s in ("ddp", "fsdp")))
+                     for i in range(len(results["ddp"]["ranks"]))]  # fmt: skip
+        for text, d, f in lines:
+            print(f"{text:34}{d / gib:10.3f}{f / gib:10.3f}{f / d:10.2f}x")
     d, f = results["ddp"]["tokens_per_second"], results["fsdp"]["tokens_per_second"]
-    print(f"{'tokens/s (ratio only)':31}{'':10}{'':10}{f / d:10.2f}x")
+    print(f"{'tokens/s (ratio only)':34}{'':10}{'':10}{f / d:10.2f}x")
     if args.json:
         args.json.write_text(json.dumps({"steps": args.steps, **results}, indent=1), encoding="utf-8")
 

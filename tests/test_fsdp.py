@@ -53,6 +53,33 @@ if os.environ.get("KILL_STEP") and os.environ.get("RANK") == os.environ.get("KIL
         return plan
 
     session.FinetuneSession.setup = setup
+
+if os.environ.get("RECORD_DIR"):  # what each rank holds once its model is built (before the Trainer shards it)
+    import json, resource
+    import torch
+    from safetensors.torch import save_file
+    import velora_cli.finetune.session as session
+    from velora_cli.engine import velora_state_dict
+
+    _setup_for_record, _train_for_record = session.FinetuneSession.setup, session.FinetuneSession.train
+
+    def setup(self):
+        plan = _setup_for_record(self)
+        held = [t for t in (*self.model.parameters(), *self.model.buffers()) if not t.is_meta]
+        record = {"bytes": sum(t.numel() * t.element_size() for t in held),
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+        with open(os.path.join(os.environ["RECORD_DIR"], f"load-{os.environ['RANK']}.json"), "w") as f:
+            json.dump(record, f)
+        return plan
+
+    def train(self, *args, **kwargs):
+        result = _train_for_record(self, *args, **kwargs)
+        vectors = velora_state_dict(self.model)
+        if vectors:
+            save_file(vectors, os.path.join(os.environ["RECORD_DIR"], f"vectors-{os.environ['RANK']}.safetensors"))
+        return result
+
+    session.FinetuneSession.setup, session.FinetuneSession.train = setup, train
 """
 
 
@@ -109,6 +136,12 @@ def weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run_dir / name))
 
 
+def weights_of(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
 def assert_same_run(a: Path, b: Path) -> None:
     la, lb = losses(a), losses(b)
     assert [s for s, _ in la] == [s for s, _ in lb] and la
@@ -120,15 +153,43 @@ def assert_same_run(a: Path, b: Path) -> None:
         torch.testing.assert_close(wa[key], wb[key], rtol=0, atol=1e-5, msg=key)
 
 
-@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
-def test_two_process_fsdp_equals_one_process(method: str, tmp_path: Path, tiny_llama_dir: Path) -> None:
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert velora([str(write(tmp_path, "one", recipe(tiny_llama_dir, one, method)))], tmp_path).returncode == 0
-    proc = velora([str(write(tmp_path, "two", recipe(tiny_llama_dir, two, method))), "--nproc-per-node", "2"],
-                  tmp_path)  # fmt: skip
+def loaded_bytes(records: Path) -> list[int]:
+    """Per rank: the bytes of parameters and buffers held in memory (not on meta) once the model was built."""
+    return [json.loads((records / f"load-{rank}.json").read_text())["bytes"] for rank in (0, 1)]
+
+
+@pytest.mark.parametrize(("method", "init"), [("lora", None), ("lora", "random"), ("qlora", None), ("full", None)])
+def test_two_process_fsdp_equals_one_process(method: str, init: str | None, tmp_path: Path,
+                                             tiny_llama_dir: Path) -> None:  # fmt: skip
+    """`init`: VeLoRA's v drawn at random when the model is built - rank 1, which builds on meta, must get rank 0's."""
+    one, two, records = tmp_path / "one", tmp_path / "two", tmp_path / "records"
+    records.mkdir()
+    recipes = [recipe(tiny_llama_dir, run, method) for run in (one, two)]
+    for r in recipes:
+        r["velora"].update({"init": init} if init else {})
+    assert velora([str(write(tmp_path, "one", recipes[0]))], tmp_path).returncode == 0
+    proc = velora([str(write(tmp_path, "two", recipes[1])), "--nproc-per-node", "2"], tmp_path,
+                  RECORD_DIR=str(records))  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "4 = 1 micro x 2 accumulation x 2 processes (FSDP)" in proc.stdout + proc.stderr
     assert_same_run(one, two)
+    # Low-CPU-RAM loading: rank 0 alone reads the unquantised weights, rank 1 builds its model on meta and gets its
+    # shards from rank 0 (a few KiB of RoPE and VeLoRA buffers stay real). Every rank reads 4-bit weights.
+    base_bytes = sum(t.numel() * t.element_size() for t in weights_of(tiny_llama_dir).values())
+    rank0, rank1 = loaded_bytes(records)
+    if method == "qlora":
+        assert rank1 == rank0
+    else:
+        assert rank0 >= base_bytes and rank1 < base_bytes / 100
+    if method != "full":  # VeLoRA's vectors: the same on both ranks, and those of the one-process run
+        from safetensors.torch import load_file
+
+        ranks = [load_file(str(records / f"vectors-{rank}.safetensors")) for rank in (0, 1)]
+        single = load_file(str(one / "velora_projections.safetensors"))
+        assert sorted(ranks[0]) == sorted(ranks[1]) == sorted(single)
+        for key in single:
+            assert torch.equal(ranks[0][key], ranks[1][key]), key
+            torch.testing.assert_close(ranks[0][key], single[key], rtol=0, atol=1e-6, msg=key)
     # Checkpoints hold the shards (torch.distributed.checkpoint), the final files are whole, written once.
     assert (two / "checkpoint-3" / "pytorch_model_fsdp_0").is_dir()
     assert not list(two.glob("*fsdp*"))

@@ -194,7 +194,7 @@ class FinetuneSession:
         if self.sharded:
             from velora_cli.finetune.sharding import fsdp_arguments
 
-            sharding = fsdp_arguments(self.recipe, self.model)
+            sharding = fsdp_arguments(self.recipe, self.model, self.prepared.config)
         return kind(
             **sharding,
             output_dir=str(self.run_dir),

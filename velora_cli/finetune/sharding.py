@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from velora_cli.config.recipe import Recipe
 
@@ -28,8 +28,10 @@ def decoder_layer_class(model: nn.Module) -> str:
     return found[0]
 
 
-def fsdp_arguments(recipe: Recipe, model: nn.Module) -> dict[str, Any]:
-    """TrainingArguments fields for FSDP2 as the recipe's `distributed.fsdp` asks."""
+def fsdp_arguments(recipe: Recipe, model: nn.Module, config: Any) -> dict[str, Any]:
+    """TrainingArguments fields for FSDP2 as the recipe's `distributed.fsdp` asks (`config`: the base model's)."""
+    from velora_cli.models.load import rank0_reads_weights
+
     fsdp = recipe.distributed.fsdp
     return {
         "fsdp": True,
@@ -41,17 +43,40 @@ def fsdp_arguments(recipe: Recipe, model: nn.Module) -> dict[str, Any]:
             "state_dict_type": "SHARDED_STATE_DICT",  # `full` is refused by the recipe (config/distributed.py)
             # The memory planner's checkpointing (memory.checkpointing) stays in charge, not FSDP's own.
             "activation_checkpointing": False,
+            # Rank 0 alone read the weights, the other ranks hold them on meta (models.load.load_recipe_base):
+            # sharding hands each rank its part of rank 0's. A pretrain run initialises every rank alike instead.
+            "cpu_ram_efficient_loading": recipe.method != "pretrain" and rank0_reads_weights(recipe.model, config),
         },
     }
 
 
+class SharedVectors(TrainerCallback):
+    """VeLoRA's v made rank 0's on every rank once the model is sharded (after a resume's vectors are loaded).
+
+    FSDP shards and broadcasts parameters only; v is a buffer each rank built itself, and the ranks that started on
+    meta (models.load.rank0_reads_weights) built it empty. A `random` v must match, and checkpoints record rank 0's.
+    """
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
+        import torch.distributed as dist
+
+        from velora_cli.engine import velora_layers
+
+        for layer in velora_layers(model).values():
+            dist.broadcast(layer.velora_v, src=0)
+
+
 class ShardingTrainer(Trainer):
-    """Trainer whose accelerator runs FSDP2 on CPU processes too.
+    """Trainer whose accelerator runs FSDP2 on CPU processes too, with VeLoRA's vectors shared (SharedVectors).
 
     accelerate enables FSDP only for GPU-type distributed states (state.py puts MULTI_CPU aside), although
     `fully_shard` itself runs on gloo: the CPU tests and the CPU benchmark need it. So the plugin the Trainer built
     is installed on the state afterwards, which is exactly what accelerate does on GPUs.
     """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_callback(SharedVectors())  # after the caller's VeloraCallback, which restores v on a resume
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()

@@ -50,10 +50,22 @@ def build_training_model(recipe, device: torch.device, source: ModelSource | Non
     if checkpointing:
         model.config.use_cache = False
     model, compressed = attach_adapters(model, recipe)
+    real_vectors(model)
     if lean:
         apply_memory(model, recipe)
     attention_for_packing(model, recipe)
     return model, compressed
+
+
+def real_vectors(model) -> None:
+    """VeLoRA's v in CPU memory where its layer was built on meta (a sharded run's ranks other than 0, which do not
+    read the weights: models.load.rank0_reads_weights). Sharding fills in the weights from rank 0 but keeps each
+    rank's buffers as they are, so v must be a real tensor; finetune.sharding then gives every rank rank 0's v."""
+    from velora_cli.engine import velora_layers
+
+    for layer in velora_layers(model).values():
+        if layer.velora_v.is_meta:
+            layer.velora_v = torch.zeros(layer.velora_v.shape, dtype=layer.velora_v.dtype)
 
 
 def attention_for_packing(model, recipe) -> None:

@@ -26,8 +26,8 @@ from velora_cli.common.device import compute_dtype
 from velora_cli.common.errors import RecipeError, UsageError
 from velora_cli.config.presets import PRETRAIN_SIZES, size_config
 from velora_cli.engine import VeloraConfigError, apply_velora
-from velora_cli.models.build import apply_memory, attention_for_packing, lean_supported
-from velora_cli.models.load import ModelSource, load_base_model, load_config, recipe_tokenizer, resolve_model
+from velora_cli.models.build import apply_memory, attention_for_packing, lean_supported, real_vectors
+from velora_cli.models.load import ModelSource, load_config, load_recipe_base, recipe_tokenizer, resolve_model
 
 
 def pretrain_config(model_section, tokenizer):
@@ -62,16 +62,15 @@ def build_full_model(recipe, device: torch.device, source: ModelSource | None = 
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=m.trust_remote_code, **kwargs)
         model.to(device)
     else:
-        model = load_base_model(
-            source or resolve_model(m.name), quantization="none", compute=dtype, device=device,
-            trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation,
-        )  # fmt: skip
+        # Sharded: rank 0 alone reads the weights (models.load.rank0_reads_weights), the others start on meta.
+        model = load_recipe_base(m, device, source, sharded=recipe.distributed.shards())
     model.requires_grad_(True)
     lean = lean_supported(model, recipe)
     if recipe.train.gradient_checkpointing and not lean:  # apply_lean owns the per-layer switch on the others
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     compressed = attach_full_velora(model, recipe)
+    real_vectors(model)
     if lean:  # after VeLoRA, as for the adapters: the lean forwards call whatever the projections have become
         apply_memory(model, recipe)
     attention_for_packing(model, recipe)

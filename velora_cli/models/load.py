@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from velora_cli.common.device import compute_dtype
+from velora_cli.common.device import compute_dtype, is_main_process
 from velora_cli.common.errors import UsageError
 from velora_cli.common.fs import staged_dir
 from velora_cli.common.hub import cache_dir, from_pretrained_cached
@@ -192,11 +192,24 @@ def load_base_model(
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
     quant_storage: torch.dtype = torch.uint8,
+    weights: bool = True,
 ):
-    """Load the causal LM, quantised with bitsandbytes when asked, placed on `device`."""
+    """Load the causal LM, quantised with bitsandbytes when asked, placed on `device`. `weights=False`: its
+    parameters on the meta device without reading the checkpoint (buffers such as RoPE's are computed as usual)."""
     from transformers import AutoModelForCausalLM
 
     device = device or torch.device("cpu")
+    if not weights:
+        from accelerate import init_empty_weights
+
+        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(load_config(source, trust_remote_code), dtype=compute,
+                                                     trust_remote_code=trust_remote_code, **kwargs)  # fmt: skip
+        # The context re-creates every parameter it registers, so the tying done in there (lm_head = embeddings)
+        # came undone: tie again, or the model would have one parameter more than rank 0's.
+        model.tie_weights()
+        return model
     kwargs = {
         "dtype": compute,
         "trust_remote_code": trust_remote_code,
@@ -247,12 +260,27 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def rank0_reads_weights(model_section, config) -> bool:
+    """Whether FSDP loads this base the low-CPU-RAM way (accelerate's cpu_ram_efficient_loading): rank 0 reads the
+    checkpoint into CPU memory, the other ranks build the model on meta, and sharding hands every rank its part of
+    rank 0's weights. Not for 4-bit weights (asked for or pre-quantised): accelerate does not broadcast Params4bit,
+    so every rank reads those."""
+    return model_section.quantization == "none" and getattr(config, "quantization_config", None) is None
+
+
 def load_recipe_base(model_section, device: torch.device, source: ModelSource | None = None, sharded: bool = False):
-    """The base model exactly as a recipe's `model` section trains it (quantisation, compute dtype, attention);
-    `sharded` (FSDP): 4-bit codes stored in the compute dtype (quantization_config)."""
+    """The base model exactly as a recipe's `model` section trains it (quantisation, compute dtype, attention).
+
+    `sharded` (FSDP): 4-bit codes stored in the compute dtype (quantization_config); an unquantised base is read by
+    rank 0 alone, into CPU memory (rank0_reads_weights), and is on meta in the other ranks."""
     compute = compute_dtype(model_section.compute_dtype, device)
+    source = source or resolve_model(model_section.name)
+    weights = True
+    if sharded and rank0_reads_weights(model_section, load_config(source, model_section.trust_remote_code)):
+        # CPU even on GPUs: sharding moves each rank's part of the weights to its device.
+        device, weights = torch.device("cpu"), is_main_process()
     return load_base_model(
-        source or resolve_model(model_section.name),
+        source,
         quantization=model_section.quantization,
         compute=compute,
         double_quant=model_section.double_quant,
@@ -260,6 +288,7 @@ def load_recipe_base(model_section, device: torch.device, source: ModelSource | 
         trust_remote_code=model_section.trust_remote_code,
         attn_implementation=model_section.attn_implementation,
         quant_storage=compute if sharded else torch.uint8,
+        weights=weights,
     )
 
 

@@ -83,6 +83,29 @@ def test_launcher_refusals_are_one_line(capsys, tmp_path: Path) -> None:
     assert code == 2 and err.strip() == "error: --nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)"
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        # launcher flags without --nproc-per-node launch too (one process per node), so they are checked: they used
+        # to be ignored and the run trained alone in this process
+        (["--nnodes", "2"], "error: --nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)"),
+        (["--node-rank", "1"], "error: --node-rank 1 is outside 0..0 (--nnodes 1)"),
+        (["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "h:29400"], "error: --node-rank 2 is outside 0..1"),
+        (["--nnodes", "2", "--rdzv-endpoint", "node0"], "error: --rdzv-endpoint 'node0': expected HOST:PORT"),
+        (["--nnodes", "2", "--rdzv-endpoint", "node0:99999"], "error: --rdzv-endpoint 'node0:99999': expected"),
+        (["--nnodes", "2", "--dry-run"], "error: --nnodes > 1 needs --rdzv-endpoint"),  # a dry run checks them too
+    ],
+)
+def test_launcher_flags_are_checked_with_or_without_nproc(
+    flags: list[str], message: str, capsys, tmp_path: Path
+) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data: {{path: x.json}}\noutput: {{dir: {tmp_path / 'run'}}}\n", encoding="utf-8")
+    code, _, err = run_cli(["finetune", str(recipe), *flags], capsys)
+    assert code == 2 and err.count("\n") == 1 and err.startswith(message), err
+    assert not (tmp_path / "run").exists()
+
+
 def test_child_arguments_drop_the_launcher_flags() -> None:
     from velora_cli.finetune.launch import Launch, child_arguments, torchrun_arguments
 

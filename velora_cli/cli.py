@@ -54,10 +54,10 @@ TrustOption = typer.Option(
 )
 
 
-def _quiet(verbose: bool) -> None:
+def _quiet(verbose: bool, transformers_now: bool = True) -> None:
     from velora_cli.common import logs
 
-    logs.configure(verbose)
+    logs.configure(verbose, transformers_now)
 
 
 @app.command()
@@ -75,7 +75,7 @@ def finetune(
     nproc_per_node: int | None = typer.Option(
         None, "--nproc-per-node", min=1, help="Run under torchrun with this many processes per node."
     ),
-    nnodes: int = typer.Option(1, "--nnodes", min=1, help="With --nproc-per-node: number of machines."),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="Machines (1 process each unless --nproc-per-node)."),
     node_rank: int = typer.Option(0, "--node-rank", min=0, help="With --nnodes: this machine's index."),
     rdzv_endpoint: str | None = typer.Option(None, "--rdzv-endpoint", help="With --nnodes: HOST:PORT of node 0."),
     verbose: bool = VerboseOption,
@@ -85,13 +85,16 @@ def finetune(
     from velora_cli.finetune.pipeline import run_pipeline
 
     _quiet(verbose)
-    if nproc_per_node is not None and not dry_run and "LOCAL_RANK" not in os.environ:
+    launching = nproc_per_node is not None or nnodes > 1 or node_rank > 0 or rdzv_endpoint is not None
+    if launching and "LOCAL_RANK" not in os.environ:
         from velora_cli.finetune.launch import Launch, child_arguments, launch_finetune
 
-        child = child_arguments(recipe, overrides or [], output_dir, max_steps, resume, stages, verbose, force)
-        launch = Launch(nproc_per_node, nnodes, node_rank, rdzv_endpoint)
-        launch_finetune(launch, recipe, overrides or [], output_dir, child, verbose, force)
-        return
+        launch = Launch(nproc_per_node or 1, nnodes, node_rank, rdzv_endpoint)
+        launch.check()
+        if not dry_run:
+            child = child_arguments(recipe, overrides or [], output_dir, max_steps, resume, stages, verbose, force)
+            launch_finetune(launch, recipe, overrides or [], output_dir, child, verbose, force)
+            return
     result = run_pipeline(
         recipe,
         overrides=overrides or [],
@@ -260,7 +263,7 @@ def memory_estimate(
     """Say how much memory a training run needs, where it goes, and what fits."""
     from velora_cli.memory.command import run_memory_estimate
 
-    _quiet(verbose)
+    _quiet(verbose, transformers_now=False)  # memory.arch quiets it if it needs it
     run_memory_estimate(
         recipe=recipe,
         model=model,

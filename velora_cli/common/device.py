@@ -2,38 +2,69 @@
 
 CUDA with bf16 support -> bf16 compute; older CUDA -> fp16; CPU -> fp32. bf16 matmuls are 15-20x slower
 than fp32 on the CPUs this tool is tested on (measured 51 s vs 2.9 s per training step), so CPU always
-computes in fp32 unless a recipe insists.
+computes in fp32 unless a recipe insists. torch is imported inside the functions that need it: the memory model
+and the recipe checks use the policy by name, and importing torch takes seconds.
 """
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+# a recipe's dtype name -> the torch dtype's attribute name
+DTYPE_ATTRS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return getattr(torch, DTYPE_ATTRS[name])
 
 
 def default_device() -> torch.device:
     """The device this process trains and evaluates on (its local rank's GPU under torchrun)."""
+    import torch
+
     if torch.cuda.is_available() and os.environ.get("VELORA_DEVICE", "") != "cpu":
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
 
+def auto_compute_name(device_type: str, bf16_supported: bool = True) -> str:
+    """What `compute_dtype: auto` means on a device type, by name."""
+    if device_type == "cuda":
+        return "bf16" if bf16_supported else "fp16"
+    return "fp32"
+
+
 def compute_dtype(requested: str = "auto", device: torch.device | None = None) -> torch.dtype:
     """Resolve a recipe's `compute_dtype` ("auto" | "bf16" | "fp16" | "fp32") for `device`."""
     if requested != "auto":
-        return DTYPES[requested]
+        return torch_dtype(requested)
+    import torch
+
     device = device or default_device()
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch_dtype(auto_compute_name(device.type, bf16))
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    attr = str(dtype).removeprefix("torch.")
+    return next((name for name, a in DTYPE_ATTRS.items() if a == attr), attr)
+
+
+def gpu_present() -> bool:
+    """Whether this machine has a CUDA (or ROCm) GPU, answered without importing torch unless it is loaded
+    already: the driver's device files are what torch.cuda finds too."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"].cuda.is_available()
+    nvidia = Path("/proc/driver/nvidia/gpus")
+    return (nvidia.is_dir() and any(nvidia.iterdir())) or Path("/dev/kfd").exists()
 
 
 def world_size() -> int:

@@ -57,8 +57,12 @@ def _attach(handlers: list[logging.Handler]) -> None:
         logger.propagate = False
 
 
-def configure(verbose: bool = False) -> None:
-    """Route the libraries' warnings and notices to the log file (and, with `verbose`, to stderr as well)."""
+def configure(verbose: bool = False, transformers_now: bool = True) -> None:
+    """Route the libraries' warnings and notices to the log file (and, with `verbose`, to stderr as well).
+
+    `transformers_now=False`: a command that may never load transformers (memory-estimate of a LLaMA-layout model)
+    leaves its logging to `quiet_transformers`, called just before transformers is used (it takes ~1 s to import).
+    """
     verbose = verbose or verbose_from_env()
     logging.captureWarnings(True)
     handlers = [h for h in (_file_handler(log_path()),) if h is not None]
@@ -71,11 +75,6 @@ def configure(verbose: bool = False) -> None:
     # Progress bars: the environment for libraries not imported yet, their switches for those already loaded.
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "0" if verbose else "1"
     os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "0" if verbose else "1"
-    import transformers.utils.logging as hf_logging  # its own stderr handler must go; ~1 s, every command needs it
-
-    hf_logging.get_logger()  # makes transformers install its default handler now, so it can be removed
-    hf_logging.disable_default_handler()  # ours print instead (to stderr too, with verbose)
-    (hf_logging.enable_progress_bar if verbose else hf_logging.disable_progress_bar)()
     import huggingface_hub.utils as hub_utils
 
     (hub_utils.enable_progress_bars if verbose else hub_utils.disable_progress_bars)()
@@ -83,6 +82,18 @@ def configure(verbose: bool = False) -> None:
         import datasets
 
         (datasets.enable_progress_bars if verbose else datasets.disable_progress_bars)()
+    if transformers_now:
+        quiet_transformers()
+
+
+def quiet_transformers() -> None:
+    """transformers' own stderr handler goes (ours print instead, to stderr too with verbose); its bars follow
+    the verbose switch."""
+    import transformers.utils.logging as hf_logging
+
+    hf_logging.get_logger()  # makes transformers install its default handler now, so it can be removed
+    hf_logging.disable_default_handler()
+    (hf_logging.enable_progress_bar if shows_library_output() else hf_logging.disable_progress_bar)()
 
 
 def shows_library_output() -> bool:

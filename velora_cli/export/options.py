@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from velora_cli.common.device import DTYPE_ATTRS, torch_dtype
 from velora_cli.common.errors import UsageError
 from velora_cli.common.fs import OutputError
 from velora_cli.common.memstats import parse_bytes
@@ -61,11 +62,9 @@ def parse_size(text: str | int) -> int:
 
 
 def parse_dtype(name: str) -> torch.dtype:
-    from velora_cli.common.device import DTYPES  # imports torch: not at the command line's start
-
-    if name not in DTYPES:
-        raise UsageError(f"--dtype {name!r}: expected one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    if name not in DTYPE_ATTRS:
+        raise UsageError(f"--dtype {name!r}: expected one of {', '.join(DTYPE_ATTRS)}")
+    return torch_dtype(name)
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from velora_cli.common.bounds import clip
 from velora_cli.common.errors import UsageError, VeloraError
 from velora_cli.config.load import load_recipe
 from velora_cli.rundir import ownership
@@ -35,6 +36,18 @@ class Launch:
     nnodes: int = 1
     node_rank: int = 0
     rdzv_endpoint: str | None = None
+
+    def check(self) -> None:
+        """The launcher flags agree with each other (before the recipe is read or anything starts)."""
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise UsageError(f"--node-rank {self.node_rank} is outside 0..{self.nnodes - 1} (--nnodes {self.nnodes})")
+        if self.rdzv_endpoint is not None:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+                raise UsageError(f"--rdzv-endpoint {clip(self.rdzv_endpoint)}: expected HOST:PORT (node 0's address "
+                                 "and a free port 1-65535, the same on every node)")  # fmt: skip
 
 
 def child_arguments(recipe: Path, overrides: list[str], output_dir: Path | None, max_steps: int | None,
@@ -91,10 +104,7 @@ def attempt_logs(log_dir: Path) -> Path:
 def launch_finetune(launch: Launch, recipe: Path, overrides: list[str], output_dir: Path | None, child: list[str],
                     verbose: bool, force: bool = False) -> None:  # fmt: skip
     """Run the workers under torchrun's agent in this process; raise one-line errors for what can go wrong."""
-    if launch.nnodes > 1 and not launch.rdzv_endpoint:
-        raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT (the same on every node)")
-    if not 0 <= launch.node_rank < launch.nnodes:
-        raise UsageError(f"--node-rank {launch.node_rank} is outside 0..{launch.nnodes - 1} (--nnodes {launch.nnodes})")
+    launch.check()
     _check_devices(launch.nproc_per_node)
     # A bad recipe fails here, once, before any worker starts.
     settled = load_recipe(recipe, overrides, {"output.dir": str(output_dir)} if output_dir is not None else None)

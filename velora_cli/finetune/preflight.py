@@ -52,6 +52,9 @@ def check_trainable(recipe, planning: bool = False) -> None:
     cuda = torch.cuda.is_available() or planning
     if recipe.train.optimizer in ("paged_adamw_8bit", "paged_adamw_32bit") and not cuda:
         raise UsageError(f"train.optimizer={recipe.train.optimizer!r} needs CUDA; use adamw_torch on CPU")
+    if recipe.distributed.fsdp.cpu_offload and not cuda:  # FSDP2's CPUOffloadPolicy copies shards to the GPU
+        raise UsageError("distributed.fsdp.cpu_offload moves the shards between GPU and host memory and needs CUDA; "
+                         "CPU processes hold them in host memory already: remove it on CPU")  # fmt: skip
     if recipe.model.attn_implementation == "flash_attention_2":
         if not planning and (not torch.cuda.is_available() or importlib.util.find_spec("flash_attn") is None):
             raise RecipeError("model.attn_implementation=flash_attention_2 needs a CUDA device and the flash-attn "

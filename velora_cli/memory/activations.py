@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from velora_cli.engine.lean import default_chunk_size
+from velora_cli.engine.lean.policy import default_chunk_size
 from velora_cli.memory.arch import Arch
 from velora_cli.memory.full import full_head_activations, full_layer_activations, trainable_norm_bytes
 from velora_cli.memory.settings import OFFLOAD_IN_FLIGHT, Settings

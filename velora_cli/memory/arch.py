@@ -1,24 +1,36 @@
 """The architecture a memory estimate is made for: what it needs to know about a LLaMA-family causal LM.
 
-Owns the `Arch` description (per-layer linear shapes, the parameters outside the decoder layers), the built-in
-presets (LLaMA-7B/13B, Llama-3.1-8B, SmolLM2-135M), and reading an Arch off a model config by building the model
-on the meta device (no memory, no weights; nothing downloaded but config.json). A hub id resolves without the
-network when it can: a config.json in the local Hugging Face cache, else the table of well-known models
-(KNOWN_MODELS: the shipped recipes' models and their siblings), and only then the hub, so planning a run before
-renting a GPU works offline.
+Owns the `Arch` description (per-layer linear shapes, the parameters outside the decoder layers) and reading it
+for a preset or a model. A LLaMA or Mistral config.json (every preset, the shipped recipes' models) is read as
+JSON and laid out by hand (`arch_of_layout`): no torch, no transformers, so `memory-estimate` answers in well under
+a second; tests/test_memory_arch.py holds that layout equal to the built model's for every preset. Any other
+architecture is built on the meta device (no memory, no weights) and read off the model. A hub id resolves
+without the network when it can: a config.json in the local Hugging Face cache, else the table of well-known
+models (KNOWN_MODELS: the shipped recipes' models and their siblings), and only then the hub, so planning a run
+before renting a GPU works offline.
 """
 
 from __future__ import annotations
 
 import functools
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-import torch
-
+from velora_cli.common.bounds import check_regular, clip
 from velora_cli.common.errors import UsageError, did_you_mean
-from velora_cli.config.presets import KNOWN_MODELS, LLAMA_PROJECTIONS, PRESETS
-from velora_cli.models.load import load_config, resolve_model
+from velora_cli.common.hub import is_hub_id
+from velora_cli.common.logs import quiet_transformers
+from velora_cli.config.presets import EMBEDDED_PREFIX, GGUF_PREFIX, KNOWN_MODELS, LLAMA_PROJECTIONS, PRESETS
+
+# Architectures whose decoder layer is exactly LLaMA's: q/k/v/o (bias: attention_bias), gate/up/down (bias:
+# mlp_bias), two RMSNorms; embeddings, a final norm, and an lm_head unless tied.
+LLAMA_LAYOUTS = ("llama", "mistral")
+_LAYOUT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                  "tie_word_embeddings")  # fmt: skip
+MAX_CONFIG_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -49,8 +61,40 @@ class Arch:
         return self.layers * per_layer + self.other_params
 
 
+def arch_of_layout(config: Mapping[str, Any], name: str) -> Arch | None:
+    """The Arch of a LLaMA-layout config.json, computed from its fields; None for any other architecture (or a
+    config that leaves a field to transformers' defaults), which `arch_of_config` builds instead."""
+    if config.get("model_type") not in LLAMA_LAYOUTS or any(config.get(f) is None for f in _LAYOUT_FIELDS):
+        return None
+    for key in (*_LAYOUT_FIELDS[:-1], "num_key_value_heads", "head_dim"):
+        value = config.get(key)
+        if value is not None and (type(value) is not int or value < 1):
+            raise UsageError(f"model {name!r}: config.json's {key} must be a positive integer, not {clip(value)}")
+    hidden, heads, inter = config["hidden_size"], config["num_attention_heads"], config["intermediate_size"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    attn_bias, mlp_bias = bool(config.get("attention_bias")), bool(config.get("mlp_bias"))
+    q, kv = heads * head_dim, kv_heads * head_dim
+    linears = (
+        ("q_proj", hidden, q, attn_bias), ("k_proj", hidden, kv, attn_bias), ("v_proj", hidden, kv, attn_bias),
+        ("o_proj", q, hidden, attn_bias), ("gate_proj", hidden, inter, mlp_bias), ("up_proj", hidden, inter, mlp_bias),
+        ("down_proj", inter, hidden, mlp_bias),
+    )  # fmt: skip
+    tied = bool(config["tie_word_embeddings"])
+    embeddings = config["vocab_size"] * hidden * (1 if tied else 2)
+    norms = hidden * (2 * config["num_hidden_layers"] + 1)
+    return Arch(
+        name=name, hidden=hidden, layers=config["num_hidden_layers"], heads=heads, kv_heads=kv_heads,
+        head_dim=head_dim, intermediate=inter, vocab=config["vocab_size"], tied=tied, linears=linears,
+        other_params=embeddings + norms,
+    )  # fmt: skip
+
+
 def arch_of_config(config: Any, name: str) -> Arch:
     """Build the model on the meta device (no memory, no weights) and read its exact parameter layout."""
+    import torch
+
+    quiet_transformers()
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -60,6 +104,8 @@ def arch_of_config(config: Any, name: str) -> Arch:
 
 def arch_of_model(model: Any, name: str) -> Arch:
     """The Arch of a built model (normally on the meta device)."""
+    import torch
+
     config = model.config
     decoder = getattr(getattr(model, "model", None), "layers", None)
     if decoder is None or len(decoder) == 0:
@@ -95,21 +141,30 @@ def arch_of_model(model: Any, name: str) -> Arch:
     )
 
 
-def preset_config(preset: str):
-    from transformers import LlamaConfig
-
+def check_preset(preset: str) -> None:
     if preset not in PRESETS:
         hint = did_you_mean(preset, PRESETS, cutoff=0.5)
         raise UsageError(f"unknown preset {preset!r}{hint}; known: {', '.join(PRESETS)}")
-    return LlamaConfig(**PRESETS[preset])
+
+
+def preset_layout(preset: str) -> dict[str, Any]:
+    """A preset as the config.json of a LLaMA checkpoint would have it."""
+    check_preset(preset)
+    return {"model_type": "llama", **PRESETS[preset]}
 
 
 @functools.lru_cache(maxsize=8)
 def arch_for(preset: str | None = None, model: str | None = None, trust_remote_code: bool = False) -> Arch:
     """The architecture of a preset or a model reference (config only, nothing downloaded but config.json)."""
     if preset is not None:
-        return arch_of_config(preset_config(preset), preset)
+        arch = arch_of_layout(preset_layout(preset), preset)
+        assert arch is not None
+        return arch
     assert model is not None
+    layout = config_json(model)
+    arch = arch_of_layout(layout, model) if layout is not None and "auto_map" not in layout else None
+    if arch is not None:
+        return arch
     return arch_of_config(model_config(model, trust_remote_code), model)
 
 
@@ -122,18 +177,44 @@ def recipe_arch(recipe: Any) -> Arch:
     return arch_for(model=m.name, trust_remote_code=m.trust_remote_code)
 
 
-def model_config(model: str, trust_remote_code: bool = False):
-    """A model's config for planning: local files or the hub cache first, then KNOWN_MODELS, then the hub."""
-    from velora_cli.common.hub import is_hub_id
+def config_json(model: str) -> dict[str, Any] | None:
+    """A model's config.json as JSON, read without transformers where it is at hand: a local checkpoint
+    directory's, a cached hub model's, else a well-known model's preset. None: ask transformers (GGUF files,
+    hub models neither cached nor known, unreadable files)."""
+    if model.startswith((EMBEDDED_PREFIX, GGUF_PREFIX)) or model.endswith(".gguf"):
+        known = KNOWN_MODELS.get(model.lower())  # an embedded model's preset is exact: no GGUF conversion to plan
+        return preset_layout(known) if known is not None else None
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return _read_json(path / "config.json")
+    if not is_hub_id(model):
+        return None
+    from huggingface_hub import try_to_load_from_cache
 
+    try:
+        cached = try_to_load_from_cache(model, "config.json")
+    except ValueError:  # not a valid repo id: resolve_model names the problem
+        return None
+    if isinstance(cached, str):
+        return _read_json(Path(cached))
     known = KNOWN_MODELS.get(model.lower())
-    if known is not None and (model.startswith("embedded:") or is_hub_id(model)):
-        from transformers import AutoConfig
+    return preset_layout(known) if known is not None else None
 
-        if model.startswith("embedded:"):  # its preset is exact; converting the GGUF file is not needed to plan
-            return preset_config(known)
-        try:
-            return AutoConfig.from_pretrained(model, local_files_only=True, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError):
-            return preset_config(known)
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    check_regular(path, "model config")  # a FIFO named config.json would block the read forever
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise UsageError(f"{path}: {path.stat().st_size} bytes is not a model config (config.json is kilobytes)")
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # transformers' loader says what is wrong with it
+    return data if isinstance(data, dict) else None
+
+
+def model_config(model: str, trust_remote_code: bool = False):
+    """A model's transformers config, for an architecture `arch_of_layout` does not lay out."""
+    quiet_transformers()
+    from velora_cli.models.load import load_config, resolve_model
+
     return load_config(resolve_model(model), trust_remote_code)

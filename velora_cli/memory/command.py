@@ -11,14 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from velora_cli.common.device import default_device
+from velora_cli.common.device import gpu_present
 from velora_cli.common.errors import RecipeError, UsageError
 from velora_cli.common.fs import check_writable, write_json_atomic
 from velora_cli.common.memstats import parse_bytes
 from velora_cli.config.load import apply_overrides, dump_recipe, load_recipe, load_yaml, validate_recipe
 from velora_cli.config.recipe import Recipe
 from velora_cli.memory import report
-from velora_cli.memory.arch import arch_for, preset_config, recipe_arch
+from velora_cli.memory.arch import arch_for, check_preset, recipe_arch
 from velora_cli.memory.estimate import (
     Estimate,
     estimate,
@@ -28,7 +28,6 @@ from velora_cli.memory.estimate import (
     to_json,
     variants,
 )
-from velora_cli.memory.measure import measure_training
 from velora_cli.memory.plan import plan_micro_batches, resolve_auto
 
 
@@ -57,7 +56,7 @@ def resolve_inputs(
     if model and preset:
         raise UsageError("give either --model or --preset, not both")
     if preset is not None:
-        preset_config(preset)  # fails early with a did-you-mean
+        check_preset(preset)  # fails early with a did-you-mean
     extra = []
     if method is not None:
         extra.append(f"method={method}")
@@ -131,10 +130,8 @@ def run_memory_estimate(
     largest = None
     if budget is not None:
         largest = (largest_fitting(arch, s, budget, "batch"), largest_fitting(arch, s, budget, "seq", limit=1 << 18))
-    import torch
-
     report.print_estimate(est, variants(arch, s, velora_layers), budget, largest, paper_totals(arch, s, velora_layers),
-                          torch.cuda.is_available())  # fmt: skip
+                          gpu_present())  # fmt: skip
     if memory_plan is not None:
         report.print_memory_plan(memory_plan, s.seq, memory_plan.options[0].settings.batch)
     sharding = None
@@ -150,6 +147,11 @@ def run_memory_estimate(
             raise UsageError("--measure needs real weights: use a recipe or --model, not --preset")
         if s.pairs:
             raise UsageError("--measure runs SFT steps; DPO's pair layout is measured by benchmarks/dpo_memory.py")
+        from velora_cli.common.device import default_device
+        from velora_cli.common.logs import quiet_transformers
+        from velora_cli.memory.measure import measure_training  # torch and the model: only for a real run
+
+        quiet_transformers()
         run_s = settings_from_recipe(rec, device=default_device().type)
         measured = measure_training(rec, run_s)
         run_est = estimate(arch, run_s)

@@ -7,14 +7,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from velora_cli.common.device import DTYPES, compute_dtype, dtype_name
+from velora_cli.common.device import auto_compute_name
 from velora_cli.common.errors import RecipeError
 from velora_cli.config.preference import PREFERENCE_METHODS
 from velora_cli.config.presets import LLAMA_PROJECTIONS
 from velora_cli.engine.config import DEFAULT_NUM_GROUPS
-from velora_cli.engine.lean import Recompute, parse_checkpointing
+from velora_cli.engine.lean.policy import Recompute, parse_checkpointing
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -100,9 +98,9 @@ def _num_groups(velora: Any) -> int | tuple[tuple[str, int], ...] | None:
 
 def settings_from_recipe(recipe: Any, device: str = "cuda") -> Settings:
     compute = recipe.model.compute_dtype
-    if compute == "auto":  # what device.compute_dtype picks: bf16 on a current GPU, fp32 on CPU
-        compute = "bf16" if device == "cuda" else dtype_name(compute_dtype("auto", torch.device("cpu")))
-    assert compute in DTYPES
+    if compute == "auto":  # planned for a current GPU (bf16) or this CPU
+        compute = auto_compute_name(device)
+    assert compute in DTYPE_BYTES
     targets = tuple(recipe.lora.module_names) if not getattr(recipe, "full", False) else ()
     unknown = [t for t in targets if t not in LLAMA_PROJECTIONS]
     if unknown:

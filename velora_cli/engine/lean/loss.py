@@ -35,18 +35,10 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from velora_cli.engine.lean.policy import default_chunk_size
+
 IGNORE_INDEX = -100
 Backend = Literal["auto", "torch", "liger", "cce"]
-
-# Budget for one chunk's fp32 logits when no chunk size is given: a chunk then holds about three times this
-# transiently (logits, their fp32 copy / softmax, the gradient in the logits dtype), and the matmuls stay large
-# enough to run at full speed. 32k vocabulary -> 1024 tokens, 49k -> 682, 128k -> 256.
-DEFAULT_CHUNK_BYTES = 128 * 2**20
-
-
-def default_chunk_size(vocab_size: int) -> int:
-    """Tokens per chunk so that a chunk's fp32 logits take DEFAULT_CHUNK_BYTES."""
-    return max(1, DEFAULT_CHUNK_BYTES // (4 * vocab_size))
 
 
 def shift_targets(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:

@@ -45,12 +45,11 @@ from torch import nn
 
 from velora_cli.engine.lean import modules
 from velora_cli.engine.lean.loss import Backend, select_backend
+from velora_cli.engine.lean.policy import Recompute, parse_checkpointing
 from velora_cli.engine.lean.recompute import (
-    Recompute,
     apply_recompute,
     check_offload_device,
     offloaded,
-    parse_checkpointing,
     restore_forward,
     set_forward,
 )

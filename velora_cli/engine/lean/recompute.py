@@ -24,53 +24,17 @@ tensors stay where they are. It needs CUDA; asked for on another device it raise
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from functools import partial, wraps
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-CHECKPOINTING_HELP = "none, all, mlp or every:K (K >= 1)"
+from velora_cli.engine.lean.policy import Recompute
+
 _MARK = "_lean_patched_forward"  # in a module's __dict__ while its forward is patched
-
-
-@dataclass(frozen=True)
-class Recompute:
-    """A parsed `checkpointing` setting: mode and, for every:K, K."""
-
-    mode: Literal["none", "all", "every", "mlp"]
-    every: int = 1
-
-    def layers(self, num_layers: int) -> list[int]:
-        """Indices of the decoder layers checkpointed as a whole."""
-        if self.mode == "all":
-            return list(range(num_layers))
-        if self.mode == "every":
-            return list(range(0, num_layers, self.every))
-        return []
-
-    def __str__(self) -> str:
-        return f"every:{self.every}" if self.mode == "every" else self.mode
-
-
-def parse_checkpointing(spec: str | bool | None) -> Recompute:
-    """`none`/`all`/`mlp`/`every:K` (True/False/None accepted for all/none) -> Recompute; ValueError otherwise."""
-    if spec is None or spec is False:
-        return Recompute("none")
-    if spec is True:
-        return Recompute("all")
-    text = str(spec).strip().lower()
-    if text in ("none", "all", "mlp"):
-        return Recompute(text)  # type: ignore[arg-type]
-    match = re.fullmatch(r"every:(\d+)", text)
-    if match and int(match.group(1)) >= 1:
-        k = int(match.group(1))
-        return Recompute("all") if k == 1 else Recompute("every", k)
-    raise ValueError(f"checkpointing={spec!r}: expected {CHECKPOINTING_HELP}")
 
 
 # --- instance-level forward patching (shared with patch.py) ----------------------------------------------------

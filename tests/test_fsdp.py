@@ -41,8 +41,12 @@ if os.environ.get("KILL_STEP") and os.environ.get("RANK") == os.environ.get("KIL
     import velora_cli.finetune.session as session
 
     class _Kill(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):  # KILL_AT=save: once step KILL_STEP's checkpoint is whole
+            if os.environ.get("KILL_AT") == "save" and state.global_step == int(os.environ["KILL_STEP"]):
+                os.kill(os.getpid(), signal.SIGKILL)
+
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == int(os.environ["KILL_STEP"]):
+            if os.environ.get("KILL_AT") != "save" and state.global_step == int(os.environ["KILL_STEP"]):
                 if os.environ.get("KILL_HOW") == "raise":
                     raise RuntimeError("a bug in rank " + os.environ["RANK"])
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -272,6 +276,24 @@ def test_full_state_dict_checkpoints_are_whole_and_resume_exactly(method: str, t
     saved = "model.safetensors" if method == "full" else "adapter_model.safetensors"
     files = {p.name for p in (killed / "checkpoint-2").iterdir()}
     assert {saved, "pytorch_model_fsdp.bin", "optimizer.bin"} <= files and "pytorch_model_fsdp_0" not in files
+    proc = velora([str(path), *args], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert_same_run(whole, killed)
+
+
+@pytest.mark.parametrize("state_dict", ["sharded", "full"])
+def test_killed_after_the_last_checkpoint_the_rerun_finishes_from_it(state_dict: str, tmp_path: Path,
+                                                                      tiny_llama_dir: Path) -> None:  # fmt: skip
+    """Killed once the final step's checkpoint is written but before the adapter is saved: the rerun trains nothing
+    more and writes the adapter of the uninterrupted run (it used to look for an adapter file in a sharded one)."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    args = ["--nproc-per-node", "2", "--set", f"distributed.fsdp.state_dict={state_dict}"]
+    proc = velora([str(write(tmp_path, "whole", recipe(tiny_llama_dir, whole, max_steps=4))), *args], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    path = write(tmp_path, "killed", recipe(tiny_llama_dir, killed, max_steps=4))
+    proc = velora([str(path), *args], tmp_path, KILL_RANK="0", KILL_STEP="4", KILL_AT="save")
+    assert proc.returncode == 1 and not (killed / "adapter_model.safetensors").exists()
+    assert "checkpoint-4" in {p.name for p in killed.glob("checkpoint-*")}
     proc = velora([str(path), *args], tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert_same_run(whole, killed)

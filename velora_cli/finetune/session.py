@@ -6,10 +6,9 @@ order and DDP under torchrun. This module adds what it lacks for this tool:
   checkpoints that were written completely; checkpoint rotation only once the new one is complete and finite;
 - a non-finite loss or gradient stops the run before it reaches the weights, so the last checkpoint stays good;
 - resume bookkeeping: metrics.jsonl cut back to the checkpoint's step (no step logged twice), leftovers of a
-  killed process removed, and a checkpoint at the final step finishes the run without training a step more
-  (the Trainer would run one extra step); a disk filling up is one line, with the partial checkpoint removed;
-- Ctrl-C saves a checkpoint and exits cleanly; CUDA OOM is explained with the memory estimate;
-- the live display, metrics.jsonl, and the activation bytes measured on the first step.
+  killed process removed, a checkpoint at the final step finishes the run without the Trainer's extra step; a disk
+  filling up is one line, with the partial checkpoint removed; Ctrl-C saves a checkpoint and exits cleanly; CUDA
+  OOM is explained with the memory estimate; the live display, metrics.jsonl, the activation bytes of step one.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ from velora_cli.finetune.callbacks import CheckpointKeeper, InterruptHandler, Ru
 from velora_cli.finetune.display import TrainingDisplay
 from velora_cli.finetune.plan import Plan, TrainResult
 from velora_cli.finetune.prepare import Prepared, prepare
+from velora_cli.finetune.sharding import ShardingTrainer, fsdp_arguments, full_state_dict, resumable_shards
 from velora_cli.models.build import build_training_model, lean_kernels
 from velora_cli.models.full import load_full_checkpoint
 from velora_cli.rundir import layout as runs
@@ -49,8 +49,7 @@ STAGING = ".staging"
 
 
 class FinetuneSession:
-    """setup() builds data, model and trainer (validating everything before writing anything);
-    train() runs or resumes; save() writes the adapter and its companions atomically into the run dir."""
+    """setup() builds data, model and trainer (checking all before writing); train() runs or resumes; save()."""
 
     def __init__(self, recipe: Recipe, run_dir: Path, device: torch.device | None = None):
         self._requested = recipe  # the recipe as loaded; prepare() settles the one it trains with
@@ -173,11 +172,7 @@ class FinetuneSession:
         return self.recipe.distributed.shards()
 
     def make_trainer(self, **kwargs) -> Trainer:
-        if not self.sharded:
-            return Trainer(**kwargs)
-        from velora_cli.finetune.sharding import ShardingTrainer
-
-        return ShardingTrainer(**kwargs)
+        return ShardingTrainer(**kwargs) if self.sharded else Trainer(**kwargs)
 
     def evaluate_loss(self) -> float | None:
         """Mean loss on the validation rows (None without a validation split)."""
@@ -192,8 +187,6 @@ class FinetuneSession:
         has_eval = self.val_set is not None and t.eval_steps is not None
         sharding = {}
         if self.sharded:
-            from velora_cli.finetune.sharding import fsdp_arguments
-
             sharding = fsdp_arguments(self.recipe, self.model, self.prepared.config)
         return kind(
             **sharding,
@@ -242,6 +235,8 @@ class FinetuneSession:
         """Clean what a killed process left, cut metrics.jsonl back to the checkpoint resumed from; return it."""
         velora = bool(self.compressed)
         complete, damaged = verify.sound_checkpoints(self.run_dir, velora) if resume else ([], [])
+        if self.sharded:  # a last-step checkpoint of shards is retrained from the one before (finetune.sharding)
+            complete = resumable_shards(complete, self.recipe, self.plan.steps)
         resume_from = complete[-1] if complete else None
         if is_main_process():
             moved = {path: verify.set_aside(path) for path, _ in damaged}  # kept for the user, out of the way
@@ -363,8 +358,6 @@ class FinetuneSession:
         # DPO from an adapter: TRL's frozen reference copy ("ref") is not part of the result
         extra: dict = {"selected_adapters": ["default"]} if "ref" in getattr(model, "peft_config", {}) else {}
         if self.sharded:  # every rank sends its shards; rank 0 writes the same files a single process would
-            from velora_cli.finetune.sharding import full_state_dict
-
             extra["state_dict"] = full_state_dict(model)
             if not self.recipe.full:
                 extra["selected_adapters"] = ["default"]

@@ -9,6 +9,7 @@ models.load.rank0_reads_weights); nothing here shards by hand.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +17,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from velora_cli.config.recipe import Recipe
+from velora_cli.rundir.layout import checkpoint_step
 
 
 def decoder_layer_class(model: nn.Module) -> str:
@@ -51,6 +53,17 @@ def fsdp_arguments(recipe: Recipe, model: nn.Module, config: Any) -> dict[str, A
             "cpu_ram_efficient_loading": recipe.method != "pretrain" and rank0_reads_weights(recipe.model, config),
         },
     }
+
+
+def resumable_shards(complete: list[Path], recipe: Recipe, steps: int) -> list[Path]:
+    """The complete checkpoints a sharded run resumes from. A last-step checkpoint of shards is left out: no single
+    process loads them (session._finish_from reads whole files), and the Trainer, given them, trains a step past the
+    end; so its steps are retrained, exactly, from the checkpoint before it (or the start). Whole checkpoints
+    (`state_dict: full`) hold the adapter or model and finish the run as a single process's do."""
+    last = checkpoint_step(complete[-1]) if complete else None
+    if recipe.distributed.fsdp.state_dict == "sharded" and last is not None and last >= steps:
+        return complete[:-1]
+    return complete
 
 
 class SharedVectors(TrainerCallback):

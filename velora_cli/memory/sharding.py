@@ -9,6 +9,9 @@ From the one-GPU estimate (memory.estimate), per GPU:
   all-gather buffers: the largest unit gathered whole, twice (the unit computing and the next one prefetched);
 - activations and logits: per micro-batch on each GPU, the same under both (the global batch is split, not a
   micro-batch); the CUDA overhead is recounted on the per-GPU tensors.
+Before FSDP shards the model, loading has a peak of its own (`load_peak`): an unquantised base is read into CPU
+memory by rank 0 alone (models.load.rank0_reads_weights), but every rank quantises a 4-bit base whole onto its own
+GPU, and a pretrain model is initialised whole on each GPU. The verdict is on the larger of the two peaks.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class Sharding:
     per_gpu: dict[str, int] = field(default_factory=dict)
     one_gpu: int = 0  # the same run on a single GPU
     budget: int | None = None
+    load_peak: int | None = None  # FSDP: bytes on one GPU while the model loads, before it is sharded (see above)
 
     @property
     def world(self) -> int:
@@ -55,13 +59,18 @@ class Sharding:
         return sum(self.per_gpu.values())
 
     @property
+    def peak(self) -> int:
+        return max(self.total, self.load_peak or 0)
+
+    @property
     def margin(self) -> int | None:
-        return None if self.budget is None else self.budget - self.total
+        return None if self.budget is None else self.budget - self.peak
 
     def as_dict(self) -> dict[str, Any]:
         return {"gpus_per_node": self.gpus, "nodes": self.nodes, "world_size": self.world, "strategy": self.strategy,
                 "reason": self.reason, "per_gpu": dict(self.per_gpu), "per_gpu_total": self.total,
-                "one_gpu_total": self.one_gpu, "budget": self.budget, "margin": self.margin}  # fmt: skip
+                "one_gpu_total": self.one_gpu, "load_peak": self.load_peak, "peak": self.peak, "budget": self.budget,
+                "margin": self.margin}  # fmt: skip
 
 
 def per_gpu(est: Estimate, strategy: str, world: int) -> dict[str, int]:
@@ -76,6 +85,16 @@ def per_gpu(est: Estimate, strategy: str, world: int) -> dict[str, int]:
     tensors = sum(c.values())
     c["overhead"] = int(OVERHEAD_CONTEXT + OVERHEAD_FRACTION * tensors) if est.settings.device == "cuda" else 0
     return c
+
+
+def load_peak(est: Estimate, world: int) -> int | None:
+    """One GPU's bytes while an FSDP run loads, where every rank holds the whole model then (a 4-bit base, a
+    pretrain initialisation); None where rank 0 reads it into CPU memory alone."""
+    s = est.settings
+    if world <= 1 or (s.quantization == "none" and s.method != "pretrain"):
+        return None
+    weights = est.components["weights"]
+    return int(weights + (OVERHEAD_CONTEXT + OVERHEAD_FRACTION * weights if s.device == "cuda" else 0))
 
 
 def choose(est: Estimate, requested: str, gpus: int, nodes: int = 1, budget: int | None = None) -> Sharding:
@@ -94,8 +113,10 @@ def choose(est: Estimate, requested: str, gpus: int, nodes: int = 1, budget: int
             reason = f"a whole replica ({human_bytes(sum(ddp.values()))}) exceeds {human_bytes(budget)}: shard it"
     else:
         strategy, reason = requested, f"distributed.strategy: {requested}"
-    figures = ddp if strategy == "ddp" else per_gpu(est, "fsdp", world)
-    return Sharding(gpus, nodes, strategy, reason, figures, est.total, budget)
+    if strategy == "ddp":
+        return Sharding(gpus, nodes, strategy, reason, ddp, est.total, budget)
+    fsdp = per_gpu(est, "fsdp", world)
+    return Sharding(gpus, nodes, strategy, reason, fsdp, est.total, budget, load_peak(est, world))
 
 
 def print_sharding(sh: Sharding, out: Any) -> None:
@@ -109,10 +130,15 @@ def print_sharding(sh: Sharding, out: Any) -> None:
         table.add_row(key.replace("_", " "), human_bytes(value))
     table.add_row("total", human_bytes(sh.total), style="bold")
     table.add_row("one GPU, unsharded", human_bytes(sh.one_gpu), style="dim")
+    if sh.load_peak is not None:
+        table.add_row("while loading, before sharding", human_bytes(sh.load_peak), style="dim")
     out.print(table)
     line = f"strategy: {sh.strategy} ({sh.reason})"
     if sh.margin is not None:
         verdict = "fits" if sh.margin >= 0 else "does NOT fit"
         budget = human_bytes(sh.budget or 0)
-        line += f"; {human_bytes(sh.total)} per GPU {verdict} {budget}, margin {human_bytes(sh.margin)}"
+        line += f"; {human_bytes(sh.peak)} per GPU {verdict} {budget}, margin {human_bytes(sh.margin)}"
+        if sh.load_peak is not None and sh.load_peak > sh.total:
+            line += (" - the peak is loading: every rank reads the whole model onto its GPU before it is sharded "
+                     "(4-bit and pretrain models; an unquantised base is read by rank 0 into CPU memory)")
     out.print(line)

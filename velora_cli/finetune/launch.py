@@ -24,6 +24,7 @@ import torch
 from velora_cli.common.bounds import clip
 from velora_cli.common.errors import UsageError, VeloraError
 from velora_cli.config.load import load_recipe
+from velora_cli.finetune.preflight import check_trainable
 from velora_cli.rundir import ownership
 
 # Set for the workers: where their logs are (cli.main then writes an unexpected traceback to stdout, the log only).
@@ -106,8 +107,9 @@ def launch_finetune(launch: Launch, recipe: Path, overrides: list[str], output_d
     """Run the workers under torchrun's agent in this process; raise one-line errors for what can go wrong."""
     launch.check()
     _check_devices(launch.nproc_per_node)
-    # A bad recipe fails here, once, before any worker starts.
+    # A bad recipe, or one this machine cannot train, fails here, once, before any worker starts or a folder is made.
     settled = load_recipe(recipe, overrides, {"output.dir": str(output_dir)} if output_dir is not None else None)
+    check_trainable(settled)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import get_args_parser, run

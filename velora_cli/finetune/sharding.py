@@ -1,6 +1,6 @@
 """FSDP2 under transformers' Trainer: the arguments that turn it on, the CPU/gloo switch accelerate lacks, VeLoRA's
-vectors made rank 0's on every rank, and the full state dict gathered from the shards so the run dir holds a normal
-adapter or model any one process loads.
+vectors made rank 0's on every rank, which checkpoints a sharded run resumes from, and the full state dict gathered
+from the shards so the run dir holds a normal adapter or model any one process loads.
 
 The sharding itself is accelerate's (`fully_shard` per decoder layer, fsdp_version=2), and so is the low-CPU-RAM
 loading (cpu_ram_efficient_loading: rank 0's weights broadcast into the shards of ranks that built on meta, see

@@ -39,13 +39,18 @@ if TYPE_CHECKING:
     )
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOME.get(name)
+def lazy_attribute(package: str, homes: dict[str, str], name: str) -> Any:
+    """`name` of `package`, imported on first use from the submodule `homes` names (PEP 562 __getattr__)."""
+    home = homes.get(name)
     if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    return getattr(importlib.import_module(f"{package}.{home}"), name)
+
+
+def __getattr__(name: str) -> Any:
+    return lazy_attribute(__name__, _HOME, name)
 
 
 __all__ = [

@@ -104,8 +104,8 @@ def attempt_logs(log_dir: Path) -> Path:
 
 def launch_finetune(launch: Launch, recipe: Path, overrides: list[str], output_dir: Path | None, child: list[str],
                     verbose: bool, force: bool = False) -> None:  # fmt: skip
-    """Run the workers under torchrun's agent in this process; raise one-line errors for what can go wrong."""
-    launch.check()
+    """Run the workers under torchrun's agent in this process (`launch` checked by the caller: Launch.check);
+    raise one-line errors for what can go wrong."""
     _check_devices(launch.nproc_per_node)
     # A bad recipe, or one this machine cannot train, fails here, once, before any worker starts or a folder is made.
     settled = load_recipe(recipe, overrides, {"output.dir": str(output_dir)} if output_dir is not None else None)

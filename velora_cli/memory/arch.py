@@ -181,9 +181,10 @@ def config_json(model: str) -> dict[str, Any] | None:
     """A model's config.json as JSON, read without transformers where it is at hand: a local checkpoint
     directory's, a cached hub model's, else a well-known model's preset. None: ask transformers (GGUF files,
     hub models neither cached nor known, unreadable files)."""
+    known = KNOWN_MODELS.get(model.lower())
+    preset = preset_layout(known) if known is not None else None
     if model.startswith((EMBEDDED_PREFIX, GGUF_PREFIX)) or model.endswith(".gguf"):
-        known = KNOWN_MODELS.get(model.lower())  # an embedded model's preset is exact: no GGUF conversion to plan
-        return preset_layout(known) if known is not None else None
+        return preset  # an embedded model's preset is exact: no GGUF conversion to plan
     path = Path(model).expanduser()
     if path.is_dir():
         return _read_json(path / "config.json")
@@ -195,17 +196,15 @@ def config_json(model: str) -> dict[str, Any] | None:
         cached = try_to_load_from_cache(model, "config.json")
     except ValueError:  # not a valid repo id: resolve_model names the problem
         return None
-    if isinstance(cached, str):
-        return _read_json(Path(cached))
-    known = KNOWN_MODELS.get(model.lower())
-    return preset_layout(known) if known is not None else None
+    return _read_json(Path(cached)) if isinstance(cached, str) else preset
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
     check_regular(path, "model config")  # a FIFO named config.json would block the read forever
     try:
-        if path.stat().st_size > MAX_CONFIG_BYTES:
-            raise UsageError(f"{path}: {path.stat().st_size} bytes is not a model config (config.json is kilobytes)")
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise UsageError(f"{path}: {size} bytes is not a model config (config.json is kilobytes)")
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None  # transformers' loader says what is wrong with it

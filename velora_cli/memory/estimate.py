@@ -119,9 +119,13 @@ def estimate(arch: Arch, s: Settings) -> Estimate:
     if s.full:
         comps = full_components(arch, s)
     comps |= {"activations": int(act.total), "logits": int(act.logits_peak)}
-    tensors = sum(comps.values())
-    comps["overhead"] = int(OVERHEAD_CONTEXT + OVERHEAD_FRACTION * tensors) if s.device == "cuda" else 0
+    comps["overhead"] = cuda_overhead(sum(comps.values()), s.device)
     return Estimate(arch, s, comps, act)
+
+
+def cuda_overhead(tensors: int, device: str) -> int:
+    """The CUDA context and the allocator's slack on top of `tensors` bytes (none counted on CPU)."""
+    return int(OVERHEAD_CONTEXT + OVERHEAD_FRACTION * tensors) if device == "cuda" else 0
 
 
 def largest_fitting(arch: Arch, s: Settings, budget: int, what: str, limit: int = 1 << 20) -> int:

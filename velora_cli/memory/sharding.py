@@ -21,7 +21,7 @@ from typing import Any
 
 from velora_cli.common.memstats import human_bytes
 from velora_cli.memory.arch import Arch
-from velora_cli.memory.estimate import OVERHEAD_CONTEXT, OVERHEAD_FRACTION, Estimate, quantized_linear_bytes
+from velora_cli.memory.estimate import Estimate, cuda_overhead, quantized_linear_bytes
 from velora_cli.memory.settings import Settings
 
 SHARDED = ("weights", "adapters", "gradients", "optimizer")
@@ -82,8 +82,7 @@ def per_gpu(est: Estimate, strategy: str, world: int) -> dict[str, int]:
         c["all_gather"] = PREFETCH_UNITS * largest_unit_bytes(est.arch, est.settings)
     elif world > 1:
         c["ddp_buckets"] = c["gradients"]
-    tensors = sum(c.values())
-    c["overhead"] = int(OVERHEAD_CONTEXT + OVERHEAD_FRACTION * tensors) if est.settings.device == "cuda" else 0
+    c["overhead"] = cuda_overhead(sum(c.values()), est.settings.device)
     return c
 
 
@@ -94,7 +93,7 @@ def load_peak(est: Estimate, world: int) -> int | None:
     if world <= 1 or (s.quantization == "none" and s.method != "pretrain"):
         return None
     weights = est.components["weights"]
-    return int(weights + (OVERHEAD_CONTEXT + OVERHEAD_FRACTION * weights if s.device == "cuda" else 0))
+    return weights + cuda_overhead(weights, s.device)
 
 
 def choose(est: Estimate, requested: str, gpus: int, nodes: int = 1, budget: int | None = None) -> Sharding:

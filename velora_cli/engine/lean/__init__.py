@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from velora_cli.engine import lazy_attribute
+
 # Every name loads on first use (PEP 562), as in the engine package: the memory model reads `policy`, which needs
 # no torch, through this package.
 _HOME = {
@@ -45,12 +47,7 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
-    home = _HOME.get(name)
-    if home is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(f"{__name__}.{home}"), name)
+    return lazy_attribute(__name__, _HOME, name)
 
 
 __all__ = [

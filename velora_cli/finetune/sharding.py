@@ -3,8 +3,9 @@ vectors made rank 0's on every rank, which checkpoints a sharded run resumes fro
 from the shards so the run dir holds a normal adapter or model any one process loads.
 
 The sharding itself is accelerate's (`fully_shard` per decoder layer, fsdp_version=2), and so is the low-CPU-RAM
-loading (cpu_ram_efficient_loading: rank 0's weights broadcast into the shards of ranks that built on meta, see
-models.load.rank0_reads_weights); nothing here shards by hand.
+loading of an unquantised base (cpu_ram_efficient_loading: rank 0's weights broadcast into the shards of ranks that
+built on meta, see models.load.rank0_reads_weights). accelerate passes over 4-bit models there, so for those the
+same two steps are called here, followed by the one thing they lack: the quant states (shard_from_rank0).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def fsdp_arguments(recipe: Recipe, model: nn.Module, config: Any) -> dict[str, A
             # The memory planner's checkpointing (memory.checkpointing) stays in charge, not FSDP's own.
             "activation_checkpointing": False,
             # Rank 0 alone read the weights, the other ranks hold them on meta (models.load.load_recipe_base):
-            # sharding hands each rank its part of rank 0's. A pretrain run initialises every rank alike instead.
+            # sharding hands each rank its part of rank 0's (accelerate's, or ShardingTrainer's for 4-bit bases).
+            # A pretrain run initialises every rank alike instead.
             "cpu_ram_efficient_loading": recipe.method != "pretrain" and rank0_reads_weights(recipe.model, config),
         },
     }
@@ -96,6 +98,9 @@ class ShardingTrainer(Trainer):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.add_callback(SharedVectors())  # after the caller's VeloraCallback, which restores v on a resume
+        if self.accelerator.state.fsdp_plugin.cpu_ram_efficient_loading and four_bit_layers(self.model):
+            # Sharded now, before the Trainer creates its optimizer: its prepare() takes an FSDP model as it is.
+            shard_from_rank0(self.accelerator, self.model)
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -109,6 +114,53 @@ class ShardingTrainer(Trainer):
         state.distributed_type = DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         self.is_fsdp_enabled = True
+
+
+def four_bit_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's bitsandbytes 4-bit linear layers by name (none without bitsandbytes)."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return {}
+    from bitsandbytes.nn import Linear4bit
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, Linear4bit)}
+
+
+def shard_from_rank0(accelerator, model: nn.Module) -> None:
+    """Shard a 4-bit model that rank 0 alone loaded (and quantised) while the other ranks built it on meta
+    (models.load.quantized_on_meta), and give every rank its part of rank 0's weights and all of its quant states.
+
+    accelerate's low-CPU-RAM loading is these steps without the last: fsdp2_prepare_model skips it for models with
+    Params4bit, as their quant states (absmax, code tables) are not in the state dict. A rank's quant states are
+    the ones that must match its codes, and FSDP keeps them on the module (bitsandbytes reattaches them to the
+    gathered weight in forward), so each rank holds all of them whole: about 3% of the codes' size.
+    """
+    import torch.distributed as dist
+    from accelerate.utils import fsdp2_load_full_state_dict, fsdp2_prepare_model
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    from velora_cli.models.load import quant_state_tensors
+
+    states = {name: layer.quant_state for name, layer in four_bit_layers(model).items()}
+    # Rank 0's weights before sharding replaces them (on a GPU: moves each layer's there, then keeps a shard).
+    full = {k: v.data for k, v in model.state_dict().items()} if accelerator.is_main_process else {}
+    fsdp2_prepare_model(accelerator, model)
+    offload = isinstance(accelerator.state.fsdp_plugin.cpu_offload, CPUOffloadPolicy)
+    fsdp2_load_full_state_dict(accelerator, model, full, cpu_offload=offload)
+    del full
+    for state in states.values():  # the same order on every rank: the modules' names
+        for holder, attr in quant_state_tensors(state):
+            tensor = getattr(holder, attr)
+            if accelerator.is_main_process:
+                tensor = tensor.to(accelerator.device)
+            else:
+                tensor = torch.empty(tensor.shape, dtype=tensor.dtype, device=accelerator.device)
+            dist.broadcast(tensor, src=0)
+            setattr(holder, attr, tensor)
+    # Loading assigns every tensor anew, which unties lm_head from the embeddings (accelerate ties them after too).
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
 
 
 def is_sharded(model: nn.Module) -> bool:

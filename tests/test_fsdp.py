@@ -339,3 +339,22 @@ def test_a_node_that_never_joins_is_one_line(tmp_path: Path, tiny_llama_dir: Pat
         "RendezvousTimeoutError"
     ]
     assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_fsdp_qlora_on_two_gpus_holds_shards_only(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """On GPUs (NCCL, bf16): rank 0 quantises the base in CPU memory, each GPU receives its shard of the codes and
+    all quant states; the run's losses follow a one-GPU run's (bf16 tolerance) and the adapter loads in one process."""
+    one, two, records = tmp_path / "one", tmp_path / "two", tmp_path / "records"
+    records.mkdir()
+    assert velora([str(write(tmp_path, "one", recipe(tiny_llama_dir, one, "qlora")))], tmp_path).returncode == 0
+    proc = velora([str(write(tmp_path, "two", recipe(tiny_llama_dir, two, "qlora"))), "--nproc-per-node", "2"],
+                  tmp_path, RECORD_DIR=str(records))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rank0, rank1 = loaded_bytes(records)
+    base_bytes = sum(t.numel() * t.element_size() for t in weights_of(tiny_llama_dir).values())
+    assert rank1 < base_bytes / 100  # rank 1 built on meta
+    for (s1, x), (s2, y) in zip(losses(one), losses(two), strict=True):
+        assert s1 == s2 and x == pytest.approx(y, rel=2e-2)
+    assert (two / "adapter_model.safetensors").is_file() and (two / "velora_projections.safetensors").is_file()

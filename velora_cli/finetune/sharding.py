@@ -143,8 +143,10 @@ def shard_from_rank0(accelerator, model: nn.Module) -> None:
     from velora_cli.models.load import quant_state_tensors
 
     states = {name: layer.quant_state for name, layer in four_bit_layers(model).items()}
-    # Rank 0's weights before sharding replaces them (on a GPU: moves each layer's there, then keeps a shard).
+    # Rank 0's weights live on in `full`; its parameters go to meta like the other ranks', so sharding allocates
+    # nothing and loading makes the only shards (else rank 0 would briefly hold two sets: on a GPU, twice its share).
     full = {k: v.data for k, v in model.state_dict().items()} if accelerator.is_main_process else {}
+    _parameters_to_meta(model)
     fsdp2_prepare_model(accelerator, model)
     offload = isinstance(accelerator.state.fsdp_plugin.cpu_offload, CPUOffloadPolicy)
     fsdp2_load_full_state_dict(accelerator, model, full, cpu_offload=offload)
@@ -161,6 +163,21 @@ def shard_from_rank0(accelerator, model: nn.Module) -> None:
     # Loading assigns every tensor anew, which unties lm_head from the embeddings (accelerate ties them after too).
     if hasattr(model, "tie_weights"):
         model.tie_weights()
+
+
+def _parameters_to_meta(model: nn.Module) -> None:
+    """Every parameter on meta, its class and attributes kept (a Params4bit its quant state, which stays real), tied
+    parameters still one object; buffers are left as they are (accelerate's meta move would lose RoPE's)."""
+    swapped: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is None or param.is_meta:
+                continue
+            if id(param) not in swapped:
+                kwargs = {k: v for k, v in param.__dict__.items() if k != "_is_hf_initialized"}
+                empty = torch.empty(param.shape, dtype=param.dtype, device="meta")
+                swapped[id(param)] = type(param)(empty, requires_grad=param.requires_grad, **kwargs)
+            module._parameters[name] = swapped[id(param)]
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -23,7 +23,7 @@ from typing import Any
 
 from velora_cli.common.memstats import human_bytes
 from velora_cli.memory.arch import Arch
-from velora_cli.memory.estimate import Estimate, cuda_overhead, quantized_linear_bytes, weights_bytes
+from velora_cli.memory.estimate import Estimate, cuda_overhead, quantized_linear_bytes
 from velora_cli.memory.settings import Settings
 
 SHARDED = ("weights", "adapters", "gradients", "optimizer")
@@ -72,8 +72,8 @@ class Sharding:
     def as_dict(self) -> dict[str, Any]:
         return {"gpus_per_node": self.gpus, "nodes": self.nodes, "world_size": self.world, "strategy": self.strategy,
                 "reason": self.reason, "per_gpu": dict(self.per_gpu), "per_gpu_total": self.total,
-                "one_gpu_total": self.one_gpu, "load_peak": self.load_peak, "host_load": self.host_load, "peak": self.peak,
-                "budget": self.budget, "margin": self.margin}  # fmt: skip
+                "one_gpu_total": self.one_gpu, "load_peak": self.load_peak, "host_load": self.host_load,
+                "peak": self.peak, "budget": self.budget, "margin": self.margin}  # fmt: skip
 
 
 def per_gpu(est: Estimate, strategy: str, world: int) -> dict[str, int]:

@@ -509,6 +509,9 @@ def test_lean_ops_pick_liger_on_cuda_only_when_installed(tiny_base: nn.Module, m
     report = apply_lean(lora_model(tiny_base), loss="chunked", lean_ops=True)  # CPU weights: the fallback
     assert report.ops_backend == "torch" and report.loss_backend == "torch"
     assert "SwiGLU on 2 MLPs (torch)" in str(report) and "chunked linear cross-entropy (torch" in str(report)
+    # A model held in CPU memory (or on meta) until FSDP places it on its GPU: the kernels are the GPU's.
+    report = apply_lean(lora_model(tiny_base), loss="chunked", lean_ops=True, device=torch.device("cuda"))
+    assert report.ops_backend == "liger" and report.loss_backend == "liger"
 
 
 @pytest.mark.parametrize("velora", [False, True], ids=["full", "full_velora"])

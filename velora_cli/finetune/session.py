@@ -121,7 +121,7 @@ class FinetuneSession:
         else:
             self.model, self.compressed = build_training_model(self.recipe, self.device, prepared.source)
         # Which implementation the lean loss and ops run on; None: the stock path (not a LLaMA-family model).
-        kernels = lean_kernels(self.recipe, self.model, self.device) if prepared.lean else None
+        kernels = lean_kernels(self.recipe, self.device) if prepared.lean else None
         data = prepared.data
         self.plan = Plan(
             recipe=self.recipe,

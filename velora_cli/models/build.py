@@ -52,7 +52,7 @@ def build_training_model(recipe, device: torch.device, source: ModelSource | Non
     model, compressed = attach_adapters(model, recipe)
     real_vectors(model)
     if lean:
-        apply_memory(model, recipe)
+        apply_memory(model, recipe, device)
     attention_for_packing(model, recipe)
     return model, compressed
 
@@ -100,7 +100,7 @@ def lean_supported(model, recipe) -> bool:
     return False
 
 
-def lean_kernels(recipe, model, device: torch.device) -> str:
+def lean_kernels(recipe, device: torch.device) -> str:
     """What the chunked loss and the lean ops run on here, for the plan's memory line: a fused CUDA kernel when
     installed (Liger Kernel, Cut Cross-Entropy), else the torch ops."""
     from velora_cli.engine.lean import select_backend, select_ops_backend
@@ -108,13 +108,14 @@ def lean_kernels(recipe, model, device: torch.device) -> str:
     m = recipe.memory
     parts = [f"loss: {select_backend(device)}"] if m.loss == "chunked" else []
     if m.lean_ops:
-        parts.append(f"ops: {select_ops_backend({p.device.type for p in model.parameters()})}")
+        parts.append(f"ops: {select_ops_backend({device.type})}")
     return ", ".join(parts)
 
 
-def apply_memory(model, recipe):
+def apply_memory(model, recipe, device: torch.device):
     """apply_lean as the recipe's memory section says (checkpointing already resolved from `auto`), on a model
-    lean_supported accepts."""
+    lean_supported accepts, to train on `device` (where its weights may not be yet: a sharded run's are in rank 0's
+    CPU memory or on meta until FSDP places them)."""
     from velora_cli.engine.lean import apply_lean
 
     mem = recipe.memory
@@ -128,6 +129,7 @@ def apply_memory(model, recipe):
             checkpointing=mem.checkpointing,
             offload=mem.offload,
             chunk_size=mem.chunk_size,
+            device=device,
         )
     except ValueError as exc:
         raise RecipeError(f"memory: {first_line(exc)}") from None

@@ -72,7 +72,7 @@ def build_full_model(recipe, device: torch.device, source: ModelSource | None = 
     compressed = attach_full_velora(model, recipe)
     real_vectors(model)
     if lean:  # after VeLoRA, as for the adapters: the lean forwards call whatever the projections have become
-        apply_memory(model, recipe)
+        apply_memory(model, recipe, device)
     attention_for_packing(model, recipe)
     return model, compressed
 

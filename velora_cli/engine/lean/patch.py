@@ -41,6 +41,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from torch import nn
 
 from velora_cli.engine.lean import modules
@@ -156,8 +157,12 @@ def apply_lean(
     offload: bool = False,
     chunk_size: int | None = None,
     loss_backend: Backend = "auto",
+    device: torch.device | None = None,
 ) -> LeanReport:
     """Patch `model` (a supported causal LM, or a PeftModel around one) in place; see the module docstring.
+
+    device: where the model will train, which picks the kernels and allows offload; by default where its weights
+    are. A model built in CPU memory or on meta to be sharded onto GPUs (FSDP's low-RAM loading) gives its GPU.
 
     checkpointing: none | all | mlp | every:K. apply_lean owns the per-layer checkpointing switch: it turns
     transformers' gradient checkpointing off on the layers it does not checkpoint, so call it after
@@ -175,17 +180,18 @@ def apply_lean(
     _check_structure(lm)
     if loss == "chunked":
         _check_head(lm)
-    device = next(lm.parameters()).device
+    devices = {device.type} if device is not None else {p.device.type for p in lm.parameters()}
+    device = device or next(lm.parameters()).device
     backend = select_backend(device, loss_backend) if loss == "chunked" else None
     if offload:
-        check_offload_device(lm)
+        check_offload_device(devices)
 
     remove_lean(lm)
     changes: list[str] = []
     norms = mlps = 0
     ops_backend = None
     if lean_ops:
-        ops_backend = select_ops_backend({p.device.type for p in lm.parameters()})
+        ops_backend = select_ops_backend(devices)
         use_liger = ops_backend == "liger"
         norm_forward = modules.liger_rms_norm_forward if use_liger else modules.rms_norm_forward
         mlp_forward = modules.liger_swiglu_mlp_forward if use_liger else modules.swiglu_mlp_forward

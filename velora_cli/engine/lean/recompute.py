@@ -176,9 +176,9 @@ def offloaded(module: nn.Module, forward: Callable[..., Any], exclude: nn.Module
     return run
 
 
-def check_offload_device(model: nn.Module) -> None:
-    """ValueError unless the model's weights are on a CUDA device (offload has nothing to move elsewhere)."""
-    devices = {p.device.type for p in model.parameters()}
+def check_offload_device(devices: set[str]) -> None:
+    """ValueError unless the model trains on a CUDA device (`devices`: where its weights are or will be; offload
+    has nothing to move elsewhere)."""
     if devices != {"cuda"} or not torch.cuda.is_available():
         where = ", ".join(sorted(devices)) or "no parameters"
         raise ValueError(

@@ -48,3 +48,38 @@ def test_bad_model_references_fail_with_one_line(reference: str, message: str) -
 def test_hub_ids_pass_through_unchanged() -> None:
     source = resolve_model("huggyllama/llama-7b")
     assert source.path == "huggyllama/llama-7b" and is_hub_id(source.path)
+
+
+@pytest.mark.parametrize(("quantization", "double_quant"), [("nf4", True), ("fp4", False)])
+def test_a_4bit_model_built_on_meta_has_rank_0s_layout(tiny_llama_dir: Path, quantization: str,
+                                                       double_quant: bool) -> None:  # fmt: skip
+    """A sharded run's ranks other than 0 build the quantised model on meta (models.load.quantized_on_meta): every
+    parameter and quant state must have the shape, dtype and class of the one rank 0 loads and quantises, since
+    rank 0's are broadcast into them (finetune.sharding.shard_from_rank0), and the model the attributes PEFT and
+    the Trainer read (4-bit, bitsandbytes)."""
+    import bitsandbytes as bnb
+
+    from velora_cli.models.load import quant_state_tensors
+
+    source = ModelSource(str(tiny_llama_dir), str(tiny_llama_dir))
+    kwargs = {"quantization": quantization, "double_quant": double_quant, "quant_storage": torch.float32}
+    real = load_base_model(source, **kwargs)
+    meta = load_base_model(source, weights=False, **kwargs)
+    layout = [{n: (type(p), p.shape, p.dtype) for n, p in m.named_parameters()} for m in (real, meta)]
+    assert layout[0] == layout[1]
+    assert all(p.is_meta for p in meta.parameters()) and meta.lm_head.weight is meta.model.embed_tokens.weight
+    layers = [{n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)} for model in (real, meta)]
+    assert sorted(layers[0]) == sorted(layers[1]) and len(layers[0]) == 14
+    for name, layer in layers[0].items():
+        a, b = layer.quant_state, layers[1][name].quant_state
+        assert b is layers[1][name].weight.quant_state
+        ta, tb = quant_state_tensors(a), quant_state_tensors(b)
+        assert len(ta) == len(tb) == (5 if double_quant else 2)
+        for (ha, attr), (hb, _) in zip(ta, tb, strict=True):
+            x, y = getattr(ha, attr), getattr(hb, attr)
+            assert (x.shape, x.dtype) == (y.shape, y.dtype) and not y.is_meta, (name, attr)
+        assert (a.shape, a.dtype, a.blocksize, a.quant_type) == (b.shape, b.dtype, b.blocksize, b.quant_type)
+    for attr in ("is_loaded_in_4bit", "is_quantized", "quantization_method"):
+        assert getattr(meta, attr) == getattr(real, attr), attr
+    assert meta.config.quantization_config.to_dict() == real.config.quantization_config.to_dict()
+    assert meta.state_dict().keys() == real.state_dict().keys()  # state_dict() works on the meta build

@@ -214,6 +214,23 @@ def test_two_process_fsdp_equals_one_process(method: str, init: str | None, tmp_
         assert (two / "velora_projections.safetensors").is_file()
 
 
+def test_continuing_an_adapter_under_fsdp_equals_one_process(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """model.adapter (QLoRA): rank 0 loads the adapter, rank 1 attaches its config on meta - trainable, as the loaded
+    one is (a saved adapter config says inference mode; rank 1's LoRA was frozen and the run hung)."""
+    base = tmp_path / "base"
+    assert velora([str(write(tmp_path, "base", recipe(tiny_llama_dir, base, "qlora", max_steps=2)))],
+                  tmp_path).returncode == 0  # fmt: skip
+    runs = []
+    for name, extra in (("one", []), ("two", ["--nproc-per-node", "2"])):
+        r = recipe(tiny_llama_dir, tmp_path / name, "qlora", max_steps=2)
+        r["model"]["adapter"] = str(base)
+        del r["lora"]
+        proc = velora([str(write(tmp_path, name, r)), *extra], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs.append(tmp_path / name)
+    assert_same_run(*runs)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -172,7 +172,8 @@ def attach_adapters(model, recipe):
 
 def continue_adapter(model, adapter: str):
     """`model.adapter`: a trained LoRA adapter (an SFT run's directory) as the trainable starting point, its own
-    LoRA config in force. On a meta-device model (the dry run) only its config is attached, for the shape checks."""
+    LoRA config in force. On a meta-device model (the dry run; a sharded run's ranks other than 0, which receive
+    rank 0's weights) only its config is attached, trainable like the loaded one (a saved config says inference)."""
     from pathlib import Path
 
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -181,5 +182,7 @@ def continue_adapter(model, adapter: str):
     if not (where / "adapter_config.json").is_file():
         raise RecipeError(f"model.adapter {adapter}: no adapter_config.json there (a finished LoRA run or adapter dir)")
     if next(model.parameters()).is_meta:
-        return get_peft_model(model, LoraConfig.from_pretrained(str(where)))
+        config = LoraConfig.from_pretrained(str(where))
+        config.inference_mode = False
+        return get_peft_model(model, config)
     return PeftModel.from_pretrained(model, str(where), is_trainable=True)

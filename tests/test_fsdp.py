@@ -60,6 +60,18 @@ if os.environ.get("KILL_STEP") and os.environ.get("RANK") == os.environ.get("KIL
 
     session.FinetuneSession.setup = setup
 
+if os.environ.get("DIVERGE_RANK") == os.environ.get("RANK"):  # this rank's model freezes what rank 0's trains
+    import velora_cli.finetune.session as session
+
+    _build = session.build_training_model
+
+    def build_frozen(*args, **kwargs):
+        model, compressed = _build(*args, **kwargs)
+        next(p for p in model.parameters() if p.requires_grad).requires_grad_(False)
+        return model, compressed
+
+    session.build_training_model = build_frozen
+
 if os.environ.get("RECORD_DIR"):  # what each rank holds once its model is built (before it is sharded)
     import json, resource
     import torch
@@ -229,6 +241,16 @@ def test_continuing_an_adapter_under_fsdp_equals_one_process(tmp_path: Path, tin
         assert proc.returncode == 0, proc.stderr[-4000:]
         runs.append(tmp_path / name)
     assert_same_run(*runs)
+
+
+def test_a_rank_that_builds_another_model_is_an_error_not_a_hang(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    run = tmp_path / "run"
+    proc = velora([str(write(tmp_path, "r", recipe(tiny_llama_dir, run, "qlora"))), "--nproc-per-node", "2"],
+                  tmp_path, DIVERGE_RANK="1")  # fmt: skip
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    log = "".join(p.read_text() for p in rank_logs(errors).glob("*/stdout.log"))
+    assert "rank 1 built a model different from rank 0's" in log
 
 
 def free_port() -> int:

@@ -98,6 +98,7 @@ class ShardingTrainer(Trainer):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.add_callback(SharedVectors())  # after the caller's VeloraCallback, which restores v on a resume
+        check_same_model(self.model, self.accelerator.device)
         if self.accelerator.state.fsdp_plugin.cpu_ram_efficient_loading and four_bit_layers(self.model):
             # Sharded now, before the Trainer creates its optimizer: its prepare() takes an FSDP model as it is.
             shard_from_rank0(self.accelerator, self.model)
@@ -114,6 +115,27 @@ class ShardingTrainer(Trainer):
         state.distributed_type = DistributedType.FSDP
         PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         self.is_fsdp_enabled = True
+
+
+def check_same_model(model: nn.Module, device: torch.device) -> None:
+    """Every rank built the same model: parameter and buffer names, shapes, dtypes, which ones train (a collective).
+
+    Ranks other than 0 build theirs on meta by a path of their own (models.load.rank0_reads_weights); any
+    difference from rank 0's makes sharding or a later collective wait forever, so it is an error here instead.
+    """
+    import hashlib
+
+    import torch.distributed as dist
+
+    layout = [(n, tuple(t.shape), str(t.dtype), t.requires_grad)
+              for n, t in (*model.named_parameters(), *model.named_buffers())]  # fmt: skip
+    digest = torch.tensor(list(hashlib.sha256(repr(layout).encode()).digest()), dtype=torch.uint8, device=device)
+    digests = [torch.empty_like(digest) for _ in range(dist.get_world_size())]
+    dist.all_gather(digests, digest)
+    differ = [rank for rank, d in enumerate(digests) if not torch.equal(d, digests[0])]
+    if differ:
+        raise RuntimeError(f"rank {differ[0]} built a model different from rank 0's (parameters, shapes, dtypes or "
+                           "trainable flags): sharding would hang; this is a bug in velora's sharded loading")
 
 
 def four_bit_layers(model: nn.Module) -> dict[str, nn.Module]:

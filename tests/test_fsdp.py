@@ -60,7 +60,7 @@ if os.environ.get("KILL_STEP") and os.environ.get("RANK") == os.environ.get("KIL
 
     session.FinetuneSession.setup = setup
 
-if os.environ.get("DIVERGE_RANK") == os.environ.get("RANK"):  # this rank's model freezes what rank 0's trains
+if os.environ.get("DIVERGE_RANK", "none") == os.environ.get("RANK"):  # this rank's model freezes what rank 0's trains
     import velora_cli.finetune.session as session
 
     _build = session.build_training_model

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -75,3 +77,22 @@ def world_size() -> int:
 def is_main_process() -> bool:
     """Rank 0: the process that writes files and prints."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask: a container's or a job's share, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+@contextmanager
+def cpu_threads(count: int | None) -> Iterator[None]:
+    """torch's CPU threads set to `count` inside the block (unchanged for None), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

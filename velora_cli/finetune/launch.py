@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from velora_cli.common.bounds import clip
+from velora_cli.common.device import cpu_cores
 from velora_cli.common.errors import UsageError, VeloraError
 from velora_cli.config.load import load_recipe
 from velora_cli.finetune.preflight import check_trainable
@@ -123,6 +124,10 @@ def launch_finetune(launch: Launch, recipe: Path, overrides: list[str], output_d
     log_dir = run_dir / "logs" / f"node{launch.node_rank}-{time.strftime('%Y%m%d-%H%M%S')}"
     args = get_args_parser().parse_args(torchrun_arguments(launch, settled.distributed.rdzv_timeout, child, log_dir))
     os.environ[RANK_LOGS] = str(log_dir)
+    # torchrun gives every worker 1 CPU thread unless told; give each its share of this machine's cores instead.
+    threads = "OMP_NUM_THREADS" not in os.environ
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cpu_cores() // launch.nproc_per_node))
     try:
         run(args)
     except ChildFailedError as exc:
@@ -139,4 +144,6 @@ def launch_finetune(launch: Launch, recipe: Path, overrides: list[str], output_d
                           f"{settled.distributed.rdzv_timeout} s (distributed.rdzv_timeout): "
                           f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     finally:
-        os.environ.pop(RANK_LOGS, None)  # the workers' setting, not this process's
+        os.environ.pop(RANK_LOGS, None)  # the workers' settings, not this process's
+        if threads:
+            os.environ.pop("OMP_NUM_THREADS", None)

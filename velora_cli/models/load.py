@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from velora_cli.common.device import compute_dtype, is_main_process
+from velora_cli.common.device import compute_dtype, cpu_cores, cpu_threads, is_main_process
 from velora_cli.common.errors import UsageError
 from velora_cli.common.fs import staged_dir
 from velora_cli.common.hub import cache_dir, from_pretrained_cached
@@ -307,21 +307,25 @@ def load_recipe_base(model_section, device: torch.device, source: ModelSource | 
     by rank 0 alone, into CPU memory, and is on meta in the other ranks (rank0_reads_weights)."""
     compute = compute_dtype(model_section.compute_dtype, device)
     source = source or resolve_model(model_section.name)
-    weights = True
+    weights, threads = True, None
     if sharded and rank0_reads_weights(model_section, load_config(source, model_section.trust_remote_code)):
         # CPU even on GPUs: sharding moves each rank's part of the weights to its device.
         device, weights = torch.device("cpu"), is_main_process()
-    return load_base_model(
-        source,
-        quantization=model_section.quantization,
-        compute=compute,
-        double_quant=model_section.double_quant,
-        device=device,
-        trust_remote_code=model_section.trust_remote_code,
-        attn_implementation=model_section.attn_implementation,
-        quant_storage=compute if sharded else torch.uint8,
-        weights=weights,
-    )
+        # torchrun gives each worker one CPU thread; rank 0 reads and quantises while the others wait for it, so it
+        # takes all of the cores (bitsandbytes' CPU kernel runs on torch's threads: 1.9x from 1 to 2).
+        threads = cpu_cores() if weights else None
+    with cpu_threads(threads):
+        return load_base_model(
+            source,
+            quantization=model_section.quantization,
+            compute=compute,
+            double_quant=model_section.double_quant,
+            device=device,
+            trust_remote_code=model_section.trust_remote_code,
+            attn_implementation=model_section.attn_implementation,
+            quant_storage=compute if sharded else torch.uint8,
+            weights=weights,
+        )
 
 
 def load_unquantized_base(source: ModelSource, config, dtype: torch.dtype, trust_remote_code: bool = False):

@@ -93,6 +93,16 @@ if os.environ.get("RECORD_DIR"):  # what each rank holds once its model is built
 
     session.build_training_model = recorded(session.build_training_model)
     full.build_full_model = recorded(full.build_full_model)
+
+    import velora_cli.models.load as load
+    _load_base_model = load.load_base_model
+
+    def load_and_record_threads(*args, **kwargs):  # torch's CPU threads while this rank loads its base
+        with open(os.path.join(os.environ["RECORD_DIR"], f"threads-{os.environ['RANK']}.json"), "w") as f:
+            json.dump(torch.get_num_threads(), f)
+        return _load_base_model(*args, **kwargs)
+
+    load.load_base_model = load_and_record_threads
     _train_for_record = session.FinetuneSession.train
 
     def train(self, *args, **kwargs):
@@ -201,6 +211,9 @@ def test_two_process_fsdp_equals_one_process(method: str, init: str | None, tmp_
     base_bytes = sum(t.numel() * t.element_size() for t in weights_of(tiny_llama_dir).values())
     rank0, rank1 = loaded_bytes(records)
     assert rank0 >= base_bytes * (0.3 if method == "qlora" else 1) and rank1 < base_bytes / 100
+    # Each worker runs on 1 thread here (OMP_NUM_THREADS=1, torchrun's default); rank 0 reads on all the cores.
+    threads = [json.loads((records / f"threads-{rank}.json").read_text()) for rank in (0, 1)]
+    assert threads == [len(os.sched_getaffinity(0)), 1]
     if method != "full":  # VeLoRA's vectors: the same on both ranks, and those of the one-process run
         from safetensors.torch import load_file
 

@@ -75,6 +75,7 @@ def worker(recipe_json: str, run_dir: str) -> None:
         keys = ("state_bytes", "load_peak", "peak_rss", "rss_after")
         per_rank = [{key: int(value) for key, value in zip(keys, p, strict=True)} for p in parts]
         print("REPORT " + json.dumps({"ranks": per_rank, "tokens_per_second": result.tokens_per_second}))
+    dist.destroy_process_group()
 
 
 def recipe(model: str, strategy: str, steps: int, run_dir: Path, method: str = "full") -> dict:

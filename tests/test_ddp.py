@@ -166,6 +166,7 @@ for key, tensor in tensors.items():
     report[key] = {"max_diff": float((parts[0] - parts[1]).abs().max()), "max_abs": float(tensor.abs().max())}
 if dist.get_rank() == 0:
     print("REPORT " + json.dumps(report))
+dist.destroy_process_group()
 """
 
 

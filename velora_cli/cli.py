@@ -16,6 +16,7 @@ from pathlib import Path
 import typer
 
 from velora_cli import __version__
+from velora_cli.common.device import leave_process_group
 from velora_cli.common.errors import VeloraError
 from velora_cli.export.options import DEFAULTS as EXPORT
 
@@ -390,15 +391,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         typer.echo(f"error: {line}", err=True)
         sys.exit(1)
-    _leave_process_group()
+    leave_process_group()
     if isinstance(result, int) and result:
         sys.exit(result)
 
-
-def _leave_process_group() -> None:
-    """A torchrun worker leaves its process group before it exits: left to interpreter shutdown, gloo's threads can
-    abort the process ("terminate called without an active exception", seen at the end of finished 2-process runs),
-    which the launcher then reports as a crashed rank. torch is not imported for this where no command did."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

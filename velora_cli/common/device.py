@@ -96,3 +96,12 @@ def cpu_threads(count: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def leave_process_group() -> None:
+    """A torchrun worker leaves its process group before it exits: left to interpreter shutdown, gloo's threads can
+    abort the process ("terminate called without an active exception", seen at the end of finished 2-process runs),
+    which the launcher then reports as a crashed rank. torch is not imported for this where nothing did."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
